@@ -1,0 +1,24 @@
+# Two entry points; both set up .venv on a fresh machine first (Python 3.12 via .python-version).
+PYTHON ?= python3.12
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean-venv
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[cpu,test,demo]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/python -m sampler.demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/update_params.py
+
+clean-venv:
+	rm -rf $(VENV)

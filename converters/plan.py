@@ -1,0 +1,266 @@
+"""Conversion plans: computed once per source structure, applied cheaply per step.
+
+A plan holds one entry per engine leaf: which source leaf feeds it and what has to
+happen on the way (nothing -> the engine aliases the source buffers; otherwise a
+copy with the reasons: reshape, transpose, kv-head replication, cast, reshard).
+Building a plan validates everything; applying it does no key matching.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from converters import ops as ops_lib
+from converters.errors import DeletedArrayError, ParamsMismatchError
+from converters.registry import Converter, abstract_key
+from converters.spec import ModelSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineLeaf:
+    path: str
+    shape: tuple[int, ...]
+    dtype: Any
+    sharding: jax.sharding.Sharding | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanEntry:
+    engine_index: int
+    engine_path: str
+    source_index: int
+    source_path: str
+    ops: tuple[ops_lib.Op, ...]
+    #: Why this leaf is copied; empty when the engine can alias the source buffers.
+    reasons: tuple[str, ...]
+    nbytes: int
+
+    @property
+    def aliased(self) -> bool:
+        return not self.reasons
+
+
+def _is_floating(dtype: Any) -> bool:
+    return jnp.issubdtype(np.dtype(dtype), jnp.floating)
+
+
+def _equivalent(src: jax.sharding.Sharding, dst: jax.sharding.Sharding, ndim: int) -> bool:
+    if src == dst:
+        return True
+    try:
+        return src.is_equivalent_to(dst, ndim)
+    except Exception:  # different device counts or kinds
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _transform(ops: tuple[ops_lib.Op, ...], spec: ModelSpec, dtype: Any, out_sharding: Any):
+    """One jitted function per (ops, spec, dtype, output sharding): layers share it."""
+
+    def fn(x):
+        return ops_lib.apply(ops, x, spec).astype(dtype)
+
+    return jax.jit(fn, out_shardings=out_sharding)
+
+
+class ConversionPlan:
+    """Per engine leaf: source leaf index and transform. Built by :func:`build_plan`."""
+
+    def __init__(
+        self,
+        converter: Converter,
+        spec: ModelSpec,
+        entries: Sequence[PlanEntry],
+        engine_leaves: Sequence[EngineLeaf],
+        missing: Sequence[str],
+        num_source_leaves: int,
+    ):
+        self.converter = converter
+        self.spec = spec
+        self.entries = tuple(sorted(entries, key=lambda e: e.engine_index))
+        self.engine_leaves = tuple(engine_leaves)
+        self.missing = tuple(missing)
+        self.num_source_leaves = num_source_leaves
+
+    @property
+    def source_format(self) -> str:
+        return self.converter.source_format
+
+    @property
+    def aliased(self) -> list[PlanEntry]:
+        return [e for e in self.entries if e.aliased]
+
+    @property
+    def copied(self) -> list[PlanEntry]:
+        return [e for e in self.entries if not e.aliased]
+
+    def check_live(self, leaves: Sequence[Any]) -> None:
+        """Refuse deleted (donated) source arrays before anything changes."""
+        dead = [
+            e.source_path
+            for e in self.entries
+            if isinstance(leaves[e.source_index], jax.Array) and leaves[e.source_index].is_deleted()
+        ]
+        if dead:
+            raise DeletedArrayError(
+                f"{len(dead)} source arrays were deleted (donated by a train step?), e.g. {dead[:5]}; "
+                "push parameters that are still alive"
+            )
+
+    def materialize(self, entry: PlanEntry, x: Any) -> jax.Array:
+        """The engine leaf for ``entry`` from its source leaf ``x``."""
+        target = self.engine_leaves[entry.engine_index]
+        sharding = target.sharding
+        if entry.aliased:
+            return x if x.sharding == sharding else jax.device_put(x, sharding)
+        if not entry.ops and np.dtype(x.dtype) == np.dtype(target.dtype):
+            return jax.device_put(x, sharding)  # reshard or host -> device: one copy
+        if not isinstance(x, jax.Array):
+            x = jax.device_put(np.asarray(x), min(sharding.device_set, key=lambda d: d.id) if sharding is not None else None)
+        if sharding is None or x.sharding.device_set == sharding.device_set:
+            return _transform(entry.ops, self.spec, np.dtype(target.dtype), sharding)(x)
+        # Source on other devices: transform where it lives, then move the result.
+        y = _transform(entry.ops, self.spec, np.dtype(target.dtype), None)(x)
+        return jax.device_put(y, sharding)
+
+    def convert(self, leaves: Sequence[Any]) -> Iterator[tuple[PlanEntry, jax.Array]]:
+        """Engine leaves one at a time (so a caller can swap each in before the next)."""
+        for entry in self.entries:
+            yield entry, self.materialize(entry, leaves[entry.source_index])
+
+
+def build_plan(
+    converter: Converter,
+    spec: ModelSpec,
+    paths: Sequence[str],
+    signatures: Sequence[tuple],
+    engine_leaves: Sequence[EngineLeaf],
+    *,
+    strict: bool = True,
+) -> ConversionPlan:
+    """Match every source path to an engine leaf and check shapes and dtypes.
+
+    ``signatures`` are ``(shape, dtype, sharding)`` per source leaf. Raises
+    ParamsMismatchError naming every unknown, duplicate, misshapen, non-floating or
+    (when ``strict``) missing parameter.
+    """
+    problems: list[str] = []
+    index = {leaf.path: i for i, leaf in enumerate(engine_leaves)}
+    table = f"{converter.architecture}/{converter.source_format}"
+    fed_by: dict[str, str] = {}
+    entries: list[PlanEntry] = []
+    for si, (path, (shape, dtype, sharding)) in enumerate(zip(paths, signatures)):
+        shape = tuple(shape)
+        hit = converter.lookup(path)
+        if hit is None:
+            problems.append(f"unknown parameter {path} {shape}: no rule for it in the {table} table")
+            continue
+        rule, target = hit
+        ei = index.get(target)
+        if ei is None:
+            problems.append(
+                f"parameter {path} {shape} maps to engine leaf {target}, which this engine does not have"
+                f"{_absent_hint(target, spec)}"
+            )
+            continue
+        if target in fed_by:
+            problems.append(f"parameters {fed_by[target]} and {path} both map to engine leaf {target}")
+            continue
+        fed_by[target] = path
+        leaf = engine_leaves[ei]
+        try:
+            out = ops_lib.out_shape(rule.ops, shape, spec)
+        except ValueError as e:
+            problems.append(f"parameter {path} {shape} cannot be laid out for {target}: {e}")
+            continue
+        if out != tuple(leaf.shape):
+            how = " after " + ", ".join(op.reason for op in rule.ops) if rule.ops else ""
+            problems.append(
+                f"shape mismatch: parameter {path} {shape} gives {out}{how}, "
+                f"engine leaf {target} is {tuple(leaf.shape)}"
+            )
+            continue
+        if not _is_floating(dtype):
+            problems.append(
+                f"parameter {path} {shape} has dtype {np.dtype(dtype).name}; engine leaf {target} is "
+                f"{np.dtype(leaf.dtype).name} and only floating-point sources are accepted"
+            )
+            continue
+        eff = ops_lib.effective_ops(rule.ops, shape, spec)
+        reasons = [op.reason for op in eff]
+        if np.dtype(dtype) != np.dtype(leaf.dtype):
+            reasons.append(f"cast {np.dtype(dtype).name}->{np.dtype(leaf.dtype).name}")
+        if sharding is None:
+            reasons.append("host array")
+        elif leaf.sharding is not None and not _equivalent(sharding, leaf.sharding, len(shape)):
+            reasons.append("reshard")
+        entries.append(PlanEntry(ei, target, si, path, eff, tuple(reasons), leaf.nbytes))
+
+    missing = [leaf.path for leaf in engine_leaves if converter.feeds(leaf.path) and leaf.path not in fed_by]
+    if missing and strict:
+        for path in missing:
+            src = _source_for(converter, path)
+            problems.append(
+                f"missing parameter for engine leaf {path} {tuple(engine_leaves[index[path]].shape)}"
+                + (f" (expected source {src})" if src else "")
+            )
+    if problems:
+        raise ParamsMismatchError(problems, header=f"cannot push these parameters into the {converter.architecture} engine ({table})")
+    return ConversionPlan(converter, spec, entries, engine_leaves, missing, len(paths))
+
+
+def _source_for(converter: Converter, engine_path: str) -> str | None:
+    pattern, numbers = abstract_key(engine_path)
+    for rule in converter.rules:
+        if rule.target == pattern:
+            return rule.source.format(*numbers)
+    return None
+
+
+def _absent_hint(target: str, spec: ModelSpec) -> str:
+    if target.startswith("lm_head") and spec.tie_word_embeddings:
+        return " (the engine's model ties lm_head to the input embedding)"
+    _, numbers = abstract_key(target)
+    if numbers and int(numbers[0]) >= spec.num_layers:
+        return f" (the engine's model has {spec.num_layers} layers)"
+    if target.endswith(".bias"):
+        return " (the engine's model has no attention biases: another architecture?)"
+    if "_norm" in target and "self_attn" in target:
+        return " (the engine's model has no q/k norms: another architecture?)"
+    return ""
+
+
+def convert_params(
+    converter: Converter,
+    spec: ModelSpec,
+    paths: Sequence[str],
+    leaves: Sequence[Any],
+    dtype: Any,
+) -> dict[str, jax.Array]:
+    """Convert a whole source tree to engine paths without an engine (on the source's devices).
+
+    Used to compute what an engine would serve, e.g. for :func:`converters.fingerprint_params`.
+    """
+    out: dict[str, jax.Array] = {}
+    problems = []
+    for path, x in zip(paths, leaves):
+        hit = converter.lookup(path)
+        if hit is None:
+            problems.append(f"unknown parameter {path} {tuple(np.shape(x))}")
+            continue
+        rule, target = hit
+        eff = ops_lib.effective_ops(rule.ops, tuple(np.shape(x)), spec)
+        out[target] = _transform(eff, spec, np.dtype(dtype), None)(x)
+    if problems:
+        raise ParamsMismatchError(problems, header=f"cannot convert with the {converter.architecture}/{converter.source_format} table")
+    return out

@@ -1,0 +1,265 @@
+"""Workarounds for upstream sglang-jax behaviour, in one place.
+
+Each workaround names the upstream version it was written against
+(``SGLANG_JAX_VERSION``) and has a test in ``tests/test_compat.py`` that runs the
+unpatched upstream code and fails once the workaround is no longer needed, and a
+test that shows the workaround still works. Nothing outside this module patches
+upstream code.
+
+| workaround                      | upstream behaviour (sglang-jax 0.1.0rc0)                                   |
+|---------------------------------|-----------------------------------------------------------------------------|
+| ``patch_merge_kv_sharding``     | native attention on CPU: Llama/Qwen2 k and v reach ``merge_kv`` with        |
+|                                 | different shardings -> ShardingTypeError in the scheduler thread -> SIGQUIT |
+| ``check_head_dim``              | native attention on CPU returns the KV pool's 128-padded head width, so a   |
+|                                 | head_dim that is not a multiple of 128 crashes in o_proj                    |
+| ``quiet_idle_scheduler``        | the scheduler loop polls its sockets without blocking: an idle engine keeps |
+|                                 | one core at 100%, also after ``Engine.shutdown()``                          |
+| ``stop_engine_threads``         | ``Engine.shutdown()`` stops no thread (scheduler, detokenizer, event loop,  |
+|                                 | d2h sync, watchdog) and kills every child process of the host              |
+| ``restore_signal_handlers``     | ``Engine()`` installs process-wide SIGCHLD/SIGQUIT handlers; the SIGCHLD one |
+|                                 | reaps children that the host's own code waits for                          |
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import pickle
+import queue
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+SGLANG_JAX_VERSION = "0.1.0rc0"
+
+
+def upstream_version() -> str:
+    from sgl_jax.version import __version__
+
+    return __version__
+
+
+def warn_if_untested_version() -> None:
+    version = upstream_version()
+    if version != SGLANG_JAX_VERSION:
+        logger.warning(
+            "sglang-jax %s is installed; the workarounds in sampler.compat were checked against %s",
+            version,
+            SGLANG_JAX_VERSION,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# merge_kv sharding (CPU native attention, Llama / Qwen2)
+# --------------------------------------------------------------------------------------
+
+_merge_kv_patched = False
+
+
+def patch_merge_kv_sharding() -> bool:
+    """Reshard v to k's sharding before ``memory_pool.merge_kv`` (idempotent).
+
+    The two differ only in how the size-1 "data" axis is named, so the reshard moves
+    no data; without it, jnp.stack raises ShardingTypeError inside the scheduler
+    thread and upstream kills the process. Returns True when the patch was applied now.
+    """
+    global _merge_kv_patched
+    if _merge_kv_patched:
+        return False
+    import jax
+    from sgl_jax.srt.mem_cache import memory_pool
+
+    original = memory_pool.merge_kv
+
+    def merge_kv(k, v):
+        k_sharding = jax.typeof(k).sharding
+        if getattr(k_sharding, "spec", None) is not None and jax.typeof(v).sharding.spec != k_sharding.spec:
+            v = jax.sharding.reshard(v, k_sharding.spec)
+        return original(k, v)
+
+    merge_kv.__wrapped__ = original  # type: ignore[attr-defined]
+    memory_pool.merge_kv = merge_kv
+    _merge_kv_patched = True
+    return True
+
+
+# --------------------------------------------------------------------------------------
+# head_dim on CPU
+# --------------------------------------------------------------------------------------
+
+
+class UnsupportedModelError(ValueError):
+    """The engine cannot serve this model in this configuration."""
+
+
+def check_head_dim(head_dim: int, *, backend: str, attention_backend: str) -> None:
+    """Refuse, before the engine starts, a head_dim the CPU native backend cannot serve."""
+    if backend == "cpu" and attention_backend == "native" and head_dim % 128 != 0:
+        raise UnsupportedModelError(
+            f"head_dim={head_dim}: sglang-jax {SGLANG_JAX_VERSION} native attention on CPU pads "
+            "the KV head width to a multiple of 128 and then fails in o_proj; use a model whose "
+            "head_dim is a multiple of 128 on CPU (TPU has no such limit)"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# scheduler idle spin and thread shutdown
+# --------------------------------------------------------------------------------------
+
+
+def _raise_stop() -> None:
+    """End the upstream thread this runs in.
+
+    SystemExit is not an ``Exception``, so upstream ``except Exception`` handlers (which
+    send SIGQUIT to the whole process) do not catch it, and ``threading`` ends the thread
+    silently (it checks ``exc_type == SystemExit``, so no subclass).
+    """
+    raise SystemExit()
+
+
+class _UnpicklesToStop:
+    """Sent over a zmq socket: ``recv_pyobj`` raises SystemExit while unpickling it."""
+
+    def __reduce__(self):
+        return (_raise_stop, ())
+
+
+class _StopOnUnpack:
+    """Put on a ``queue.Queue`` whose consumer unpacks items: unpacking raises SystemExit."""
+
+    def __iter__(self):
+        _raise_stop()
+
+
+class _StopOnArithmetic(float):
+    """Replaces the watchdog timeout: the watchdog thread ends at its next wake-up."""
+
+    def __new__(cls):
+        return super().__new__(cls, float("inf"))
+
+    def __floordiv__(self, other):
+        _raise_stop()
+
+    def __radd__(self, other):
+        return float("inf")
+
+
+def quiet_idle_scheduler(scheduler: Any, *, poll_ms: int = 20) -> threading.Event:
+    """Make the scheduler wait on its sockets instead of spinning while it has no work.
+
+    Wraps the instance's ``recv_requests``: when nothing arrived and nothing is queued
+    or running, it blocks in ``zmq.Poller.poll`` until a message arrives (no added
+    latency) or ``poll_ms`` passes. Returns an Event; once set, the scheduler thread
+    ends at its next loop iteration.
+    """
+    import zmq
+
+    stop = threading.Event()
+    original: Callable[[], list] = scheduler.recv_requests
+    sockets = [s for s in (scheduler.recv_from_tokenizer, scheduler.recv_from_rpc) if s is not None]
+    poller = zmq.Poller()
+    for sock in sockets:
+        poller.register(sock, zmq.POLLIN)
+
+    def recv_requests() -> list:
+        if stop.is_set():
+            _raise_stop()
+        reqs = original()
+        if not reqs and (scheduler._engine_paused or scheduler.is_fully_idle()):
+            poller.poll(poll_ms)
+            if stop.is_set():
+                _raise_stop()
+            reqs = original()
+        return reqs
+
+    scheduler.recv_requests = recv_requests
+    return stop
+
+
+def started_threads(before: set[threading.Thread]) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t not in before]
+
+
+def stop_engine_threads(
+    engine: Any,
+    threads: list[threading.Thread],
+    scheduler_stop: threading.Event | None,
+    *,
+    timeout: float = 10.0,
+) -> list[str]:
+    """Stop the threads one in-process Engine started; return the names of any still alive.
+
+    Replaces ``Engine.shutdown()``, which stops none of them and kills every child
+    process of the host (for example a server a test started).
+    """
+    import zmq
+
+    scheduler = engine.scheduler_info.get("scheduler") if engine.scheduler_info else None
+    if engine.tokenizer_manager is not None:
+        engine.tokenizer_manager.shutdown()
+
+    # Scheduler thread: ends at its next recv_requests (at most one poll interval).
+    if scheduler_stop is not None:
+        scheduler_stop.set()
+    # Detokenizer thread: blocked in recv_pyobj on its PULL socket; send it a pill.
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 1000)
+    try:
+        sock.connect(engine.port_args.detokenizer_ipc_name)
+        sock.send(pickle.dumps(_UnpicklesToStop()))
+    finally:
+        sock.close()
+    if scheduler is not None:
+        worker = scheduler.tp_worker
+        # Overlap worker thread: a falsy batch ends its loop.
+        input_queue = getattr(worker, "input_queue", None)
+        if isinstance(input_queue, queue.Queue):
+            input_queue.put((None, None, None, None))
+        inner = getattr(worker, "worker", worker)
+        sync_queue = getattr(inner, "sync_queue", None)
+        if isinstance(sync_queue, queue.Queue):
+            sync_queue.put(_StopOnUnpack())
+        # Watchdog thread: sleeps watchdog_timeout // 2 between checks; ends at its next wake-up.
+        scheduler.watchdog_timeout = _StopOnArithmetic()
+    # Event loop thread (enable_engine_loop_run_forever_daemon).
+    loop = getattr(engine, "loop", None)
+    if loop is not None and loop.is_running():
+
+        def _cancel_and_stop():
+            import asyncio
+
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            loop.call_soon(loop.stop)
+
+        loop.call_soon_threadsafe(_cancel_and_stop)
+    if engine.send_to_rpc is not None:
+        engine.send_to_rpc.close(linger=0)
+
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        if "watchdog" in t.name:
+            continue  # asleep; holds no socket, ends by itself
+        t.join(max(0.0, deadline - time.monotonic()))
+    # Upstream registered Engine.shutdown with atexit; it would kill our children at exit.
+    atexit.unregister(engine.shutdown)
+    return [t.name for t in threads if t.is_alive() and "watchdog" not in t.name]
+
+
+def restore_signal_handlers(saved: dict[int, Any]) -> None:
+    """Put back SIGCHLD (upstream's handler reaps the host's own children).
+
+    SIGQUIT stays upstream's: an exception inside an engine thread sends SIGQUIT, and
+    upstream's handler is what ends the process then (see DESIGN.md).
+    """
+    if threading.current_thread() is threading.main_thread():
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def save_signal_handlers() -> dict[int, Any]:
+    return {signal.SIGCHLD: signal.getsignal(signal.SIGCHLD)}

@@ -1,0 +1,37 @@
+"""Sampler configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class SamplerConfig:
+    """What the sampler needs to start an in-process sglang-jax Engine.
+
+    ``model_path`` is an HF-style directory (config.json, tokenizer files and, with
+    ``load_format="safetensors"``, weights). With the default ``load_format="dummy"``
+    the engine starts with zero weights and serves whatever ``update_params`` pushes.
+    On JAX's CPU backend the sampler picks working engine defaults (device "cpu",
+    native attention, no precompile, a KV cache sized by ``context_length`` x
+    ``max_running_requests``); anything in ``engine_kwargs`` overrides them.
+    """
+
+    model_path: str
+    context_length: int = 1024
+    max_running_requests: int = 8
+    load_format: str = "dummy"
+    tp_size: int = 1
+    device_indexes: list[int] | None = None
+    max_total_tokens: int | None = None
+    mem_fraction_static: float | None = None
+    random_seed: int = 42
+    #: Keep the prefix (radix) cache; it is flushed after every weight update.
+    disable_radix_cache: bool = False
+    #: Measure live device bytes before and after each update (costs a walk over jax.live_arrays()).
+    track_memory: bool = True
+    #: How long update_params waits for in-flight generation before raising.
+    update_timeout_s: float = 600.0
+    log_level: str = "error"
+    engine_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -1,0 +1,101 @@
+"""The engine's parameter leaves: read them, and swap new ones in leaf by leaf.
+
+The model runner's forward reads ``model_runner.model_state_leaves`` (the flattened
+``nnx.split(model)`` state). Rebinding only that list would keep the old arrays alive
+through the module's nnx Variables (twice the parameter memory), so a swap writes
+each new array into its Variable as well, and drops every reference to the old
+array as soon as its replacement lands: extra memory stays near one leaf.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+import jax
+from flax import nnx
+
+from converters.plan import EngineLeaf
+from converters.source import key_paths
+
+
+def buffer_pointers(x: jax.Array) -> tuple[int, ...]:
+    """Device buffer address of every addressable shard (equal tuples = same buffers)."""
+    return tuple(s.data.unsafe_buffer_pointer() for s in x.addressable_shards)
+
+
+def live_device_bytes() -> int:
+    """Bytes held by live jax arrays in this process, each device buffer counted once.
+
+    (``device.memory_stats()`` is None on CPU, so count buffers instead.)
+    """
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for arr in jax.live_arrays():
+        if arr.is_deleted():
+            continue
+        for shard in arr.addressable_shards:
+            data = shard.data
+            key = (data.unsafe_buffer_pointer(), shard.device.id)
+            if key not in seen:
+                seen.add(key)
+                total += data.nbytes
+    return total
+
+
+class EngineWeights:
+    """Paths, nnx Variables and current arrays of one engine's model."""
+
+    def __init__(self, model_runner):
+        self._runner = model_runner
+        _, state = nnx.split(model_runner.model)
+        variables = jax.tree_util.tree_leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        self.paths: list[str] = key_paths(state)
+        leaves = model_runner.model_state_leaves
+        if len(variables) != len(leaves) or len(self.paths) != len(leaves):
+            raise RuntimeError(
+                f"engine state has {len(leaves)} leaves but the model has {len(variables)} variables; "
+                "this sglang-jax version lays out model_state_leaves differently"
+            )
+        for path, var, leaf in zip(self.paths, variables, leaves):
+            if var.get_value() is not leaf:
+                raise RuntimeError(f"engine leaf {path} is not the model's own Variable value")
+        self.variables: list[nnx.Variable] = variables
+        self.index = {p: i for i, p in enumerate(self.paths)}
+
+    @property
+    def arrays(self) -> list[jax.Array]:
+        return self._runner.model_state_leaves
+
+    def leaves(self) -> list[EngineLeaf]:
+        return [EngineLeaf(p, tuple(x.shape), x.dtype, x.sharding) for p, x in zip(self.paths, self.arrays)]
+
+    def as_dict(self) -> dict[str, jax.Array]:
+        return dict(zip(self.paths, self.arrays))
+
+    def swap(
+        self,
+        updates: Iterable[tuple[int, jax.Array]],
+        on_leaf: Callable[[int, jax.Array], None] | None = None,
+    ) -> list[jax.Array]:
+        """Put ``(engine_index, array)`` pairs in place; returns the arrays written.
+
+        The caller guarantees that no forward pass runs meanwhile. The runner gets a new
+        list object at the end (identity-keyed dispatch caches see the change).
+        """
+        work = list(self._runner.model_state_leaves)
+        # From here on the old list no longer pins the old arrays.
+        self._runner.model_state_leaves = work
+        written = []
+        for index, new in updates:
+            if on_leaf is not None:
+                on_leaf(index, new)  # new and old both alive: the peak for this leaf
+            self.variables[index].set_value(new)
+            work[index] = new
+            written.append(new)
+        self._runner.model_state_leaves = list(work)
+        return written
+
+
+def iter_updates(plan, leaves) -> Iterator[tuple[int, jax.Array]]:
+    for entry, array in plan.convert(leaves):
+        yield entry.engine_index, array

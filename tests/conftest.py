@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny HF checkpoints built locally and real engines on JAX's CPU backend.
+
+Engines are expensive to start and compile, so tests share them through
+session-scoped fixtures. Four CPU devices are simulated for the sharding tests.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
+import pytest  # noqa: E402
+
+from tests import helpers  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """``model_dir(case, seed=0)`` -> a directory with config, tokenizer and random HF weights."""
+    cache = {}
+
+    def make(case: str, seed: int = 0):
+        key = (case, seed)
+        if key not in cache:
+            cache[key] = helpers.write_case(tmp_path_factory.mktemp(f"{case}-s{seed}"), case, seed=seed)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def engines():
+    """Session-wide pool of samplers keyed by (case, seed, load_format); shut down at the end."""
+    pool = helpers.SamplerPool()
+    yield pool
+    pool.close()

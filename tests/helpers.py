@@ -1,0 +1,136 @@
+"""Test helpers: model cases, oracles from upstream code, and a pool of samplers."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import numpy as np
+
+from sampler.tiny_model import write_tiny_model
+
+# case -> (architecture, config overrides)
+CASES = {
+    "llama-tied": ("LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    "llama-untied": ("LlamaForCausalLM", dict(tie_word_embeddings=False)),
+    "qwen2.5": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True, hidden_size=256, num_heads=2)),
+    "qwen3-tied": ("Qwen3ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3-untied": ("Qwen3ForCausalLM", dict(tie_word_embeddings=False)),
+}
+
+PROMPTS = ["1+1=", "hello world the quick", "Q: what is 3+4? A:"]
+
+
+def write_case(path: Path, case: str, *, seed: int = 0, **extra) -> Path:
+    arch, overrides = CASES[case]
+    return write_tiny_model(path, arch, seed=seed, **{**overrides, **extra})
+
+
+def bits(x) -> np.ndarray:
+    """Raw bits of an array (so bf16 compares exactly, NaNs included)."""
+    a = np.asarray(x)
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def assert_same_bits(actual: dict, expected: dict) -> None:
+    assert sorted(actual) == sorted(expected), (sorted(set(actual) ^ set(expected)))
+    bad = []
+    for k in expected:
+        a, e = np.asarray(actual[k]), np.asarray(expected[k])
+        if a.shape != e.shape or a.dtype != e.dtype or not np.array_equal(bits(a), bits(e)):
+            bad.append(f"{k}: {a.shape} {a.dtype} vs {e.shape} {e.dtype}")
+    assert not bad, "leaves differ:\n" + "\n".join(bad)
+
+
+def upstream_mappings(model_path) -> dict:
+    """sglang-jax's own HF-key -> WeightMapping table for the model in ``model_path``.
+
+    Calls the model class's ``_create_*_weight_mappings`` with only the HF config
+    bound (they read nothing else), so no engine is needed.
+    """
+    from sgl_jax.srt.models import llama, qwen2, qwen3
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(model_path))
+    cls, top = {
+        "LlamaForCausalLM": (llama.LlamaForCausalLM, "_create_llama_weight_mappings"),
+        "Qwen2ForCausalLM": (qwen2.Qwen2ForCausalLM, "_create_qwen2_weight_mappings"),
+        "Qwen3ForCausalLM": (qwen3.Qwen3ForCausalLM, "_create_qwen3_weight_mappings"),
+    }[cfg.architectures[0]]
+    ns = types.SimpleNamespace(config=cfg)
+    for name in dir(cls):
+        if name.startswith("_create"):
+            setattr(ns, name, types.MethodType(getattr(cls, name), ns))
+    return getattr(ns, top)()
+
+
+def upstream_engine_leaves(model_path, hf_weights: dict | None = None, *, tp: int = 1) -> dict[str, np.ndarray]:
+    """What sglang-jax's loader puts in every engine leaf, computed in numpy from its
+    own WeightMapping records (transpose, KV-head replication) and the HF tensors."""
+    from safetensors.numpy import load_file
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(model_path))
+    if hf_weights is None:
+        hf_weights = {}
+        for f in sorted(Path(model_path).glob("*.safetensors")):
+            hf_weights.update(load_file(str(f)))
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    out = {}
+    for key, m in upstream_mappings(model_path).items():
+        if key not in hf_weights:
+            continue
+        w = hf_weights[key]
+        if m.transpose and not key.endswith(".bias"):
+            w = w.T
+        if m.kv_head_padding and tp > kv:
+            reps = -(-tp // kv)
+            axis = 0 if w.ndim == 1 else 1
+            parts = np.split(w, kv, axis=axis)
+            if heads > kv:  # GQA: replicate h0,h0,h1,h1,...
+                w = np.concatenate([p for p in parts for _ in range(reps)], axis=axis)
+            else:  # MHA: zero-pad
+                pad = [(0, 0)] * w.ndim
+                pad[axis] = (0, w.shape[axis] * (reps - 1))
+                w = np.pad(w, pad)
+        out[m.target_path] = np.ascontiguousarray(w)
+    return out
+
+
+class SamplerPool:
+    """Samplers shared across tests, created on first use."""
+
+    def __init__(self):
+        self._samplers = {}
+
+    def get(self, model_path, *, load_format: str = "dummy", **config):
+        from sampler import SamplerConfig, SglangJaxSampler
+
+        key = (str(model_path), load_format, tuple(sorted(config.items())))
+        if key not in self._samplers:
+            cfg = SamplerConfig(
+                model_path=str(model_path),
+                context_length=128,
+                max_running_requests=4,
+                load_format=load_format,
+                **config,
+            )
+            self._samplers[key] = SglangJaxSampler(config=cfg)
+        return self._samplers[key]
+
+    def drop(self, model_path, *, load_format: str = "dummy", **config):
+        key = (str(model_path), load_format, tuple(sorted(config.items())))
+        s = self._samplers.pop(key, None)
+        if s is not None:
+            s.shutdown()
+
+    def close(self):
+        for s in self._samplers.values():
+            s.shutdown()
+        self._samplers.clear()
+
+
+def greedy(sampler, prompts=PROMPTS, steps: int = 8):
+    out = sampler(prompts, max_generation_steps=steps, temperature=0.0)
+    return [t.tolist() for t in out.tokens], out

@@ -1,0 +1,184 @@
+"""Converter unit tests, no engine: every architecture x format against sglang-jax's own
+weight-mapping table applied to the same HF tensors, plus detection and validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import converters
+from converters import EngineLeaf, ModelSpec, ParamsMismatchError, UnknownFormatError, build_plan, get_converter
+from sampler.tunix_models import load_tunix_model
+from tests import helpers
+
+ALL_CASES = sorted(helpers.CASES)
+
+
+@pytest.fixture(scope="module")
+def case_data(model_dir):
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            path = model_dir(case)
+            spec = ModelSpec.from_hf_config(path)
+            state = nnx.state(load_tunix_model(path, dtype=jnp.float32), nnx.Param)
+            cache[case] = (path, spec, state, helpers.upstream_engine_leaves(path))
+        return cache[case]
+
+    return get
+
+
+def _abstract_engine(oracle: dict) -> list[EngineLeaf]:
+    return [EngineLeaf(p, a.shape, jnp.dtype(a.dtype)) for p, a in sorted(oracle.items())]
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_tunix_format_matches_upstream_loader_table(case, case_data):
+    path, spec, state, oracle = case_data(case)
+    assert converters.detect_format(spec.architecture, converters.key_paths(state)) == "tunix"
+    converted = converters.to_engine_layout(state, spec)
+    helpers.assert_same_bits({k: np.asarray(v) for k, v in converted.items()}, oracle)
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_sglang_format_is_identity(case, case_data):
+    path, spec, _, oracle = case_data(case)
+    engine_layout = {k: jnp.asarray(v) for k, v in oracle.items()}
+    assert converters.detect_format(spec.architecture, list(engine_layout)) == "sglang"
+    converted = converters.to_engine_layout(engine_layout, spec)
+    helpers.assert_same_bits({k: np.asarray(v) for k, v in converted.items()}, oracle)
+
+
+@pytest.mark.parametrize("case", ["llama-untied", "qwen2.5", "qwen3-tied"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_kv_head_replication_matches_upstream(case, tp, case_data):
+    """tp > num_kv_heads: the engine replicates KV heads (and their biases)."""
+    path, spec, state, _ = case_data(case)
+    oracle = helpers.upstream_engine_leaves(path, tp=tp)
+    converted = converters.to_engine_layout(state, spec.with_tp(tp))
+    helpers.assert_same_bits({k: np.asarray(v) for k, v in converted.items()}, oracle)
+    k = converted["model.layers.0.self_attn.k_proj.weight"]
+    assert k.shape[1] == tp * spec.head_dim  # one head per device
+
+
+def test_plan_marks_alias_and_copy_reasons(case_data):
+    _, spec, state, oracle = case_data("qwen3-untied")
+    engine = _abstract_engine(oracle)
+    paths = converters.key_paths(state)
+    sigs = [(x.shape, x.dtype, None) for x in jax.tree_util.tree_leaves(state)]
+    plan = build_plan(get_converter(spec.architecture, "tunix"), spec, paths, sigs, engine)
+    reasons = {e.engine_path: e.reasons for e in plan.entries}
+    assert reasons["model.layers.0.self_attn.q_proj.weight"] == ("reshape", "cast float32->bfloat16", "host array")
+    assert reasons["lm_head.embedding"][0] == "transpose"
+    assert reasons["model.layers.1.mlp.up_proj.weight"] == ("cast float32->bfloat16", "host array")
+    # engine-layout bf16 arrays on the right device: nothing to do but alias
+    sigs = [(a.shape, jnp.dtype(a.dtype), None) for _, a in sorted(oracle.items())]
+    plan = build_plan(get_converter(spec.architecture, "sglang"), spec, sorted(oracle), sigs, engine)
+    assert all(e.reasons == ("host array",) for e in plan.entries)
+    assert len(plan.entries) == len(engine)
+
+
+def _plan_problems(spec, conv, source: dict, engine, **kw):
+    sigs = [(np.shape(v), np.asarray(v).dtype, None) for v in source.values()]
+    with pytest.raises(ParamsMismatchError) as err:
+        build_plan(conv, spec, list(source), sigs, engine, **kw)
+    return str(err.value)
+
+
+def test_validation_names_every_problem(case_data):
+    _, spec, _, oracle = case_data("qwen3-tied")
+    engine = _abstract_engine(oracle)
+    conv = get_converter(spec.architecture, "sglang")
+    good = dict(sorted(oracle.items()))
+
+    bad = dict(good)
+    del bad["model.layers.1.mlp.up_proj.weight"]
+    msg = _plan_problems(spec, conv, bad, engine)
+    assert "missing parameter for engine leaf model.layers.1.mlp.up_proj.weight (128, 256)" in msg
+
+    bad = dict(good, **{"model.layers.0.mlp.extra.weight": good["model.norm.scale"]})
+    assert "unknown parameter model.layers.0.mlp.extra.weight (128,)" in _plan_problems(spec, conv, bad, engine)
+
+    bad = dict(good, **{"model.layers.0.self_attn.q_proj.weight": np.zeros((128, 255), np.float32)})
+    msg = _plan_problems(spec, conv, bad, engine)
+    assert "shape mismatch: parameter model.layers.0.self_attn.q_proj.weight (128, 255)" in msg
+    assert "(128, 256)" in msg
+
+    bad = dict(good, **{"model.norm.scale": np.zeros((128,), np.int32)})
+    assert "model.norm.scale (128,) has dtype int32" in _plan_problems(spec, conv, bad, engine)
+
+    bad = dict(good, **{"lm_head.embedding": good["model.embed_tokens.embedding"]})
+    assert "ties lm_head" in _plan_problems(spec, conv, bad, engine)
+
+    # strict=False accepts a subset and lists what stays as it is
+    subset = {k: v for k, v in good.items() if "layers.0." in k}
+    sigs = [(v.shape, v.dtype, None) for v in subset.values()]
+    plan = build_plan(conv, spec, list(subset), sigs, engine, strict=False)
+    assert "model.norm.scale" in plan.missing and len(plan.entries) == len(subset)
+
+
+def test_another_architecture_is_refused_with_paths(case_data):
+    _, _, qwen2_state, _ = case_data("qwen2.5")
+    _, spec, _, oracle = case_data("qwen3-tied")
+    paths = converters.key_paths(qwen2_state)
+    sigs = [(x.shape, x.dtype, None) for x in jax.tree_util.tree_leaves(qwen2_state)]
+    with pytest.raises(ParamsMismatchError) as err:
+        build_plan(get_converter(spec.architecture, "tunix"), spec, paths, sigs, _abstract_engine(oracle))
+    msg = str(err.value)
+    assert "layers.0.attn.q_bias" in msg and "no attention biases" in msg
+    assert "missing parameter for engine leaf model.layers.0.self_attn.q_norm.scale" in msg
+
+
+def test_format_detection_errors():
+    with pytest.raises(UnknownFormatError, match="cannot tell the format"):
+        converters.detect_format("Qwen3ForCausalLM", ["encoder.block.0.weight", "decoder.w"])
+    with pytest.raises(UnknownFormatError, match="empty"):
+        converters.detect_format("Qwen3ForCausalLM", [])
+    with pytest.raises(UnknownFormatError, match="no converter is registered"):
+        converters.detect_format("GPT2LMHeadModel", ["wte.weight"])
+    # a user table that claims the same keys as "tunix" makes a tree ambiguous
+    converters.register_converter("Qwen3ForCausalLM", "tunix-copy", get_converter("Qwen3ForCausalLM", "tunix").rules)
+    try:
+        with pytest.raises(UnknownFormatError, match="ambiguous"):
+            converters.detect_format("Qwen3ForCausalLM", ["embedder.input_embedding", "final_norm.w"])
+    finally:
+        from converters import registry
+
+        registry._REGISTRY.pop(("Qwen3ForCausalLM", "tunix-copy"))
+
+
+def test_register_converter_for_a_new_layout(case_data):
+    """A user format in a few lines: Tunix's layout with attention blocks named "attention"."""
+    from converters import LeafRule
+
+    _, spec, state, oracle = case_data("qwen3-tied")
+    rules = [
+        LeafRule(r.source.replace(".attn.", ".attention."), r.target, r.ops)
+        for r in get_converter(spec.architecture, "tunix").rules
+    ]
+    converters.register_converter(spec.architecture, "my-layout", rules)
+    try:
+        leaves = jax.tree_util.tree_leaves(state)
+        renamed = {p.replace(".attn.", ".attention."): x for p, x in zip(converters.key_paths(state), leaves)}
+        assert converters.detect_format(spec.architecture, list(renamed)) == "my-layout"
+        converted = converters.to_engine_layout(renamed, spec)
+        helpers.assert_same_bits({k: np.asarray(v) for k, v in converted.items()}, oracle)
+    finally:
+        from converters import registry
+
+        registry._REGISTRY.pop((spec.architecture, "my-layout"))
+
+
+def test_fingerprint_is_content_and_sharding_based():
+    mesh = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+    a = jnp.arange(64 * 8, dtype=jnp.float32).reshape(64, 8).astype(jnp.bfloat16)
+    sharded = jax.device_put(a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x", None)))
+    assert converters.fingerprint({"w": a}) == converters.fingerprint({"w": sharded})
+    flipped = a.at[3, 5].set(a[3, 5] + 1)
+    assert converters.fingerprint({"w": a}) != converters.fingerprint({"w": flipped})
+    swapped = a.at[0, 0].set(a[1, 0]).at[1, 0].set(a[0, 0])
+    assert converters.fingerprint({"w": a}) != converters.fingerprint({"w": swapped})
+    assert converters.fingerprint({"w": a}) != converters.fingerprint({"v": a})
+    assert converters.fingerprint({"w": a}) != converters.fingerprint({"w": a.astype(jnp.float32)})
