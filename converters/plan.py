@@ -44,6 +44,9 @@ class PlanEntry:
     #: Why this leaf is copied; empty when the engine can alias the source buffers.
     reasons: tuple[str, ...]
     nbytes: int
+    #: Aliased through a reshaped host view of the same memory (CPU only: there a
+    #: row-major reshape moves no bytes; on TPU a reshape is a relayout and copies).
+    view: bool = False
 
     @property
     def aliased(self) -> bool:
@@ -64,13 +67,37 @@ def _equivalent(src: jax.sharding.Sharding, dst: jax.sharding.Sharding, ndim: in
 
 
 @functools.lru_cache(maxsize=None)
-def _transform(ops: tuple[ops_lib.Op, ...], spec: ModelSpec, dtype: Any, out_sharding: Any):
-    """One jitted function per (ops, spec, dtype, output sharding): layers share it."""
+def _transform(ops: tuple[ops_lib.Op, ...], spec: ModelSpec, dtype: Any, out_sharding: Any, into: bool = False):
+    """One jitted function per (ops, spec, dtype, output sharding): layers share it.
+
+    ``into=True`` takes the engine's old leaf as a donated first argument, so the
+    result is written into its buffer: no new allocation, no extra memory.
+    """
 
     def fn(x):
         return ops_lib.apply(ops, x, spec).astype(dtype)
 
+    if into:
+        return jax.jit(lambda old, x: fn(x), out_shardings=out_sharding, donate_argnums=0)
     return jax.jit(fn, out_shardings=out_sharding)
+
+
+_RESHAPES = (ops_lib.MergeAxes, ops_lib.SplitAxis)
+
+
+def _single_cpu_device(sharding: Any):
+    if sharding is None or len(sharding.device_set) != 1:
+        return None
+    (device,) = sharding.device_set
+    return device if device.platform == "cpu" else None
+
+
+def _can_view(eff, dtype, sharding, leaf: "EngineLeaf") -> bool:
+    """Reshape-only, same dtype, source and engine leaf on the same single CPU device."""
+    if not eff or not all(isinstance(op, _RESHAPES) for op in eff) or np.dtype(dtype) != np.dtype(leaf.dtype):
+        return False
+    device = _single_cpu_device(sharding)
+    return device is not None and device == _single_cpu_device(leaf.sharding)
 
 
 class ConversionPlan:
@@ -117,21 +144,55 @@ class ConversionPlan:
                 "push parameters that are still alive"
             )
 
-    def materialize(self, entry: PlanEntry, x: Any) -> jax.Array:
-        """The engine leaf for ``entry`` from its source leaf ``x``."""
+    def materialize(self, entry: PlanEntry, x: Any, reuse: jax.Array | None = None) -> jax.Array:
+        """The engine leaf for ``entry`` from its source leaf ``x``.
+
+        ``reuse``: the engine's current leaf, when the engine owns it exclusively; a
+        converted result is then written into its buffer (it is donated).
+        """
         target = self.engine_leaves[entry.engine_index]
         sharding = target.sharding
+        if entry.view:
+            return jax.device_put(np.asarray(x).reshape(target.shape), sharding)
         if entry.aliased:
             return x if x.sharding == sharding else jax.device_put(x, sharding)
         if not entry.ops and np.dtype(x.dtype) == np.dtype(target.dtype):
             return jax.device_put(x, sharding)  # reshard or host -> device: one copy
         if not isinstance(x, jax.Array):
             x = jax.device_put(np.asarray(x), min(sharding.device_set, key=lambda d: d.id) if sharding is not None else None)
+        dtype = np.dtype(target.dtype)
         if sharding is None or x.sharding.device_set == sharding.device_set:
-            return _transform(entry.ops, self.spec, np.dtype(target.dtype), sharding)(x)
+            if reuse is not None:
+                return _transform(entry.ops, self.spec, dtype, sharding, True)(reuse, x)
+            return _transform(entry.ops, self.spec, dtype, sharding)(x)
         # Source on other devices: transform where it lives, then move the result.
-        y = _transform(entry.ops, self.spec, np.dtype(target.dtype), None)(x)
+        y = _transform(entry.ops, self.spec, dtype, None)(x)
         return jax.device_put(y, sharding)
+
+    def materialize_aliases(self, leaves: Sequence[Any]) -> dict[int, jax.Array]:
+        """Every zero-copy entry at once (one batched device_put): engine index -> array.
+
+        Nothing is copied here, so doing them together costs no memory and saves the
+        per-call overhead of hundreds of device_puts.
+        """
+        out = {}
+        entries = []
+        for e in self.entries:
+            if e.aliased and not e.view and leaves[e.source_index].sharding == self.engine_leaves[e.engine_index].sharding:
+                out[e.engine_index] = leaves[e.source_index]  # already the engine's placement
+            elif e.aliased:
+                entries.append(e)
+        if not entries:
+            return out
+        xs = [
+            np.asarray(leaves[e.source_index]).reshape(self.engine_leaves[e.engine_index].shape)
+            if e.view
+            else leaves[e.source_index]
+            for e in entries
+        ]
+        shardings = [self.engine_leaves[e.engine_index].sharding for e in entries]
+        out.update(zip((e.engine_index for e in entries), jax.device_put(xs, shardings)))
+        return out
 
     def convert(self, leaves: Sequence[Any]) -> Iterator[tuple[PlanEntry, jax.Array]]:
         """Engine leaves one at a time (so a caller can swap each in before the next)."""
@@ -147,10 +208,12 @@ def build_plan(
     engine_leaves: Sequence[EngineLeaf],
     *,
     strict: bool = True,
+    allow_views: bool = True,
 ) -> ConversionPlan:
     """Match every source path to an engine leaf and check shapes and dtypes.
 
-    ``signatures`` are ``(shape, dtype, sharding)`` per source leaf. Raises
+    ``signatures`` are ``(shape, dtype, sharding)`` per source leaf. ``allow_views``
+    lets reshape-only leaves on one CPU device alias the source memory. Raises
     ParamsMismatchError naming every unknown, duplicate, misshapen, non-floating or
     (when ``strict``) missing parameter.
     """
@@ -197,6 +260,9 @@ def build_plan(
             )
             continue
         eff = ops_lib.effective_ops(rule.ops, shape, spec)
+        if allow_views and _can_view(eff, dtype, sharding, leaf):
+            entries.append(PlanEntry(ei, target, si, path, eff, (), leaf.nbytes, view=True))
+            continue
         reasons = [op.reason for op in eff]
         if np.dtype(dtype) != np.dtype(leaf.dtype):
             reasons.append(f"cast {np.dtype(dtype).name}->{np.dtype(leaf.dtype).name}")

@@ -198,6 +198,17 @@ def stop_engine_threads(
     import zmq
 
     scheduler = engine.scheduler_info.get("scheduler") if engine.scheduler_info else None
+    # Keep the SystemExit of the threads we end out of any installed excepthook (pytest's
+    # reports every thread exception; the default hook already ignores SystemExit).
+    previous_hook = threading.excepthook
+    stopping = set(threads)
+
+    def hook(args):
+        if args.exc_type is SystemExit and args.thread in stopping:
+            return
+        previous_hook(args)
+
+    threading.excepthook = hook
     if engine.tokenizer_manager is not None:
         engine.tokenizer_manager.shutdown()
 
@@ -245,6 +256,7 @@ def stop_engine_threads(
         if "watchdog" in t.name:
             continue  # asleep; holds no socket, ends by itself
         t.join(max(0.0, deadline - time.monotonic()))
+    threading.excepthook = previous_hook if threading.excepthook is hook else threading.excepthook
     # Upstream registered Engine.shutdown with atexit; it would kill our children at exit.
     atexit.unregister(engine.shutdown)
     return [t.name for t in threads if t.is_alive() and "watchdog" not in t.name]

@@ -27,8 +27,14 @@ class SamplerConfig:
     max_total_tokens: int | None = None
     mem_fraction_static: float | None = None
     random_seed: int = 42
+    #: Per-request seeds (``seed=`` in ``__call__``) only take effect with this on. sglang-jax
+    #: keeps the switch in a process-wide environment variable: all engines share it.
+    deterministic_sampling: bool = False
     #: Keep the prefix (radix) cache; it is flushed after every weight update.
     disable_radix_cache: bool = False
+    #: On CPU, let reshape-only leaves (Tunix q/k/v/o layouts) alias the trainer's memory
+    #: through reshaped host views instead of copying. Has no effect on TPU.
+    reshape_views: bool = True
     #: Measure live device bytes before and after each update (costs a walk over jax.live_arrays()).
     track_memory: bool = True
     #: How long update_params waits for in-flight generation before raising.

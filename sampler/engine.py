@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any, Coroutine, TypeVar
@@ -27,21 +29,34 @@ def read_hf_config(model_path: str | Path) -> dict[str, Any]:
 
 def engine_kwargs(config: SamplerConfig) -> dict[str, Any]:
     """The Engine arguments for ``config``, with working defaults on JAX's CPU backend."""
+    model_path = config.model_path
+    if os.path.isdir(model_path):
+        model_path = os.path.abspath(model_path)  # upstream's tokenizer loading breaks on relative paths
     kwargs: dict[str, Any] = dict(
-        model_path=config.model_path,
+        model_path=model_path,
         load_format=config.load_format,
         context_length=config.context_length,
         max_running_requests=config.max_running_requests,
         tp_size=config.tp_size,
         random_seed=config.random_seed,
         disable_radix_cache=config.disable_radix_cache,
+        enable_deterministic_sampling=config.deterministic_sampling,
         log_level=config.log_level,
         enable_single_process=True,
         # The event loop runs in its own daemon thread, so any thread may submit work.
         enable_engine_loop_run_forever_daemon=True,
     )
-    if config.device_indexes is not None:
-        kwargs["device_indexes"] = list(config.device_indexes)
+    device_indexes = config.device_indexes
+    if device_indexes is None and jax.device_count() > config.tp_size:
+        device_indexes = list(range(config.tp_size))  # upstream needs them when devices > tp
+    if device_indexes is not None:
+        device_indexes = [int(i) for i in device_indexes]
+        if len(set(device_indexes)) != config.tp_size or not all(0 <= i < jax.device_count() for i in device_indexes):
+            raise ValueError(
+                f"device_indexes={device_indexes} must name tp_size={config.tp_size} distinct devices "
+                f"out of the {jax.device_count()} this process has"
+            )
+        kwargs["device_indexes"] = device_indexes
     if config.mem_fraction_static is not None:
         kwargs["mem_fraction_static"] = config.mem_fraction_static
     if jax.default_backend() == "cpu":
@@ -90,6 +105,9 @@ class EngineHandle:
         finally:
             compat.restore_signal_handlers(saved)
         self.threads = compat.started_threads(before)
+        # Upstream registered Engine.shutdown at exit (it kills the host's child processes).
+        atexit.unregister(self.engine.shutdown)
+        atexit.register(self.shutdown)
         self.scheduler = self.engine.scheduler_info["scheduler"]
         self.model_runner = self.scheduler.tp_worker.worker.model_runner
         self._scheduler_stop = compat.quiet_idle_scheduler(self.scheduler)
@@ -121,6 +139,7 @@ class EngineHandle:
         if self.closed:
             return
         self.closed = True
+        atexit.unregister(self.shutdown)
         alive = compat.stop_engine_threads(self.engine, self.threads, self._scheduler_stop)
         if alive:
             logger.warning("engine threads still running after shutdown: %s", alive)

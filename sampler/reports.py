@@ -24,7 +24,8 @@ class UpdateReport:
     copied_bytes: int
     live_bytes_before: int | None = None
     live_bytes_after: int | None = None
-    #: Highest live bytes minus ``live_bytes_before`` during the swap (when tracked).
+    #: Transient memory: highest live bytes during the swap minus the larger of
+    #: ``live_bytes_before`` and ``live_bytes_after`` (when tracked).
     peak_extra_bytes: int | None = None
     #: Largest single copied leaf: the bound on extra memory a leaf-by-leaf swap keeps.
     largest_copied_leaf_bytes: int = 0

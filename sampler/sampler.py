@@ -29,7 +29,7 @@ from converters.source import as_param_tree, key_paths, leaf_signature
 from sampler.config import SamplerConfig
 from sampler.engine import EngineHandle, read_hf_config
 from sampler.reports import SharingReport, UpdateReport
-from sampler.weights import EngineWeights, buffer_pointers, iter_updates, live_device_bytes
+from sampler.weights import EngineWeights, buffer_pointers, live_device_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,14 @@ class SglangJaxSampler(base_sampler.BaseSampler):
             raise TypeError("SglangJaxSampler needs config=SamplerConfig(model_path=...)")
         self.config = config
         hf = read_hf_config(config.model_path)
+        if tokenizer is None:
+            # Loaded here first: a tokenizer that fails inside the engine's startup kills the process.
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+        self.tokenizer = (
+            tokenizer if isinstance(tokenizer, tok_adapter.TokenizerAdapter) else tok_adapter.TokenizerAdapter(tokenizer)
+        )
         self._handle = EngineHandle(config)
         try:
             self.engine = self._handle.engine
@@ -117,13 +125,6 @@ class SglangJaxSampler(base_sampler.BaseSampler):
             tp = int(runner.mesh.shape.get("tensor", 1))
             self.spec = ModelSpec.from_hf_config(hf, tp_size=tp)
             self.spec = dataclasses.replace(self.spec, dtype=np.dtype(runner.dtype).name)
-            if tokenizer is None:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(config.model_path)
-            self.tokenizer = (
-                tokenizer if isinstance(tokenizer, tok_adapter.TokenizerAdapter) else tok_adapter.TokenizerAdapter(tokenizer)
-            )
         except BaseException:
             self._handle.shutdown()
             raise
@@ -151,7 +152,11 @@ class SglangJaxSampler(base_sampler.BaseSampler):
 
     # ------------------------------------------------------------------ weights
     def engine_params(self) -> dict[str, jax.Array]:
-        """The arrays the engine serves now, keyed by engine path."""
+        """The arrays the engine serves now, keyed by engine path.
+
+        Valid until the next update: a converted leaf is written into the buffer of the
+        leaf it replaces, which deletes the old array object.
+        """
         return self._weights.as_dict()
 
     def engine_shardings(self) -> dict[str, jax.sharding.Sharding]:
@@ -177,14 +182,16 @@ class SglangJaxSampler(base_sampler.BaseSampler):
 
     def _plan(self, tree, leaves, treedef, source_format, strict) -> tuple[ConversionPlan, bool]:
         signatures = tuple(leaf_signature(x) for x in leaves)
-        key = (treedef, signatures, source_format, strict)
+        key = (treedef, signatures, source_format, strict, self.config.reshape_views)
         plan = self._plans.get(key)
         if plan is not None:
             return plan, True
         paths = key_paths(tree)
         fmt = source_format or detect_format(self.architecture, paths)
         converter = get_converter(self.architecture, fmt)
-        plan = build_plan(converter, self.spec, paths, signatures, self._weights.leaves(), strict=strict)
+        plan = build_plan(
+            converter, self.spec, paths, signatures, self._weights.leaves(), strict=strict, allow_views=self.config.reshape_views
+        )
         self._plans[key] = plan
         return plan, False
 
@@ -219,7 +226,7 @@ class SglangJaxSampler(base_sampler.BaseSampler):
             peak[0] = max(peak[0], live_device_bytes())
 
         with self._gate.updating(self.config.update_timeout_s):
-            written = self._weights.swap(iter_updates(plan, leaves), on_leaf if track_peak_memory else None)
+            written = self._weights.swap(plan, leaves, on_leaf if track_peak_memory else None)
             jax.block_until_ready(written)
             self._handle.flush_cache()
             self.version += 1
@@ -237,7 +244,7 @@ class SglangJaxSampler(base_sampler.BaseSampler):
             copied_bytes=sum(e.nbytes for e in copied),
             live_bytes_before=before,
             live_bytes_after=after,
-            peak_extra_bytes=(peak[0] - before) if track_peak_memory and before is not None else None,
+            peak_extra_bytes=max(0, peak[0] - max(before, after)) if track_peak_memory and before is not None else None,
             largest_copied_leaf_bytes=max((e.nbytes for e in copied), default=0),
             untouched=list(plan.missing),
             plan_reused=reused,
@@ -290,6 +297,11 @@ class SglangJaxSampler(base_sampler.BaseSampler):
         """Raw engine results for token-id prompts (one dict per prompt)."""
         if self._handle.closed:
             raise RuntimeError("this sampler has been shut down")
+        if self._weights.broken:
+            raise RuntimeError(
+                "a weight update failed midway, so the engine holds a mix of old and new leaves; "
+                "push a complete set with update_params before generating"
+            )
         dead = [p for p, x in zip(self._weights.paths, self._weights.arrays) if x.is_deleted()]
         if dead:
             raise DeletedArrayError(
@@ -348,7 +360,9 @@ class SglangJaxSampler(base_sampler.BaseSampler):
             base["top_k"] = top_k
         base.update(kwargs)
         params = [dict(base) for _ in prompts]
-        if seed is not None:
+        if seed is not None and not self.config.deterministic_sampling:
+            logger.warning("seed=%s is ignored: per-request seeds need SamplerConfig(deterministic_sampling=True)", seed)
+        elif seed is not None:
             seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else [int(seed) + i for i in range(len(prompts))]
             if len(seeds) != len(prompts):
                 raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")

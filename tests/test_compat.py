@@ -1,0 +1,99 @@
+"""Each workaround in sampler.compat: upstream still needs it (probed unpatched in a child
+process, so a crash cannot take the test run down) and ours still works."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sampler import SamplerConfig, SglangJaxSampler, UnsupportedModelError, compat
+from tests import helpers
+from tests.upstream_probe import busy_fraction
+
+pytestmark = pytest.mark.engine
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def probe(mode: str, model_dir) -> tuple[int, dict | None, str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.upstream_probe", mode, str(model_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "XLA_FLAGS": ""},
+    )
+    out = proc.stdout + proc.stderr
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("PROBE ")]
+    return proc.returncode, (json.loads(lines[-1][6:]) if lines else None), out
+
+
+def test_upstream_version_is_the_one_checked():
+    assert compat.upstream_version() == compat.SGLANG_JAX_VERSION
+
+
+def test_merge_kv_workaround_still_needed(model_dir):
+    rc, result, out = probe("generate", model_dir("llama-untied"))
+    assert result is None and rc != 0, "unpatched Llama generation works now: drop patch_merge_kv_sharding"
+    assert "ShardingTypeError" in out
+
+
+def test_merge_kv_workaround_works(model_dir, engines):
+    compat.patch_merge_kv_sharding()
+    from sgl_jax.srt.mem_cache import memory_pool
+
+    assert hasattr(memory_pool.merge_kv, "__wrapped__")
+    tokens, _ = helpers.greedy(engines.get(model_dir("llama-untied"), load_format="safetensors"))
+    assert all(len(t) == 8 for t in tokens)
+    engines.drop(model_dir("llama-untied"), load_format="safetensors")
+
+
+def test_head_dim_limit_still_real(model_dir, tmp_path):
+    path = helpers.write_case(tmp_path / "hd64", "qwen3-tied", head_dim=64)
+    rc, result, out = probe("generate", path)
+    assert result is None and rc != 0, "head_dim 64 serves on CPU now: drop check_head_dim"
+
+
+def test_head_dim_is_refused_before_the_engine_starts(tmp_path):
+    path = helpers.write_case(tmp_path / "hd64", "qwen3-tied", head_dim=64)
+    before = set(threading.enumerate())
+    with pytest.raises(UnsupportedModelError, match="head_dim=64"):
+        SglangJaxSampler(config=SamplerConfig(model_path=str(path), context_length=128, max_running_requests=2))
+    assert set(threading.enumerate()) <= before
+
+
+def test_lifecycle_workarounds_still_needed(model_dir):
+    rc, result, out = probe("lifecycle", model_dir("qwen3-tied"))
+    assert result is not None, out[-3000:]
+    assert result["idle_busy"] > 0.5, "upstream's idle scheduler no longer spins: drop quiet_idle_scheduler"
+    assert "sglang::scheduler" in result["threads_after_shutdown"], "upstream shutdown stops its threads now"
+    assert result["busy_after_shutdown"] > 0.5
+    assert result["child_killed"], "upstream shutdown no longer kills child processes"
+    assert result["sigchld_replaced"], "upstream no longer installs a SIGCHLD handler"
+
+
+def test_lifecycle_workarounds_work(model_dir):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    sigchld = signal.getsignal(signal.SIGCHLD)
+    before = set(threading.enumerate())
+    try:
+        with SglangJaxSampler(
+            config=SamplerConfig(model_path=str(model_dir("qwen3-tied")), context_length=128, max_running_requests=2)
+        ) as s:
+            assert signal.getsignal(signal.SIGCHLD) is sigchld
+            helpers.greedy(s, steps=2)
+            assert busy_fraction(1.5) < 0.3  # idle engine waits instead of spinning
+            started = [t for t in threading.enumerate() if t not in before]
+        time.sleep(0.2)
+        alive = [t.name for t in started if t.is_alive() and "watchdog" not in t.name and t.name != "tqdm_monitor"]
+        assert alive == []
+        assert busy_fraction(1.0) < 0.2
+        assert child.poll() is None, "shutdown killed a child process of the host"
+    finally:
+        child.kill()

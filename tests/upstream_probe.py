@@ -1,0 +1,71 @@
+"""Runs unpatched sglang-jax in a child process and prints what it did, as JSON.
+
+Used by test_compat.py to show that each workaround in sampler.compat is still
+needed (upstream still misbehaves). Usage: python -m tests.upstream_probe MODE MODEL_DIR
+"""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def busy_fraction(seconds: float = 2.0) -> float:
+    c0, t0 = cpu_seconds(), time.monotonic()
+    time.sleep(seconds)
+    return (cpu_seconds() - c0) / (time.monotonic() - t0)
+
+
+def engine(model_dir):
+    from sgl_jax.srt.entrypoints.engine import Engine
+
+    return Engine(
+        model_path=model_dir,
+        load_format="safetensors",
+        enable_single_process=True,
+        device="cpu",
+        attention_backend="native",
+        disable_precompile=True,
+        disable_overlap_schedule=True,
+        context_length=128,
+        max_running_requests=2,
+        max_total_tokens=256,
+        log_level="error",
+    )
+
+
+def main(mode: str, model_dir: str) -> None:
+    result = {}
+    if mode == "generate":  # merge_kv sharding / head_dim: does a plain generate survive?
+        e = engine(model_dir)
+        out = e.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 3, "temperature": 0})
+        result["generated"] = len(out["meta_info"].get("output_token_logprobs") or out["output_ids"] or [0]) > 0
+    elif mode == "lifecycle":  # idle spin, threads after shutdown, signal handlers, child processes
+        before = signal.getsignal(signal.SIGCHLD)
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        e = engine(model_dir)
+        result["sigchld_replaced"] = signal.getsignal(signal.SIGCHLD) is not before
+        result["idle_busy"] = busy_fraction()
+        e.shutdown()
+        time.sleep(0.5)
+        result["threads_after_shutdown"] = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
+        result["busy_after_shutdown"] = busy_fraction()
+        result["child_killed"] = child.poll() is not None
+        child.kill()
+    print("PROBE " + json.dumps(result), flush=True)
+    os._exit(0)  # upstream leaves threads that would keep the interpreter busy
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
