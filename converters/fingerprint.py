@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from converters.sharding import as_auto
+
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
@@ -41,28 +43,14 @@ def _digest(x):
     return jnp.stack([a, b])
 
 
-def _auto_axes(x: jax.Array) -> jax.Array:
-    """The same buffers viewed on an Auto-axes mesh (sglang-jax meshes use Explicit axes,
-    under which the flattening reshape needs an explicit output sharding)."""
-    sharding = getattr(x, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        mesh = sharding.mesh
-        if any(t != jax.sharding.AxisType.Auto for t in mesh.axis_types):
-            auto = jax.sharding.Mesh(
-                mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
-            )
-            return jax.device_put(x, jax.sharding.NamedSharding(auto, sharding.spec))
-    return x
-
-
 def leaf_digest(x: jax.Array) -> tuple[int, int]:
-    a, b = np.asarray(_digest(_auto_axes(x)))
+    a, b = np.asarray(_digest(as_auto(x)))
     return int(a), int(b)
 
 
 def fingerprint(arrays: Mapping[str, jax.Array]) -> str:
     """Hex digest of a flat mapping ``engine path -> array``."""
-    digests = {path: _digest(_auto_axes(x)) for path, x in arrays.items()}  # dispatch all, then read
+    digests = {path: _digest(as_auto(x)) for path, x in arrays.items()}  # dispatch all, then read
     h = hashlib.sha256()
     for path in sorted(arrays):
         x = arrays[path]

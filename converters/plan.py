@@ -19,6 +19,7 @@ import numpy as np
 from converters import ops as ops_lib
 from converters.errors import DeletedArrayError, ParamsMismatchError
 from converters.registry import Converter, abstract_key
+from converters.sharding import auto_sharding
 from converters.spec import ModelSpec
 
 
@@ -78,7 +79,12 @@ def _transform(ops: tuple[ops_lib.Op, ...], spec: ModelSpec, dtype: Any, out_sha
         return ops_lib.apply(ops, x, spec).astype(dtype)
 
     if into:
-        return jax.jit(lambda old, x: fn(x), out_shardings=out_sharding, donate_argnums=0)
+        # The result must depend on ``old`` or jit drops (and never donates) it; a full
+        # dynamic_update_slice of the donated buffer is done in place.
+        def fn_into(old, x):
+            return jax.lax.dynamic_update_slice(old, fn(x), (0,) * old.ndim)
+
+        return jax.jit(fn_into, out_shardings=out_sharding, donate_argnums=0)
     return jax.jit(fn, out_shardings=out_sharding)
 
 
@@ -162,9 +168,12 @@ class ConversionPlan:
             x = jax.device_put(np.asarray(x), min(sharding.device_set, key=lambda d: d.id) if sharding is not None else None)
         dtype = np.dtype(target.dtype)
         if sharding is None or x.sharding.device_set == sharding.device_set:
+            out = auto_sharding(sharding)  # same placement; lets XLA propagate shardings
             if reuse is not None:
-                return _transform(entry.ops, self.spec, dtype, sharding, True)(reuse, x)
-            return _transform(entry.ops, self.spec, dtype, sharding)(x)
+                y = _transform(entry.ops, self.spec, dtype, out, True)(jax.device_put(reuse, out), x)
+            else:
+                y = _transform(entry.ops, self.spec, dtype, out)(x)
+            return y if out is sharding else jax.device_put(y, sharding)
         # Source on other devices: transform where it lives, then move the result.
         y = _transform(entry.ops, self.spec, dtype, None)(x)
         return jax.device_put(y, sharding)

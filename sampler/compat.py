@@ -16,6 +16,8 @@ upstream code.
 |                                 | one core at 100%, also after ``Engine.shutdown()``                          |
 | ``stop_engine_threads``         | ``Engine.shutdown()`` stops no thread (scheduler, detokenizer, event loop,  |
 |                                 | d2h sync, watchdog) and kills every child process of the host              |
+| ``patch_zmq_linger``            | sockets keep an infinite linger: after an engine stops, ``zmq_ctx_term``    |
+|                                 | blocks at interpreter exit and the process never ends                      |
 | ``restore_signal_handlers``     | ``Engine()`` installs process-wide SIGCHLD/SIGQUIT handlers; the SIGCHLD one |
 |                                 | reaps children that the host's own code waits for                          |
 """
@@ -23,6 +25,8 @@ upstream code.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import os
 import logging
 import pickle
 import queue
@@ -84,6 +88,59 @@ def patch_merge_kv_sharding() -> bool:
     memory_pool.merge_kv = merge_kv
     _merge_kv_patched = True
     return True
+
+
+# --------------------------------------------------------------------------------------
+# zmq sockets that linger forever
+# --------------------------------------------------------------------------------------
+
+_ZMQ_MODULES = (
+    "sgl_jax.srt.utils",
+    "sgl_jax.srt.utils.common_utils",
+    "sgl_jax.srt.managers.scheduler",
+    "sgl_jax.srt.managers.tokenizer_manager",
+    "sgl_jax.srt.managers.detokenizer_manager",
+    "sgl_jax.srt.entrypoints.engine",
+)
+
+
+def patch_zmq_linger() -> bool:
+    """Create the engine's zmq sockets with LINGER 0 (idempotent).
+
+    Upstream sockets keep zmq's default infinite linger; once an engine is stopped,
+    messages queued for a peer that is gone make ``zmq_ctx_term`` block at
+    interpreter exit, so the process never ends. Returns True when applied now.
+    """
+    import importlib
+
+    import zmq
+
+    common = importlib.import_module("sgl_jax.srt.utils.common_utils")
+    original = common.get_zmq_socket
+    if getattr(original, "_linger_patched", False):
+        return False
+
+    def get_zmq_socket(context, socket_type, endpoint, bind):
+        sock = original(context, socket_type, endpoint, bind)
+        sock.setsockopt(zmq.LINGER, 0)
+        return sock
+
+    get_zmq_socket._linger_patched = True  # type: ignore[attr-defined]
+    get_zmq_socket.__wrapped__ = original  # type: ignore[attr-defined]
+    for name in _ZMQ_MODULES:
+        module = importlib.import_module(name)
+        if getattr(module, "get_zmq_socket", None) is original:
+            module.get_zmq_socket = get_zmq_socket
+    return True
+
+
+def _close_sockets(*owners: Any) -> None:
+    import zmq
+
+    for owner in owners:
+        for value in list(vars(owner).values()) if owner is not None else ():
+            if isinstance(value, zmq.Socket) and not value.closed:
+                value.close(linger=0)
 
 
 # --------------------------------------------------------------------------------------
@@ -257,8 +314,19 @@ def stop_engine_threads(
             continue  # asleep; holds no socket, ends by itself
         t.join(max(0.0, deadline - time.monotonic()))
     threading.excepthook = previous_hook if threading.excepthook is hook else threading.excepthook
+    if scheduler is not None and not (scheduler_stop is not None and any(
+        t.is_alive() and t.name.startswith("sglang::scheduler") for t in threads
+    )):
+        _close_sockets(scheduler)
+    _close_sockets(engine.tokenizer_manager)
     # Upstream registered Engine.shutdown with atexit; it would kill our children at exit.
     atexit.unregister(engine.shutdown)
+    # Upstream leaves its IPC socket files in the temp directory.
+    for name in ("tokenizer_ipc_name", "scheduler_input_ipc_name", "detokenizer_ipc_name", "rpc_ipc_name", "metrics_ipc_name"):
+        address = getattr(engine.port_args, name, None) or ""
+        if address.startswith("ipc://"):
+            with contextlib.suppress(OSError):
+                os.unlink(address[len("ipc://"):])
     return [t.name for t in threads if t.is_alive() and "watchdog" not in t.name]
 
 

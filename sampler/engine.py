@@ -97,6 +97,7 @@ class EngineHandle:
         )
         if kwargs.get("attention_backend") == "native":
             compat.patch_merge_kv_sharding()
+        compat.patch_zmq_linger()
         self.kwargs = kwargs
         saved = compat.save_signal_handlers()
         before = set(threading.enumerate())

@@ -10,7 +10,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
+import logging  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+# sglang-jax logs an engine-thread exception and then SIGQUITs the process, which loses
+# pytest's captured output; keep those log lines in a file that survives (.ci/run prints it).
+ENGINE_ERROR_LOG = Path(__file__).resolve().parents[1] / "runs" / "test-engine-errors.log"
+ENGINE_ERROR_LOG.parent.mkdir(exist_ok=True)
+_handler = logging.FileHandler(ENGINE_ERROR_LOG, mode="w")
+_handler.setLevel(logging.ERROR)
+_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(threadName)s: %(message)s"))
+logging.getLogger("sgl_jax").addHandler(_handler)
 
 from tests import helpers  # noqa: E402
 

@@ -97,3 +97,23 @@ def test_lifecycle_workarounds_work(model_dir):
         assert child.poll() is None, "shutdown killed a child process of the host"
     finally:
         child.kill()
+
+
+def test_zmq_linger_workaround(model_dir, engines):
+    """Upstream sockets keep an infinite linger (exit can hang in zmq_ctx_term); ours use 0."""
+    import zmq
+    from sgl_jax.srt.utils import common_utils
+
+    compat.patch_zmq_linger()
+    upstream = common_utils.get_zmq_socket.__wrapped__
+    ctx = zmq.Context()
+    sock = upstream(ctx, zmq.PUSH, "inproc://linger-probe", True)
+    try:
+        assert sock.getsockopt(zmq.LINGER) == -1, "upstream sockets no longer linger: drop patch_zmq_linger"
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    sampler = engines.get(model_dir("qwen3-tied"))
+    tm = sampler.engine.tokenizer_manager
+    sockets = [v for v in vars(tm).values() if isinstance(v, zmq.Socket)]
+    assert sockets and all(s.getsockopt(zmq.LINGER) == 0 for s in sockets)
