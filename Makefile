@@ -3,7 +3,7 @@ PYTHON ?= python3.12
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo swap-demo test bench clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/python -m training_examples.grpo_tiny
+
+swap-demo: $(STAMP)
 	$(VENV)/bin/python -m sampler.demo
 
 test: $(STAMP)

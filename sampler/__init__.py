@@ -5,9 +5,19 @@ from sampler.config import SamplerConfig
 from sampler.reports import SharingReport, UpdateReport
 from sampler.sampler import SglangJaxSampler, SglangSamplerOutput, UpdateTimeoutError
 
+
+def __getattr__(name):  # SglangJaxRollout pulls in tunix.rl; import it on first use
+    if name == "SglangJaxRollout":
+        from sampler.rollout import SglangJaxRollout
+
+        return SglangJaxRollout
+    raise AttributeError(name)
+
+
 __all__ = [
     "SamplerConfig",
     "SharingReport",
+    "SglangJaxRollout",
     "SglangJaxSampler",
     "SglangSamplerOutput",
     "UnsupportedModelError",

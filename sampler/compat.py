@@ -123,6 +123,8 @@ def patch_zmq_linger() -> bool:
     def get_zmq_socket(context, socket_type, endpoint, bind):
         sock = original(context, socket_type, endpoint, bind)
         sock.setsockopt(zmq.LINGER, 0)
+        with _contexts_lock:
+            _contexts_by_endpoint.setdefault(endpoint, []).append(context)
         return sock
 
     get_zmq_socket._linger_patched = True  # type: ignore[attr-defined]
@@ -134,13 +136,37 @@ def patch_zmq_linger() -> bool:
     return True
 
 
-def _close_sockets(*owners: Any) -> None:
-    import zmq
+# endpoint -> zmq contexts whose sockets use it (recorded by the patched get_zmq_socket)
+_contexts_by_endpoint: dict[str, list] = {}
+_contexts_lock = threading.Lock()
+#: Contexts of stopped engines, kept referenced so that the garbage collector never
+#: runs ``Context.__del__`` (which terminates the context and can block) on some
+#: unrelated thread; closed ones cost nothing.
+_retired_contexts: list = []
 
-    for owner in owners:
-        for value in list(vars(owner).values()) if owner is not None else ():
-            if isinstance(value, zmq.Socket) and not value.closed:
-                value.close(linger=0)
+
+def _destroy_engine_contexts(endpoints: list[str], timeout: float = 5.0) -> bool:
+    """Close every socket of the engine's zmq contexts and terminate them, off the caller's
+    thread with a timeout (a context term that blocks must not hang shutdown)."""
+    with _contexts_lock:
+        contexts = []
+        for endpoint in endpoints:
+            for ctx in _contexts_by_endpoint.pop(endpoint, []):
+                if all(ctx is not c for c in contexts):
+                    contexts.append(ctx)
+    _retired_contexts.extend(contexts)
+
+    def destroy():
+        for ctx in contexts:
+            ctx.destroy(linger=0)
+
+    t = threading.Thread(target=destroy, name="sampler-zmq-teardown", daemon=True)
+    try:
+        t.start()
+    except RuntimeError:  # at interpreter exit: pyzmq leaves contexts alone then
+        return True
+    t.join(timeout)
+    return not t.is_alive()
 
 
 # --------------------------------------------------------------------------------------
@@ -237,7 +263,8 @@ def quiet_idle_scheduler(scheduler: Any, *, poll_ms: int = 20) -> threading.Even
 
 
 def started_threads(before: set[threading.Thread]) -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t not in before]
+    """Threads started since ``before`` (tqdm's process-wide monitor is not the engine's)."""
+    return [t for t in threading.enumerate() if t not in before and t.name != "tqdm_monitor"]
 
 
 def stop_engine_threads(
@@ -314,11 +341,13 @@ def stop_engine_threads(
             continue  # asleep; holds no socket, ends by itself
         t.join(max(0.0, deadline - time.monotonic()))
     threading.excepthook = previous_hook if threading.excepthook is hook else threading.excepthook
-    if scheduler is not None and not (scheduler_stop is not None and any(
-        t.is_alive() and t.name.startswith("sglang::scheduler") for t in threads
-    )):
-        _close_sockets(scheduler)
-    _close_sockets(engine.tokenizer_manager)
+    endpoints = [
+        getattr(engine.port_args, name, None)
+        for name in ("tokenizer_ipc_name", "scheduler_input_ipc_name", "detokenizer_ipc_name", "rpc_ipc_name", "metrics_ipc_name")
+    ]
+    if not any(t.is_alive() and "watchdog" not in t.name for t in threads):
+        if not _destroy_engine_contexts([e for e in endpoints if e]):
+            logger.warning("terminating the engine's zmq contexts did not finish in time; left to the process exit")
     # Upstream registered Engine.shutdown with atexit; it would kill our children at exit.
     atexit.unregister(engine.shutdown)
     # Upstream leaves its IPC socket files in the temp directory.

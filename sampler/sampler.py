@@ -292,6 +292,7 @@ class SglangJaxSampler(base_sampler.BaseSampler):
         sampling_params: Sequence[dict] | dict,
         *,
         return_logprob: bool = True,
+        logprob_start_len: int | list[int] | None = None,
         timeout: float | None = None,
     ) -> list[dict]:
         """Raw engine results for token-id prompts (one dict per prompt)."""
@@ -315,10 +316,47 @@ class SglangJaxSampler(base_sampler.BaseSampler):
                     input_ids=[list(map(int, p)) for p in prompts],
                     sampling_params=sampling_params if isinstance(sampling_params, dict) else list(sampling_params),
                     return_logprob=return_logprob,
+                    logprob_start_len=logprob_start_len,
                 ),
                 timeout=timeout,
             )
         return out if isinstance(out, list) else [out]
+
+    def score_completions(self, prompt_tokens: np.ndarray, completion_tokens: np.ndarray) -> np.ndarray:
+        """Logprob of each completion token given its prompt, computed by the engine.
+
+        ``prompt_tokens`` left-padded (B, P), ``completion_tokens`` right-padded (B, C), as
+        Tunix passes them; returns float32 (B, C) with 0 after each completion's end.
+        These are the engine's prompt logprobs: log-softmax of the raw logits.
+        """
+        pad = self.tokenizer.pad_id()
+        prompt_tokens = np.asarray(prompt_tokens)
+        completion_tokens = np.asarray(completion_tokens)
+        out = np.zeros(completion_tokens.shape, np.float32)
+        inputs, starts, lengths = [], [], []
+        for prompt, completion in zip(prompt_tokens, completion_tokens):
+            first = int(np.argmax(prompt != pad)) if (prompt != pad).any() else len(prompt)
+            p = prompt[first:].tolist()
+            ends = np.flatnonzero(completion == pad)
+            c = completion[: ends[0] if len(ends) else len(completion)].tolist()
+            if not p:
+                raise ValueError("a prompt row holds only padding")
+            inputs.append(p + c)
+            starts.append(len(p) - 1)  # the record at len(p)-1 is the prompt's last token (no logprob)
+            lengths.append(len(c))
+        todo = [i for i, n in enumerate(lengths) if n]
+        if not todo:
+            return out
+        results = self.generate_ids(
+            [inputs[i] for i in todo],
+            [{"max_new_tokens": 0, "temperature": 0.0} for _ in todo],
+            return_logprob=True,
+            logprob_start_len=[starts[i] for i in todo],
+        )
+        for i, res in zip(todo, results):
+            records = res["meta_info"]["input_token_logprobs"][1:]
+            out[i, : lengths[i]] = [lp for lp, *_ in records[: lengths[i]]]
+        return out
 
     def __call__(
         self,
@@ -342,6 +380,7 @@ class SglangJaxSampler(base_sampler.BaseSampler):
             raise NotImplementedError("beam search is not supported by the sglang-jax engine")
         if isinstance(input_strings, str):
             input_strings = [input_strings]
+        input_strings = [str(s) for s in input_strings]  # numpy str_ from data pipelines
         if max_generation_steps > self.config.context_length:
             raise ValueError(
                 f"max_generation_steps={max_generation_steps} exceeds context_length={self.config.context_length}"

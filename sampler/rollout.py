@@ -1,0 +1,160 @@
+"""SglangJaxRollout: the sampler as a Tunix RLCluster rollout engine.
+
+``ClusterConfig(rollout_engine=SglangJaxRollout, rollout_config=RolloutConfig(
+rollout_sglang_jax_model_version=MODEL_DIR, ...))`` is all a Tunix user changes:
+the engine options come from Tunix's own ``rollout_sglang_jax_*`` fields.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tunix.rl.rollout import base_rollout
+
+from sampler.config import SamplerConfig
+from sampler.reports import UpdateReport
+from sampler.sampler import SglangJaxSampler
+
+logger = logging.getLogger(__name__)
+
+
+def sampler_config_from_rollout(rollout_config: base_rollout.RolloutConfig, mesh: jax.sharding.Mesh | None) -> SamplerConfig:
+    """Map Tunix's ``rollout_sglang_jax_*`` fields onto a SamplerConfig."""
+    rc = rollout_config
+    if not rc.rollout_sglang_jax_model_version:
+        raise ValueError("RolloutConfig.rollout_sglang_jax_model_version must name the model directory")
+    devices = [] if mesh is None else [int(d.id) for d in np.asarray(mesh.devices).flat]
+    tp = rc.tensor_parallel_size if rc.tensor_parallel_size and rc.tensor_parallel_size > 0 else max(1, len(devices))
+    context = rc.rollout_sglang_jax_context_length or (rc.max_prompt_length + rc.max_tokens_to_generate)
+    engine_kwargs: dict[str, Any] = {
+        "use_sort_for_toppk_minp": rc.rollout_sglang_jax_use_sort_for_toppk_minp,
+    }
+    if jax.default_backend() != "cpu":  # on CPU the sampler's own defaults apply
+        engine_kwargs.update(
+            page_size=rc.rollout_sglang_jax_page_size,
+            chunked_prefill_size=rc.rollout_sglang_jax_chunked_prefill_size,
+            precompile_bs_paddings=rc.rollout_sglang_jax_precompile_bs_paddings,
+            precompile_token_paddings=rc.rollout_sglang_jax_precompile_token_paddings,
+        )
+    if rc.rollout_sglang_jax_enable_static_lora:
+        engine_kwargs.update(
+            enable_static_lora=True,
+            lora_target_modules=rc.rollout_sglang_jax_lora_target_modules,
+            max_lora_rank=rc.rollout_sglang_jax_max_lora_rank,
+            lora_scaling=rc.rollout_sglang_jax_lora_scaling,
+            max_loras_per_batch=1,
+        )
+    engine_kwargs.update(rc.rollout_sglang_jax_kwargs or {})
+    load_format = "dummy" if rc.rollout_sglang_jax_init_with_random_weights else rc.rollout_sglang_jax_load_format
+    if load_format == "auto":
+        load_format = "safetensors"
+    return SamplerConfig(
+        model_path=rc.rollout_sglang_jax_model_version,
+        context_length=context,
+        max_running_requests=rc.rollout_sglang_jax_max_running_requests or 64,
+        load_format=load_format,
+        tp_size=tp,
+        device_indexes=devices[:tp] if devices else None,
+        mem_fraction_static=rc.rollout_sglang_jax_mem_fraction_static if jax.default_backend() != "cpu" else None,
+        deterministic_sampling=rc.rollout_sglang_jax_enable_deterministic_sampling,
+        disable_radix_cache=rc.rollout_sglang_jax_disable_radix_cache,
+        log_level=rc.rollout_sglang_jax_log_level or "error",
+        engine_kwargs=engine_kwargs,
+    )
+
+
+class SglangJaxRollout(base_rollout.BaseRollout):
+    """A Tunix rollout worker backed by an in-process sglang-jax engine.
+
+    Built by RLCluster as ``SglangJaxRollout(rollout_actor=..., tokenizer=..., mesh=...,
+    rollout_config=...)``; does the first full weight sync from the actor at
+    construction. ``update_params`` is what ``RLCluster.sync_weights()`` calls.
+    """
+
+    def __init__(
+        self,
+        rollout_actor: nnx.Module | None = None,
+        tokenizer: Any = None,
+        mesh: jax.sharding.Mesh | None = None,
+        rollout_config: base_rollout.RolloutConfig | None = None,
+        *,
+        model: nnx.Module | None = None,
+        sampler_config: SamplerConfig | None = None,
+    ):
+        actor = rollout_actor if rollout_actor is not None else model
+        if rollout_config is None:
+            raise TypeError("SglangJaxRollout needs rollout_config=RolloutConfig(...)")
+        self._rollout_config = rollout_config
+        config = sampler_config or sampler_config_from_rollout(rollout_config, mesh)
+        self._sampler = SglangJaxSampler(tokenizer=tokenizer, config=config)
+        self.last_report: UpdateReport | None = None
+        self.reports: list[UpdateReport] = []
+        if actor is not None:
+            self.update_params(nnx.state(actor, nnx.Param))
+
+    # ------------------------------------------------------------------ Tunix API
+    @property
+    def sampler(self) -> SglangJaxSampler:
+        return self._sampler
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        """The engine's mesh (may differ from the trainer's)."""
+        return self._sampler.mesh
+
+    def generate(self, prompts: list[str], rollout_config: base_rollout.RolloutConfig, **kwargs) -> base_rollout.RolloutOutput:
+        out = self._sampler(
+            input_strings=prompts,
+            max_generation_steps=rollout_config.max_tokens_to_generate,
+            max_prompt_length=rollout_config.max_prompt_length,
+            temperature=rollout_config.temperature,
+            top_p=rollout_config.top_p,
+            top_k=rollout_config.top_k,
+            seed=None if rollout_config.seed is None or not self._sampler.config.deterministic_sampling else int(np.asarray(rollout_config.seed).ravel()[0]),
+            echo=False,
+            pad_output=True,
+            **kwargs,
+        )
+        return base_rollout.RolloutOutput(
+            text=out.text,
+            logits=None,
+            tokens=out.tokens,
+            left_padded_prompt_tokens=out.padded_prompt_tokens,
+            logprobs=out.logprobs,
+        )
+
+    def get_per_token_logps(self, prompt_tokens: jax.Array, completion_tokens: jax.Array) -> jax.Array:
+        """Logprob of every completion token under the served weights, computed by the engine
+        (prompt logprobs of prompt + completion), shape ``completion_tokens.shape``; 0 at pads.
+
+        The engine returns log-softmax of the raw logits (temperature 1).
+        """
+        return jnp.asarray(self._sampler.score_completions(np.asarray(prompt_tokens), np.asarray(completion_tokens)))
+
+    def update_params(self, params: Any, filter_types: Optional[Tuple[Any, ...]] = None) -> UpdateReport:
+        # RLCluster guards host<->device transfers on CPU; an update moves data on purpose.
+        with jax.transfer_guard("allow"):
+            report = self._sampler.update_params(params, filter_types)
+        self.last_report = report
+        self.reports.append(report)
+        return report
+
+    def pad_id(self) -> int:
+        return self._sampler.tokenizer.pad_id()
+
+    def eos_id(self) -> int:
+        return self._sampler.tokenizer.eos_id()
+
+    def model(self) -> nnx.Module:
+        return self._sampler.transformer
+
+    def model_state(self) -> nnx.State:
+        return self._sampler.transformer_state
+
+    def shutdown(self) -> None:
+        self._sampler.shutdown()
