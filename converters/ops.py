@@ -86,6 +86,23 @@ class SplitAxis:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExpandDims:
+    """Insert a size-1 axis (sglang-jax LoRA buffers carry a leading adapter-slot axis)."""
+
+    axis: int
+    reason = "reshape"
+
+    def out_shape(self, shape: Shape, spec: ModelSpec) -> Shape:
+        return shape[: self.axis] + (1,) + shape[self.axis :]
+
+    def is_identity(self, shape: Shape, spec: ModelSpec) -> bool:
+        return False
+
+    def __call__(self, x, spec: ModelSpec):
+        return jnp.expand_dims(x, self.axis)
+
+
+@dataclasses.dataclass(frozen=True)
 class ReplicateKVHeads:
     """Grow the KV-head axis the way sglang-jax does when tp > num_kv_heads.
 

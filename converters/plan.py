@@ -88,7 +88,7 @@ def _transform(ops: tuple[ops_lib.Op, ...], spec: ModelSpec, dtype: Any, out_sha
     return jax.jit(fn, out_shardings=out_sharding)
 
 
-_RESHAPES = (ops_lib.MergeAxes, ops_lib.SplitAxis)
+_RESHAPES = (ops_lib.MergeAxes, ops_lib.SplitAxis, ops_lib.ExpandDims)
 
 
 def _single_cpu_device(sharding: Any):
@@ -239,6 +239,9 @@ def build_plan(
             continue
         rule, target = hit
         ei = index.get(target)
+        if ei is None and lora_wrapped(target) in index:
+            target = lora_wrapped(target)  # the engine serves this linear with a LoRA wrapper
+            ei = index[target]
         if ei is None:
             problems.append(
                 f"parameter {path} {shape} maps to engine leaf {target}, which this engine does not have"
@@ -294,8 +297,14 @@ def build_plan(
     return ConversionPlan(converter, spec, entries, engine_leaves, missing, len(paths))
 
 
+def lora_wrapped(path: str) -> str:
+    """``...q_proj.weight`` -> ``...q_proj.base_layer.weight`` (sglang-jax static LoRA layout)."""
+    head, _, leaf = path.rpartition(".")
+    return f"{head}.base_layer.{leaf}"
+
+
 def _source_for(converter: Converter, engine_path: str) -> str | None:
-    pattern, numbers = abstract_key(engine_path)
+    pattern, numbers = abstract_key(engine_path.replace(".base_layer.", "."))
     for rule in converter.rules:
         if rule.target == pattern:
             return rule.source.format(*numbers)
@@ -310,6 +319,8 @@ def _absent_hint(target: str, spec: ModelSpec) -> str:
         return f" (the engine's model has {spec.num_layers} layers)"
     if target.endswith(".bias"):
         return " (the engine's model has no attention biases: another architecture?)"
+    if target.endswith(("A_buffer", "B_buffer")):
+        return " (LoRA adapters need an engine started with static LoRA: enable_static_lora, lora_target_modules, max_lora_rank, lora_scaling)"
     if "_norm" in target and "self_attn" in target:
         return " (the engine's model has no q/k norms: another architecture?)"
     return ""

@@ -34,8 +34,11 @@ class Converter:
         return f"Converter({self.architecture!r}, {self.source_format!r}, {len(self.rules)} rules)"
 
     def lookup(self, path: str) -> tuple[LeafRule, str] | None:
-        """The rule for a source path and the engine path it feeds, or None."""
-        pattern, numbers = abstract_key(path)
+        """The rule for a source path and the engine path it feeds, or None.
+
+        A LoRA-wrapped engine path (``.base_layer.``) is looked up as the plain one.
+        """
+        pattern, numbers = abstract_key(path.replace(".base_layer.", "."))
         rule = self._by_source.get(pattern)
         if rule is None:
             return None
@@ -43,10 +46,10 @@ class Converter:
 
     def feeds(self, engine_path: str) -> bool:
         """Whether some rule of this table produces ``engine_path`` (a weight leaf)."""
-        return abstract_key(engine_path)[0] in self._targets
+        return abstract_key(engine_path.replace(".base_layer.", "."))[0] in self._targets
 
     def matched(self, paths: Sequence[str]) -> int:
-        return sum(1 for p in paths if abstract_key(p)[0] in self._by_source)
+        return sum(1 for p in paths if abstract_key(p.replace(".base_layer.", "."))[0] in self._by_source)
 
 
 _REGISTRY: dict[tuple[str, str], Converter] = {}
@@ -113,9 +116,9 @@ def detect_format(architecture: str, paths: Sequence[str]) -> str:
 
 
 for _arch, _table in (
-    ("LlamaForCausalLM", tables.LLAMA_TUNIX),
-    ("Qwen2ForCausalLM", tables.QWEN2_TUNIX),
-    ("Qwen3ForCausalLM", tables.QWEN3_TUNIX),
+    ("LlamaForCausalLM", tables.LLAMA_TUNIX + tables.TUNIX_LORA),
+    ("Qwen2ForCausalLM", tables.QWEN2_TUNIX + tables.TUNIX_LORA),
+    ("Qwen3ForCausalLM", tables.QWEN3_TUNIX + tables.TUNIX_LORA),
 ):
     register_converter(_arch, "tunix", _table)
     register_converter(_arch, "sglang", tables.engine_layout(_table))

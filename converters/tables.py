@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from converters.ops import MergeAxes, Op, ReplicateKVHeads, Transpose
+from converters.ops import ExpandDims, MergeAxes, Op, ReplicateKVHeads, Transpose
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,27 @@ TUNIX_QKV_BIAS: Table = (
 TUNIX_QK_NORM: Table = (
     LeafRule("layers.{}.attn.q_norm.w", f"{_L}.self_attn.q_norm.scale"),
     LeafRule("layers.{}.attn.k_norm.w", f"{_L}.self_attn.k_norm.scale"),
+)
+
+# LoRA adapters (qwix on Tunix models; scale alpha/rank is the engine's lora_scaling) into
+# sglang-jax static LoRA buffers: A (1, r, in), B (1, out, r). Tunix: a (in, r) / b (r, out),
+# attention b (r, N, H), o_proj a (N, H, r).
+_T = (Transpose((1, 0)), ExpandDims(0))
+TUNIX_LORA: Table = (
+    LeafRule("layers.{}.attn.q_proj.w_lora_a", f"{_L}.self_attn.q_proj.A_buffer", _T),
+    LeafRule("layers.{}.attn.q_proj.w_lora_b", f"{_L}.self_attn.q_proj.B_buffer", (MergeAxes(1, 3),) + _T),
+    LeafRule("layers.{}.attn.k_proj.w_lora_a", f"{_L}.self_attn.k_proj.A_buffer", _T),
+    LeafRule("layers.{}.attn.k_proj.w_lora_b", f"{_L}.self_attn.k_proj.B_buffer", (ReplicateKVHeads(1), MergeAxes(1, 3)) + _T),
+    LeafRule("layers.{}.attn.v_proj.w_lora_a", f"{_L}.self_attn.v_proj.A_buffer", _T),
+    LeafRule("layers.{}.attn.v_proj.w_lora_b", f"{_L}.self_attn.v_proj.B_buffer", (ReplicateKVHeads(1), MergeAxes(1, 3)) + _T),
+    LeafRule("layers.{}.attn.o_proj.w_lora_a", f"{_L}.self_attn.o_proj.A_buffer", (MergeAxes(0, 2),) + _T),
+    LeafRule("layers.{}.attn.o_proj.w_lora_b", f"{_L}.self_attn.o_proj.B_buffer", _T),
+    LeafRule("layers.{}.mlp.gate_proj.kernel_lora_a", f"{_L}.mlp.gate_proj.A_buffer", _T),
+    LeafRule("layers.{}.mlp.gate_proj.kernel_lora_b", f"{_L}.mlp.gate_proj.B_buffer", _T),
+    LeafRule("layers.{}.mlp.up_proj.kernel_lora_a", f"{_L}.mlp.up_proj.A_buffer", _T),
+    LeafRule("layers.{}.mlp.up_proj.kernel_lora_b", f"{_L}.mlp.up_proj.B_buffer", _T),
+    LeafRule("layers.{}.mlp.down_proj.kernel_lora_a", f"{_L}.mlp.down_proj.A_buffer", _T),
+    LeafRule("layers.{}.mlp.down_proj.kernel_lora_b", f"{_L}.mlp.down_proj.B_buffer", _T),
 )
 
 # Llama and Qwen3 take q/k/v biases when their HF config sets attention_bias.

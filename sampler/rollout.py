@@ -138,8 +138,12 @@ class SglangJaxRollout(base_rollout.BaseRollout):
 
     def update_params(self, params: Any, filter_types: Optional[Tuple[Any, ...]] = None) -> UpdateReport:
         # RLCluster guards host<->device transfers on CPU; an update moves data on purpose.
+        # With a LoRA actor RLCluster sends only the nnx.LoRAParam leaves: a partial update of
+        # the engine's LoRA buffers (the base weights were pushed once, at construction).
+        types = filter_types if isinstance(filter_types, (tuple, list)) else (filter_types,) if filter_types else ()
+        lora_only = bool(types) and all(isinstance(t, type) and issubclass(t, nnx.LoRAParam) for t in types)
         with jax.transfer_guard("allow"):
-            report = self._sampler.update_params(params, filter_types)
+            report = self._sampler.update_params(params, filter_types, strict=not lora_only)
         self.last_report = report
         self.reports.append(report)
         return report

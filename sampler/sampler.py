@@ -165,7 +165,8 @@ class SglangJaxSampler(base_sampler.BaseSampler):
 
     def fingerprint(self) -> str:
         """Content hash of the served weights (same as ``converters.fingerprint_params``)."""
-        weights = {p: x for p, x in self.engine_params().items() if self._is_weight(p)}
+        # LoRA-wrapped linears hash under their plain path, as a converted trainer state does
+        weights = {p.replace(".base_layer.", "."): x for p, x in self.engine_params().items() if self._is_weight(p)}
         return fingerprint_arrays(weights)
 
     def _is_weight(self, path: str) -> bool:

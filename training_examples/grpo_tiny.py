@@ -42,6 +42,20 @@ def digit_reward(prompts, completions, **kwargs) -> list[float]:
     return scores
 
 
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def apply_lora(model, rank: int, alpha: float):
+    """qwix LoRA adapters on every attention and MLP projection of a Tunix model."""
+    import qwix
+
+    provider = qwix.LoraProvider(module_path="|".join(f".*{m}" for m in LORA_MODULES), rank=rank, alpha=alpha)
+    ids = jnp.ones((1, 4), jnp.int32)
+    return qwix.apply_lora_to_model(
+        model, provider, ids, positions=jnp.arange(4)[None], cache=None, attention_mask=jnp.ones((1, 4, 4), bool)
+    )
+
+
 @dataclasses.dataclass
 class StepLog:
     step: int
@@ -54,7 +68,8 @@ class StepLog:
 
 def run(steps: int = 30, workdir: str = "runs/grpo_tiny", *, seed: int = 0, learning_rate: float = 3e-3,
         num_generations: int = 4, batch_size: int = 4, num_iterations: int = 1, plot: bool = True,
-        verbose: bool = True, rollout_cls=None, keep: dict | None = None) -> list[StepLog]:
+        verbose: bool = True, rollout_cls=None, keep: dict | None = None,
+        lora_rank: int | None = None, lora_alpha: float = 16.0) -> list[StepLog]:
     """Run the demo; returns one StepLog per GRPO step.
 
     ``keep``: if given, receives the live rollout, actor and rollout config, and the
@@ -77,6 +92,15 @@ def run(steps: int = 30, workdir: str = "runs/grpo_tiny", *, seed: int = 0, lear
     mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:1])
     with mesh:
         actor = load_tunix_model(model_dir, dtype=jnp.float32, mesh=mesh)
+    lora_fields = {}
+    if lora_rank:
+        actor = apply_lora(actor, lora_rank, lora_alpha)
+        lora_fields = dict(
+            rollout_sglang_jax_enable_static_lora=True,
+            rollout_sglang_jax_lora_target_modules=list(LORA_MODULES),
+            rollout_sglang_jax_max_lora_rank=lora_rank,
+            rollout_sglang_jax_lora_scaling=lora_alpha / lora_rank,
+        )
 
     rewards_per_step: list[float] = []
 
@@ -104,6 +128,7 @@ def run(steps: int = 30, workdir: str = "runs/grpo_tiny", *, seed: int = 0, lear
             rollout_sglang_jax_context_length=64,
             rollout_sglang_jax_max_running_requests=batch_size * num_generations,
             rollout_sglang_jax_log_level="error",
+            **lora_fields,
         ),
     )
     cluster = rl_cluster_lib.RLCluster(actor=actor, reference=None, tokenizer=tokenizer, cluster_config=cluster_config)
@@ -175,8 +200,9 @@ def main() -> None:
     ap.add_argument("--workdir", default="runs/grpo_tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--learning-rate", type=float, default=3e-3)
+    ap.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank")
     args = ap.parse_args()
-    run(args.steps, args.workdir, seed=args.seed, learning_rate=args.learning_rate)
+    run(args.steps, args.workdir, seed=args.seed, learning_rate=args.learning_rate, lora_rank=args.lora_rank)
 
 
 if __name__ == "__main__":
