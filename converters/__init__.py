@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from converters.checkpoint import CheckpointError, SafetensorsCheckpoint
 from converters.errors import (
     ConversionError,
     DeletedArrayError,
@@ -34,6 +35,8 @@ from converters.spec import ModelSpec
 from converters.tables import LeafRule
 
 __all__ = [
+    "CheckpointError",
+    "SafetensorsCheckpoint",
     "ConversionError",
     "ConversionPlan",
     "Converter",

@@ -304,7 +304,7 @@ def lora_wrapped(path: str) -> str:
 
 
 def _source_for(converter: Converter, engine_path: str) -> str | None:
-    pattern, numbers = abstract_key(engine_path.replace(".base_layer.", "."))
+    pattern, numbers = abstract_key(engine_path)
     for rule in converter.rules:
         if rule.target == pattern:
             return rule.source.format(*numbers)

@@ -10,10 +10,22 @@ from converters.errors import UnknownFormatError
 from converters.tables import LeafRule, Table
 
 _LAYER = re.compile(r"\.(\d+)(?=\.|$)")
+_LINEN_LAYER = re.compile(r"(?<![^.])layers_(\d+)(?=\.|$)")
+
+
+def canonical_key(path: str) -> str:
+    """Spellings that mean the same leaf: ``/`` separators, a leading ``params.``,
+    linen's ``layers_3``, sglang-jax's LoRA-wrapped ``.base_layer.``."""
+    path = path.replace("/", ".")
+    if path.startswith("params."):
+        path = path[len("params.") :]
+    path = _LINEN_LAYER.sub(r"layers.\1", path)
+    return path.replace(".base_layer.", ".")
 
 
 def abstract_key(path: str) -> tuple[str, tuple[str, ...]]:
     """``layers.3.attn.q_proj.w`` -> (``layers.{}.attn.q_proj.w``, ("3",))."""
+    path = canonical_key(path)
     numbers = tuple(_LAYER.findall(path))
     return _LAYER.sub(".{}", path), numbers
 
@@ -38,7 +50,7 @@ class Converter:
 
         A LoRA-wrapped engine path (``.base_layer.``) is looked up as the plain one.
         """
-        pattern, numbers = abstract_key(path.replace(".base_layer.", "."))
+        pattern, numbers = abstract_key(path)
         rule = self._by_source.get(pattern)
         if rule is None:
             return None
@@ -46,10 +58,10 @@ class Converter:
 
     def feeds(self, engine_path: str) -> bool:
         """Whether some rule of this table produces ``engine_path`` (a weight leaf)."""
-        return abstract_key(engine_path.replace(".base_layer.", "."))[0] in self._targets
+        return abstract_key(engine_path)[0] in self._targets
 
     def matched(self, paths: Sequence[str]) -> int:
-        return sum(1 for p in paths if abstract_key(p.replace(".base_layer.", "."))[0] in self._by_source)
+        return sum(1 for p in paths if abstract_key(p)[0] in self._by_source)
 
 
 _REGISTRY: dict[tuple[str, str], Converter] = {}
@@ -122,3 +134,11 @@ for _arch, _table in (
 ):
     register_converter(_arch, "tunix", _table)
     register_converter(_arch, "sglang", tables.engine_layout(_table))
+for _arch, _hf, _flax in (
+    ("LlamaForCausalLM", tables.HF_BASE + tables.HF_QKV_BIAS, tables.FLAX_BASE + tables.FLAX_QKV_BIAS),
+    ("Qwen2ForCausalLM", tables.HF_BASE + tables.HF_QKV_BIAS, tables.FLAX_BASE + tables.FLAX_QKV_BIAS),
+    ("Qwen3ForCausalLM", tables.HF_BASE + tables.HF_QKV_BIAS + tables.HF_QK_NORM,
+     tables.FLAX_BASE + tables.FLAX_QKV_BIAS + tables.FLAX_QK_NORM),
+):
+    register_converter(_arch, "hf", _hf)
+    register_converter(_arch, "flax", _flax)

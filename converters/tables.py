@@ -80,6 +80,63 @@ QWEN2_TUNIX: Table = TUNIX_BASE + TUNIX_QKV_BIAS
 QWEN3_TUNIX: Table = TUNIX_BASE + TUNIX_QKV_BIAS + TUNIX_QK_NORM
 
 
+# ---------------------------------------------------------------------- HF (torch layout)
+# Flat HF names as read from safetensors; linear weights (out, in).
+_TK = (Transpose((1, 0)), ReplicateKVHeads(1, merged=True))
+HF_BASE: Table = (
+    LeafRule("model.embed_tokens.weight", "model.embed_tokens.embedding"),
+    LeafRule("model.norm.weight", "model.norm.scale"),
+    LeafRule("lm_head.weight", "lm_head.embedding"),
+    LeafRule("model.layers.{}.input_layernorm.weight", f"{_L}.input_layernorm.scale"),
+    LeafRule("model.layers.{}.post_attention_layernorm.weight", f"{_L}.post_attention_layernorm.scale"),
+    LeafRule("model.layers.{}.self_attn.q_proj.weight", f"{_L}.self_attn.q_proj.weight", (Transpose((1, 0)),)),
+    LeafRule("model.layers.{}.self_attn.k_proj.weight", f"{_L}.self_attn.k_proj.weight", _TK),
+    LeafRule("model.layers.{}.self_attn.v_proj.weight", f"{_L}.self_attn.v_proj.weight", _TK),
+    LeafRule("model.layers.{}.self_attn.o_proj.weight", f"{_L}.self_attn.o_proj.weight", (Transpose((1, 0)),)),
+    LeafRule("model.layers.{}.mlp.gate_proj.weight", f"{_L}.mlp.gate_proj.weight", (Transpose((1, 0)),)),
+    LeafRule("model.layers.{}.mlp.up_proj.weight", f"{_L}.mlp.up_proj.weight", (Transpose((1, 0)),)),
+    LeafRule("model.layers.{}.mlp.down_proj.weight", f"{_L}.mlp.down_proj.weight", (Transpose((1, 0)),)),
+)
+HF_QKV_BIAS: Table = (
+    LeafRule("model.layers.{}.self_attn.q_proj.bias", f"{_L}.self_attn.q_proj.bias"),
+    LeafRule("model.layers.{}.self_attn.k_proj.bias", f"{_L}.self_attn.k_proj.bias", (ReplicateKVHeads(0, merged=True),)),
+    LeafRule("model.layers.{}.self_attn.v_proj.bias", f"{_L}.self_attn.v_proj.bias", (ReplicateKVHeads(0, merged=True),)),
+)
+HF_QK_NORM: Table = (
+    LeafRule("model.layers.{}.self_attn.q_norm.weight", f"{_L}.self_attn.q_norm.scale"),
+    LeafRule("model.layers.{}.self_attn.k_norm.weight", f"{_L}.self_attn.k_norm.scale"),
+)
+
+# ---------------------------------------------------------------------- Flax (linen)
+# Nested params of HF-Flax / linen ports: kernels (in, out) like the engine; RMSNorm
+# "weight"; embeddings "embedding". ``layers_<i>`` and a leading "params" are normalised
+# away by the registry before lookup.
+_K = (ReplicateKVHeads(1, merged=True),)
+FLAX_BASE: Table = (
+    LeafRule("model.embed_tokens.embedding", "model.embed_tokens.embedding"),
+    LeafRule("model.norm.weight", "model.norm.scale"),
+    LeafRule("lm_head.kernel", "lm_head.embedding", (Transpose((1, 0)),)),
+    LeafRule("model.layers.{}.input_layernorm.weight", f"{_L}.input_layernorm.scale"),
+    LeafRule("model.layers.{}.post_attention_layernorm.weight", f"{_L}.post_attention_layernorm.scale"),
+    LeafRule("model.layers.{}.self_attn.q_proj.kernel", f"{_L}.self_attn.q_proj.weight"),
+    LeafRule("model.layers.{}.self_attn.k_proj.kernel", f"{_L}.self_attn.k_proj.weight", _K),
+    LeafRule("model.layers.{}.self_attn.v_proj.kernel", f"{_L}.self_attn.v_proj.weight", _K),
+    LeafRule("model.layers.{}.self_attn.o_proj.kernel", f"{_L}.self_attn.o_proj.weight"),
+    LeafRule("model.layers.{}.mlp.gate_proj.kernel", f"{_L}.mlp.gate_proj.weight"),
+    LeafRule("model.layers.{}.mlp.up_proj.kernel", f"{_L}.mlp.up_proj.weight"),
+    LeafRule("model.layers.{}.mlp.down_proj.kernel", f"{_L}.mlp.down_proj.weight"),
+)
+FLAX_QKV_BIAS: Table = (
+    LeafRule("model.layers.{}.self_attn.q_proj.bias", f"{_L}.self_attn.q_proj.bias"),
+    LeafRule("model.layers.{}.self_attn.k_proj.bias", f"{_L}.self_attn.k_proj.bias", (ReplicateKVHeads(0, merged=True),)),
+    LeafRule("model.layers.{}.self_attn.v_proj.bias", f"{_L}.self_attn.v_proj.bias", (ReplicateKVHeads(0, merged=True),)),
+)
+FLAX_QK_NORM: Table = (
+    LeafRule("model.layers.{}.self_attn.q_norm.weight", f"{_L}.self_attn.q_norm.scale"),
+    LeafRule("model.layers.{}.self_attn.k_norm.weight", f"{_L}.self_attn.k_norm.scale"),
+)
+
+
 def engine_layout(table: Table) -> Table:
     """The ``"sglang"`` format of an architecture: engine paths mapped to themselves."""
     return tuple(LeafRule(rule.target, rule.target) for rule in table)

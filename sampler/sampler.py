@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import threading
 import time
 from typing import Any, Sequence
@@ -24,6 +25,7 @@ from converters import (
     fingerprint as fingerprint_arrays,
     get_converter,
 )
+from converters.checkpoint import SafetensorsCheckpoint
 from converters.errors import DeletedArrayError
 from converters.source import as_param_tree, key_paths, leaf_signature
 from sampler.config import SamplerConfig
@@ -207,17 +209,42 @@ class SglangJaxSampler(base_sampler.BaseSampler):
     ) -> UpdateReport:
         """Serve ``updated_weights`` from the next request on.
 
-        ``updated_weights``: an nnx.State, an nnx.Module or a mapping of arrays in a
-        registered source format (detected from the paths unless ``source_format``).
-        Everything is validated before the engine is touched; a bad tree raises a
-        ValueError naming the offending paths and the engine keeps its weights.
-        ``strict=False`` allows updating a subset of the engine's weight leaves.
+        ``updated_weights``: an nnx.State, an nnx.Module, a Flax params tree or TrainState,
+        or a mapping of arrays in a registered source format (detected from the paths
+        unless ``source_format``). Everything is validated before the engine is touched; a
+        bad tree raises a ValueError naming the offending paths and the engine keeps its
+        weights. ``strict=False`` allows updating a subset of the engine's weight leaves.
         """
         t0 = time.perf_counter()
         tree = as_param_tree(updated_weights, filter_types)
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         plan, reused = self._plan(tree, leaves, treedef, source_format, strict)
         plan.check_live(leaves)
+        return self._swap(plan, leaves, t0, reused, track_peak_memory)
+
+    def load_checkpoint(
+        self, path_or_weights: Any, *, strict: bool = True, track_peak_memory: bool = False
+    ) -> UpdateReport:
+        """Load an HF safetensors directory (one file, or shards with an index), or an
+        in-memory tree (as ``update_params``).
+
+        Tensors are read from disk one at a time, converted and put on the engine's
+        shardings, so host memory stays near one tensor. A checkpoint of another
+        architecture, or with a missing or misshapen tensor, raises a ValueError before
+        the engine is touched (``converters.CheckpointError`` if the files are unreadable).
+        """
+        if not (isinstance(path_or_weights, (str, bytes)) or hasattr(path_or_weights, "__fspath__")):
+            return self.update_params(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
+        t0 = time.perf_counter()
+        ckpt = SafetensorsCheckpoint(os.fsdecode(path_or_weights))
+        fmt = detect_format(self.architecture, ckpt.names)
+        plan = build_plan(
+            get_converter(self.architecture, fmt), self.spec, ckpt.names, ckpt.signatures(),
+            self._weights.leaves(), strict=strict, allow_views=False,
+        )
+        return self._swap(plan, ckpt.leaves(), t0, False, track_peak_memory)
+
+    def _swap(self, plan: ConversionPlan, leaves: Sequence[Any], t0: float, reused: bool, track_peak_memory: bool) -> UpdateReport:
         track = self.config.track_memory or track_peak_memory
         before = live_device_bytes() if track else None
         peak = [before or 0]
@@ -250,12 +277,6 @@ class SglangJaxSampler(base_sampler.BaseSampler):
             untouched=list(plan.missing),
             plan_reused=reused,
         )
-
-    def load_checkpoint(self, path_or_weights: Any) -> UpdateReport:
-        """Tunix's sampler API: an in-memory tree goes through ``update_params``."""
-        if isinstance(path_or_weights, (str, bytes)) or hasattr(path_or_weights, "__fspath__"):
-            raise NotImplementedError("loading a checkpoint directory is not supported yet; pass a tree")
-        return self.update_params(path_or_weights)
 
     def verify_sharing(self, updated_weights: Any, filter_types: Any = None, *, source_format: str | None = None) -> SharingReport:
         """Whether each engine leaf holds the very same device buffers as its source."""

@@ -18,11 +18,20 @@ CASES = {
     "qwen3-untied": ("Qwen3ForCausalLM", dict(tie_word_embeddings=False)),
 }
 
+# Cases for tensor-parallel engines. sglang-jax's own loader (the oracle) pads KV heads on
+# the wrong axis when hidden_size == num_kv_heads * head_dim, so these avoid that equality.
+TP_CASES = {
+    "llama-tp": ("LlamaForCausalLM", dict(tie_word_embeddings=False, hidden_size=256)),
+    "qwen2.5-tp": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True, hidden_size=256, num_heads=2)),
+    "qwen3-tp": ("Qwen3ForCausalLM", dict(tie_word_embeddings=True, hidden_size=256)),
+    "qwen3-4h": ("Qwen3ForCausalLM", dict(tie_word_embeddings=False, hidden_size=384, num_heads=4, num_kv_heads=2)),
+}
+
 PROMPTS = ["1+1=", "hello world the quick", "Q: what is 3+4? A:"]
 
 
 def write_case(path: Path, case: str, *, seed: int = 0, **extra) -> Path:
-    arch, overrides = CASES[case]
+    arch, overrides = {**CASES, **TP_CASES}[case]
     return write_tiny_model(path, arch, seed=seed, **{**overrides, **extra})
 
 
@@ -104,10 +113,14 @@ class SamplerPool:
     def __init__(self):
         self._samplers = {}
 
+    @staticmethod
+    def _key(model_path, load_format, config):
+        return (str(model_path), load_format, repr(sorted(config.items())))
+
     def get(self, model_path, *, load_format: str = "dummy", **config):
         from sampler import SamplerConfig, SglangJaxSampler
 
-        key = (str(model_path), load_format, tuple(sorted(config.items())))
+        key = self._key(model_path, load_format, config)
         if key not in self._samplers:
             cfg = SamplerConfig(
                 model_path=str(model_path),
@@ -120,8 +133,7 @@ class SamplerPool:
         return self._samplers[key]
 
     def drop(self, model_path, *, load_format: str = "dummy", **config):
-        key = (str(model_path), load_format, tuple(sorted(config.items())))
-        s = self._samplers.pop(key, None)
+        s = self._samplers.pop(self._key(model_path, load_format, config), None)
         if s is not None:
             s.shutdown()
 
@@ -134,3 +146,35 @@ class SamplerPool:
 def greedy(sampler, prompts=PROMPTS, steps: int = 8):
     out = sampler(prompts, max_generation_steps=steps, temperature=0.0)
     return [t.tolist() for t in out.tokens], out
+
+
+def hf_tensors(model_path) -> dict[str, np.ndarray]:
+    """The HF checkpoint's tensors, torch layout, as numpy arrays."""
+    from safetensors.numpy import load_file
+
+    out = {}
+    for f in sorted(Path(model_path).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def flax_params(hf: dict[str, np.ndarray], *, linen_layers: bool = False, wrap: bool = True) -> dict:
+    """A Flax (linen) params tree from HF tensors, as a torch->flax port makes it: linear
+    weights become (in, out) ``kernel``, norms keep ``weight``, the embedding is
+    ``embedding``; ``linen_layers`` names blocks ``layers_<i>`` instead of ``layers/<i>``."""
+    tree: dict = {}
+    for name, w in hf.items():
+        parts = name.split(".")
+        leaf = parts[-1]
+        if leaf == "weight" and w.ndim == 2 and "embed_tokens" not in name:
+            parts[-1], w = "kernel", w.T
+        elif "embed_tokens" in name:
+            parts[-1] = "embedding"
+        if linen_layers and "layers" in parts:
+            i = parts.index("layers")
+            parts[i : i + 2] = [f"layers_{parts[i + 1]}"]
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = np.ascontiguousarray(w)
+    return {"params": tree} if wrap else tree

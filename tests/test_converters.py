@@ -51,6 +51,28 @@ def test_sglang_format_is_identity(case, case_data):
     helpers.assert_same_bits({k: np.asarray(v) for k, v in converted.items()}, oracle)
 
 
+@pytest.mark.parametrize("case", ALL_CASES)
+@pytest.mark.parametrize("fmt", ["hf", "flax", "flax-linen", "flax-trainstate"])
+def test_hf_and_flax_formats_match_upstream_loader_table(case, fmt, case_data):
+    path, spec, _, oracle = case_data(case)
+    hf = helpers.hf_tensors(path)
+    if fmt == "hf":
+        source = hf
+    elif fmt == "flax":
+        source = helpers.flax_params(hf)
+    elif fmt == "flax-linen":
+        source = helpers.flax_params(hf, linen_layers=True, wrap=False)
+    else:
+        import optax
+        from flax.training import train_state
+
+        source = train_state.TrainState.create(apply_fn=None, params=helpers.flax_params(hf)["params"], tx=optax.adam(1e-3))
+    tree = converters.as_param_tree(source)
+    assert converters.detect_format(spec.architecture, converters.key_paths(tree)) == fmt.split("-")[0]
+    converted = converters.to_engine_layout(source, spec)
+    helpers.assert_same_bits({k: np.asarray(v) for k, v in converted.items()}, oracle)
+
+
 @pytest.mark.parametrize("case", ["llama-untied", "qwen2.5", "qwen3-tied"])
 @pytest.mark.parametrize("tp", [2, 4])
 def test_kv_head_replication_matches_upstream(case, tp, case_data):
@@ -59,6 +81,8 @@ def test_kv_head_replication_matches_upstream(case, tp, case_data):
     oracle = helpers.upstream_engine_leaves(path, tp=tp)
     converted = converters.to_engine_layout(state, spec.with_tp(tp))
     helpers.assert_same_bits({k: np.asarray(v) for k, v in converted.items()}, oracle)
+    from_hf = converters.to_engine_layout(helpers.hf_tensors(path), spec.with_tp(tp))
+    helpers.assert_same_bits({k: np.asarray(v) for k, v in from_hf.items()}, oracle)
     k = converted["model.layers.0.self_attn.k_proj.weight"]
     assert k.shape[1] == tp * spec.head_dim  # one head per device
 
