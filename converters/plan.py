@@ -163,7 +163,9 @@ class ConversionPlan:
         if entry.aliased:
             return x if x.sharding == sharding else jax.device_put(x, sharding)
         if not entry.ops and np.dtype(x.dtype) == np.dtype(target.dtype):
-            return jax.device_put(x, sharding)  # reshard or host -> device: one copy
+            # Reshard or host -> device: one copy. (Not written into the donated old leaf: on
+            # CPU that turns into an in-process all-to-all that can deadlock.)
+            return jax.device_put(x, sharding)
         if not isinstance(x, jax.Array):
             x = jax.device_put(np.asarray(x), min(sharding.device_set, key=lambda d: d.id) if sharding is not None else None)
         dtype = np.dtype(target.dtype)

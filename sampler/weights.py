@@ -120,6 +120,10 @@ class EngineWeights:
                 new = plan.materialize(entry, leaves[entry.source_index], reuse=reuse)
             else:
                 new = aliases.pop(i)
+            if "reshard" in entry.reasons and len(new.sharding.device_set) > 1:
+                # One resharding computation at a time: bounded memory, and XLA's CPU
+                # collectives can deadlock when several run at once.
+                new.block_until_ready()
             if on_leaf is not None:
                 on_leaf(i, new)  # new and (unless donated) old both alive: the peak for this leaf
             self._setters[i](new)
