@@ -77,7 +77,9 @@ def hf_config(
         pad_token_id=pad_token_id,
         bos_token_id=None,
         rms_norm_eps=1e-6,
-        rope_theta=10000.0,
+        # Tunix 0.1.7's Qwen3 and Llama3 attention ignore config.rope_theta and use 1e6; the
+        # tiny models use that value so trainer and engine compute the same function.
+        rope_theta=1_000_000.0,
     )
     if architecture == "LlamaForCausalLM":
         cfg = transformers.LlamaConfig(head_dim=head_dim, **common)

@@ -67,6 +67,9 @@ def load_tunix_model(
 ):
     """A Tunix model with the weights of ``model_path``, via Tunix's own safetensors loader."""
     hf = read_hf_config(model_path)
+    from sampler import compat
+
+    compat.warn_tunix_rope_theta(hf["architectures"][0], hf.get("rope_theta", 10000))
     _, params_lib = _modules(hf["architectures"][0])
     config = tunix_model_config(model_path, **config_overrides)
     return params_lib.create_model_from_safe_tensors(str(model_path), config, mesh=mesh, dtype=dtype)

@@ -117,3 +117,20 @@ def test_zmq_linger_workaround(model_dir, engines):
     tm = sampler.engine.tokenizer_manager
     sockets = [v for v in vars(tm).values() if isinstance(v, zmq.Socket)]
     assert sockets and all(s.getsockopt(zmq.LINGER) == 0 for s in sockets)
+
+
+def test_tunix_rope_theta_still_ignored(model_dir):
+    """Tunix 0.1.7 models compute the same outputs whatever config.rope_theta says."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sampler.tunix_models import load_tunix_model
+
+    path = model_dir("qwen3-tied")
+    ids = jnp.asarray([[5, 6, 7, 8, 9, 10]])
+    pos = jnp.arange(6)[None]
+    mask = jnp.tril(jnp.ones((6, 6), bool))[None]
+    outs = [load_tunix_model(path, rope_theta=theta)(ids, pos, None, mask)[0] for theta in (10_000, 1_000_000)]
+    assert jnp.array_equal(outs[0], outs[1]), "Tunix honours rope_theta now: drop warn_tunix_rope_theta"
+    assert compat.warn_tunix_rope_theta("Qwen3ForCausalLM", 10_000)
+    assert not compat.warn_tunix_rope_theta("Qwen3ForCausalLM", 1_000_000.0)
