@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -204,11 +204,6 @@ class ConversionPlan:
         shardings = [self.engine_leaves[e.engine_index].sharding for e in entries]
         out.update(zip((e.engine_index for e in entries), jax.device_put(xs, shardings)))
         return out
-
-    def convert(self, leaves: Sequence[Any]) -> Iterator[tuple[PlanEntry, jax.Array]]:
-        """Engine leaves one at a time (so a caller can swap each in before the next)."""
-        for entry in self.entries:
-            yield entry, self.materialize(entry, leaves[entry.source_index])
 
 
 def build_plan(
