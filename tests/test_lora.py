@@ -80,9 +80,11 @@ def test_lora_only_updates_follow_the_trainer(model_dir, engines):
             plain.update_params(merged_params(actor))
             lora_engine = np.asarray(rollout.get_per_token_logps(prompts, completions))
             merged_engine = plain.score_completions(prompts, completions)
-            assert np.abs(lora_engine - before)[mask].mean() > 0.3  # the adapters changed the output
-            # engine-side LoRA == merged weights, up to bf16 rounding of the separate LoRA matmuls
-            assert np.abs(lora_engine - merged_engine)[mask].mean() < 0.05
+            changed = np.abs(lora_engine - before)[mask].mean()
+            mismatch = np.abs(lora_engine - merged_engine)[mask].mean()
+            # engine-side LoRA == merged weights, up to bf16 rounding of the separate LoRA
+            # matmuls, while the adapters themselves moved the output much more than that
+            assert mismatch < 0.05 and changed > max(0.1, 4 * mismatch), (changed, mismatch)
             np.testing.assert_allclose(lora_engine[mask], merged_engine[mask], atol=0.25)
     finally:
         rollout.shutdown()
