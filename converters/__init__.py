@@ -19,7 +19,7 @@ from converters.errors import (
     ParamsMismatchError,
     UnknownFormatError,
 )
-from converters.fingerprint import fingerprint, leaf_digest
+from converters.fingerprint import fingerprint
 from converters.ops import MergeAxes, ReplicateKVHeads, SplitAxis, Transpose
 from converters.plan import ConversionPlan, EngineLeaf, PlanEntry, build_plan, convert_params
 from converters.registry import (

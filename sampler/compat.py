@@ -248,9 +248,6 @@ class _StopOnArithmetic(float):
     def __floordiv__(self, other):
         _raise_stop()
 
-    def __radd__(self, other):
-        return float("inf")
-
 
 def quiet_idle_scheduler(scheduler: Any, *, poll_ms: int = 20) -> threading.Event:
     """Make the scheduler wait on its sockets instead of spinning while it has no work.

@@ -7,7 +7,6 @@ the engine options come from Tunix's own ``rollout_sglang_jax_*`` fields.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional, Tuple
 
 import jax
@@ -19,8 +18,6 @@ from tunix.rl.rollout import base_rollout
 from sampler.config import SamplerConfig
 from sampler.reports import UpdateReport
 from sampler.sampler import SglangJaxSampler
-
-logger = logging.getLogger(__name__)
 
 
 def sampler_config_from_rollout(rollout_config: base_rollout.RolloutConfig, mesh: jax.sharding.Mesh | None) -> SamplerConfig:
@@ -89,7 +86,6 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         actor = rollout_actor if rollout_actor is not None else model
         if rollout_config is None:
             raise TypeError("SglangJaxRollout needs rollout_config=RolloutConfig(...)")
-        self._rollout_config = rollout_config
         config = sampler_config or sampler_config_from_rollout(rollout_config, mesh)
         self._sampler = SglangJaxSampler(tokenizer=tokenizer, config=config)
         self.last_report: UpdateReport | None = None

@@ -27,6 +27,7 @@ from converters import (
 )
 from converters.checkpoint import SafetensorsCheckpoint
 from converters.errors import DeletedArrayError
+from converters.registry import canonical_key
 from converters.source import as_param_tree, key_paths, leaf_signature
 from sampler.config import SamplerConfig
 from sampler.engine import EngineHandle, read_hf_config
@@ -168,7 +169,7 @@ class SglangJaxSampler(base_sampler.BaseSampler):
     def fingerprint(self) -> str:
         """Content hash of the served weights (same as ``converters.fingerprint_params``)."""
         # LoRA-wrapped linears hash under their plain path, as a converted trainer state does
-        weights = {p.replace(".base_layer.", "."): x for p, x in self.engine_params().items() if self._is_weight(p)}
+        weights = {canonical_key(p): x for p, x in self.engine_params().items() if self._is_weight(p)}
         return fingerprint_arrays(weights)
 
     def _is_weight(self, path: str) -> bool:

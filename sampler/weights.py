@@ -80,11 +80,10 @@ class EngineWeights:
                 raise RuntimeError(f"engine leaf {path} is not the model's own Variable value")
         self.variables: list[nnx.Variable] = variables
         self._setters = [_value_setter(v) for v in variables]
-        self.index = {p: i for i, p in enumerate(self.paths)}
         #: Whether the engine alone holds each leaf's buffer (loaded, or converted by a
         #: swap) and may donate it; False for leaves aliasing a trainer's buffers.
         self.owned: list[bool] = [True] * len(leaves)
-        #: True while a swap is under way or after one failed midway.
+        #: True while a swap is under way, and after one failed midway until a full update.
         self.broken = False
 
     @property
@@ -111,7 +110,7 @@ class EngineWeights:
         self._runner.model_state_leaves = work
         written = []
         aliases = plan.materialize_aliases(leaves)
-        self.broken = True  # until every leaf is in place
+        was_broken, self.broken = self.broken, True  # until every leaf is in place
         for entry in plan.entries:
             i = entry.engine_index
             copies = not entry.aliased
@@ -131,7 +130,8 @@ class EngineWeights:
             self.owned[i] = copies
             written.append(new)
         self._runner.model_state_leaves = list(work)
-        self.broken = False
+        # A partial update cannot repair what an earlier failed swap left half-replaced.
+        self.broken = was_broken and bool(plan.missing)
         return written
 
 

@@ -85,7 +85,6 @@ def upstream_engine_leaves(model_path, hf_weights: dict | None = None, *, tp: in
         for f in sorted(Path(model_path).glob("*.safetensors")):
             hf_weights.update(load_file(str(f)))
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     out = {}
     for key, m in upstream_mappings(model_path).items():
         if key not in hf_weights:

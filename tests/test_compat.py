@@ -122,7 +122,6 @@ def test_zmq_linger_workaround(model_dir, engines):
 def test_tunix_rope_theta_still_ignored(model_dir):
     """Tunix 0.1.7 models compute the same outputs whatever config.rope_theta says."""
     import jax.numpy as jnp
-    from flax import nnx
 
     from sampler.tunix_models import load_tunix_model
 

@@ -1,7 +1,6 @@
 """GRPO through Tunix's RLCluster with SglangJaxRollout: no stale weights after any sync,
 engine logprobs agree with the trainer's, num_iterations > 1, and the demo's reward rises."""
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx

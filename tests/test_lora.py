@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import converters
-from sampler import SamplerConfig, SglangJaxRollout
+from sampler import SglangJaxRollout
 from sampler.tunix_models import load_tunix_model
 from tests import helpers
 from training_examples import grpo_tiny

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import converters
 from converters import CheckpointError, ParamsMismatchError
 from sampler.tiny_model import write_weights
 from sampler.tunix_models import load_tunix_model

@@ -200,3 +200,32 @@ def test_sampler_output_follows_tunix_conventions(setup):
     assert s1.padded_prompt_tokens[0].tolist() == s1.padded_prompt_tokens[1].tolist()
     echoed = sampler(prompts[:1], max_generation_steps=4, echo=True)
     assert echoed.tokens[0][: len(sampler.tokenize(prompts[0]))].tolist() == sampler.tokenize(prompts[0])
+
+
+def test_swap_failing_midway_blocks_generation_until_a_full_push(setup, monkeypatch):
+    """A device error halfway through a swap (injected: it cannot be caused on demand)
+    leaves old and new leaves mixed; the sampler refuses to generate until a full push."""
+    sampler, _, state_a, state_b, refs = setup
+    sampler.update_params(state_a)
+    plan = sampler.plan_for(state_b)
+    calls = {"n": 0}
+    original = type(plan).materialize
+
+    def failing(self, entry, x, reuse=None):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("injected device failure")
+        return original(self, entry, x, reuse)
+
+    monkeypatch.setattr(type(plan), "materialize", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        sampler.update_params(state_b)
+    monkeypatch.setattr(type(plan), "materialize", original)
+    with pytest.raises(RuntimeError, match="failed midway"):
+        helpers.greedy(sampler)
+    layout = _engine_layout(sampler, state_a)
+    sampler.update_params({k: v for k, v in layout.items() if ".layers.0." in k}, strict=False)
+    with pytest.raises(RuntimeError, match="failed midway"):  # a partial push does not repair it
+        helpers.greedy(sampler)
+    sampler.update_params(state_a)
+    assert helpers.greedy(sampler)[0] == refs["a"]

@@ -76,7 +76,6 @@ def run(steps: int = 30, workdir: str = "runs/grpo_tiny", *, seed: int = 0, lear
     rollout is left running (the caller shuts it down).
     """
     import grain.python as grain
-    from flax import nnx
     from transformers import AutoTokenizer
     from tunix.rl import rl_cluster as rl_cluster_lib
     from tunix.rl.grpo import grpo_learner
