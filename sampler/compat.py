@@ -136,6 +136,28 @@ def patch_zmq_linger() -> bool:
     return True
 
 
+#: Interval (tokens) of upstream's forced intermediate outputs of non-streamed requests.
+UPSTREAM_FORCE_STREAM_INTERVAL = 50
+
+
+def patch_non_stream_chunks() -> bool:
+    """Send a non-streamed request's output once, when it finishes (idempotent).
+
+    sglang-jax 0.1.0rc0 sends every non-streamed request an intermediate output each
+    50 tokens (``DEFAULT_FORCE_STREAM_INTERVAL``), and the tokenizer manager then adds
+    earlier tokens again: 120 generated tokens come back as 270 ``output_ids`` and 270
+    ``output_token_logprobs`` (50 + 100 + 120). Raising the interval beyond any
+    generation length leaves one, correct, final output. Returns True when applied now.
+    """
+    import importlib
+
+    module = importlib.import_module("sgl_jax.srt.managers.scheduler_output_processor_mixin")
+    if module.DEFAULT_FORCE_STREAM_INTERVAL != UPSTREAM_FORCE_STREAM_INTERVAL:
+        return False
+    module.DEFAULT_FORCE_STREAM_INTERVAL = 1 << 40
+    return True
+
+
 # endpoint -> zmq contexts whose sockets use it (recorded by the patched get_zmq_socket)
 _contexts_by_endpoint: dict[str, list] = {}
 _contexts_lock = threading.Lock()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Coroutine, TypeVar
 
@@ -77,6 +79,51 @@ def engine_kwargs(config: SamplerConfig) -> dict[str, Any]:
     return kwargs
 
 
+class UpdateTimeoutError(TimeoutError):
+    """Requests kept running past the time allowed for them to finish before a weight swap."""
+
+
+class SchedulerPark:
+    """Stops the scheduler thread between two iterations, where no forward pass runs.
+
+    Wraps the scheduler's ``recv_requests`` (called once at the top of every loop
+    iteration): while a park is requested the thread waits there, so the caller may
+    replace the weights and flush the prefix cache from its own thread.
+    """
+
+    def __init__(self, scheduler: Any):
+        self._cond = threading.Condition()
+        self._wanted = False
+        self._parked = False
+        inner = scheduler.recv_requests
+
+        def recv_requests() -> list:
+            with self._cond:
+                if self._wanted:
+                    self._parked = True
+                    self._cond.notify_all()
+                    self._cond.wait_for(lambda: not self._wanted)
+                    self._parked = False
+            return inner()
+
+        scheduler.recv_requests = recv_requests
+
+    def park(self, timeout: float) -> bool:
+        """Ask the scheduler to stop and wait until it has; False (and no park) on timeout."""
+        with self._cond:
+            self._wanted = True
+            if self._cond.wait_for(lambda: self._parked, timeout):
+                return True
+            self._wanted = False
+            self._cond.notify_all()
+            return False
+
+    def release(self) -> None:
+        with self._cond:
+            self._wanted = False
+            self._cond.notify_all()
+
+
 class EngineHandle:
     """An in-process Engine plus what is needed to drive it from any thread and stop it."""
 
@@ -98,6 +145,7 @@ class EngineHandle:
         if kwargs.get("attention_backend") == "native":
             compat.patch_merge_kv_sharding()
         compat.patch_zmq_linger()
+        compat.patch_non_stream_chunks()
         self.kwargs = kwargs
         saved = compat.save_signal_handlers()
         before = set(threading.enumerate())
@@ -112,6 +160,7 @@ class EngineHandle:
         self.scheduler = self.engine.scheduler_info["scheduler"]
         self.model_runner = self.scheduler.tp_worker.worker.model_runner
         self._scheduler_stop = compat.quiet_idle_scheduler(self.scheduler)
+        self._park = SchedulerPark(self.scheduler)
         self.loop: asyncio.AbstractEventLoop = self.engine.loop
         self.closed = False
 
@@ -131,6 +180,48 @@ class EngineHandle:
             future.cancel()
             raise
 
+    @contextlib.contextmanager
+    def quiesced(self, timeout: float):
+        """Run the body while no request runs in the engine, whoever sent it.
+
+        New requests (this process's callers, the HTTP server, anyone using the engine's
+        tokenizer manager) wait at the tokenizer manager (upstream's pause flag); requests
+        already in flight finish; then the scheduler thread is parked between iterations.
+        Raises UpdateTimeoutError, with nothing changed, if requests are still running after
+        ``timeout`` seconds.
+        """
+        tm = self.engine.tokenizer_manager
+        deadline = time.monotonic() + timeout
+        self.run(_set_paused(tm, True), timeout=60)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.run(_wait_no_requests(tm, left), timeout=left + 60):
+                    raise UpdateTimeoutError(
+                        f"{len(tm.rid_to_state)} requests were still running after {timeout:.0f} s; "
+                        "the weights were not changed"
+                    )
+                if not self._park.park(max(deadline - time.monotonic(), 0.1)):
+                    continue
+                # Parked: a request sent between the check and the park is still in
+                # rid_to_state (the tokenizer records it as it sends it).
+                if not tm.rid_to_state and self.scheduler.is_fully_idle():
+                    break
+                self._park.release()
+                time.sleep(0.002)
+            try:
+                yield
+            finally:
+                self._park.release()
+        finally:
+            self.run(_set_paused(tm, False), timeout=60)
+
+    def flush_cache_parked(self) -> None:
+        """Drop the prefix cache; only inside ``quiesced`` (the scheduler thread is parked)."""
+        ok, message, _ = self.scheduler.flush_cache()
+        if not ok:
+            raise RuntimeError(f"sglang-jax refused to flush its prefix cache: {message}")
+
     def flush_cache(self) -> None:
         out = self.run(self.engine.tokenizer_manager.flush_cache(), timeout=60)
         if not getattr(out, "success", True):
@@ -144,3 +235,18 @@ class EngineHandle:
         alive = compat.stop_engine_threads(self.engine, self.threads, self._scheduler_stop)
         if alive:
             logger.warning("engine threads still running after shutdown: %s", alive)
+
+
+async def _set_paused(tm: Any, paused: bool) -> None:
+    async with tm.is_pause_cond:
+        tm.is_pause = paused
+        tm.is_pause_cond.notify_all()
+
+
+async def _wait_no_requests(tm: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while tm.rid_to_state:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.002)
+    return True

@@ -26,19 +26,15 @@ from converters import (
     get_converter,
 )
 from converters.checkpoint import SafetensorsCheckpoint
-from converters.errors import DeletedArrayError
+from converters.errors import DeletedArrayError, ParamsMismatchError
 from converters.registry import canonical_key
 from converters.source import as_param_tree, key_paths, leaf_signature
 from sampler.config import SamplerConfig
-from sampler.engine import EngineHandle, read_hf_config
+from sampler.engine import EngineHandle, UpdateTimeoutError, read_hf_config
 from sampler.reports import SharingReport, UpdateReport
 from sampler.weights import EngineWeights, buffer_pointers, live_device_bytes
 
 logger = logging.getLogger(__name__)
-
-
-class UpdateTimeoutError(TimeoutError):
-    """In-flight generation did not finish within ``SamplerConfig.update_timeout_s``."""
 
 
 @dataclasses.dataclass
@@ -110,6 +106,11 @@ class SglangJaxSampler(base_sampler.BaseSampler):
     def __init__(self, tokenizer: Any = None, config: SamplerConfig | None = None):
         if config is None:
             raise TypeError("SglangJaxSampler needs config=SamplerConfig(model_path=...)")
+        if config.data_parallel_size != 1:
+            raise ValueError(
+                f"data_parallel_size={config.data_parallel_size}: build it with sampler.create_sampler(config) "
+                "or DataParallelSampler (one SglangJaxSampler is one engine)"
+            )
         self.config = config
         hf = read_hf_config(config.model_path)
         if tokenizer is None:
@@ -145,6 +146,11 @@ class SglangJaxSampler(base_sampler.BaseSampler):
         return self._handle.mesh
 
     @property
+    def event_loop(self):
+        """The engine's asyncio loop (runs in its own thread; the tokenizer manager lives there)."""
+        return self._handle.loop
+
+    @property
     def transformer(self) -> nnx.Module:
         """The engine's own nnx model (its Variables hold the served weights)."""
         return self._handle.model_runner.model
@@ -174,6 +180,10 @@ class SglangJaxSampler(base_sampler.BaseSampler):
 
     def _is_weight(self, path: str) -> bool:
         return get_converter(self.architecture, "sglang").feeds(path)
+
+    def weight_paths(self) -> list[str]:
+        """Engine paths of the model weights (not rotary caches or other buffers), sorted."""
+        return sorted(p for p in self._weights.paths if self._is_weight(p))
 
     def plan_for(
         self, updated_weights: Any, filter_types: Any = None, *, source_format: str | None = None, strict: bool = True
@@ -237,13 +247,28 @@ class SglangJaxSampler(base_sampler.BaseSampler):
         if not (isinstance(path_or_weights, (str, bytes)) or hasattr(path_or_weights, "__fspath__")):
             return self.update_params(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
         t0 = time.perf_counter()
-        ckpt = SafetensorsCheckpoint(os.fsdecode(path_or_weights))
+        ckpt, plan = self.check_checkpoint(path_or_weights, strict=strict)
+        return self._swap(plan, ckpt.leaves(), t0, False, track_peak_memory)
+
+    def check_checkpoint(self, path: Any, *, strict: bool = True) -> tuple[SafetensorsCheckpoint, ConversionPlan]:
+        """Validate a safetensors directory against the engine (reads only the headers):
+        raises as ``load_checkpoint`` would, without touching the engine."""
+        path = os.fsdecode(path)
+        config_file = os.path.join(path, "config.json")
+        if os.path.isfile(config_file):  # name the architecture mismatch, not its symptoms
+            archs = read_hf_config(path).get("architectures") or []
+            if archs and self.architecture not in archs:
+                raise ParamsMismatchError(
+                    [f"checkpoint {path!r} is a {archs[0]}, but this engine serves {self.architecture}"],
+                    header="the checkpoint does not fit the engine",
+                )
+        ckpt = SafetensorsCheckpoint(path)
         fmt = detect_format(self.architecture, ckpt.names)
         plan = build_plan(
             get_converter(self.architecture, fmt), self.spec, ckpt.names, ckpt.signatures(),
             self._weights.leaves(), strict=strict, allow_views=False,
         )
-        return self._swap(plan, ckpt.leaves(), t0, False, track_peak_memory)
+        return ckpt, plan
 
     def _swap(self, plan: ConversionPlan, leaves: Sequence[Any], t0: float, reused: bool, track_peak_memory: bool) -> UpdateReport:
         track = self.config.track_memory or track_peak_memory
@@ -254,10 +279,11 @@ class SglangJaxSampler(base_sampler.BaseSampler):
             new.block_until_ready()
             peak[0] = max(peak[0], live_device_bytes())
 
-        with self._gate.updating(self.config.update_timeout_s):
+        timeout = self.config.update_timeout_s
+        with self._gate.updating(timeout), self._handle.quiesced(timeout):
             written = self._weights.swap(plan, leaves, on_leaf if track_peak_memory else None)
             jax.block_until_ready(written)
-            self._handle.flush_cache()
+            self._handle.flush_cache_parked()
             self.version += 1
         del written
         after = live_device_bytes() if track else None
@@ -309,16 +335,8 @@ class SglangJaxSampler(base_sampler.BaseSampler):
             ids = [bos] + ids
         return ids
 
-    def generate_ids(
-        self,
-        prompts: Sequence[Sequence[int]],
-        sampling_params: Sequence[dict] | dict,
-        *,
-        return_logprob: bool = True,
-        logprob_start_len: int | list[int] | None = None,
-        timeout: float | None = None,
-    ) -> list[dict]:
-        """Raw engine results for token-id prompts (one dict per prompt)."""
+    def check_servable(self) -> None:
+        """Raise if generating now would crash the engine or use a mixed set of weights."""
         if self._handle.closed:
             raise RuntimeError("this sampler has been shut down")
         if self._weights.broken:
@@ -333,6 +351,18 @@ class SglangJaxSampler(base_sampler.BaseSampler):
                 "buffers the engine aliases. Push the parameters again with update_params (or update "
                 "with copies if your train step donates its parameters)"
             )
+
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling_params: Sequence[dict] | dict,
+        *,
+        return_logprob: bool = True,
+        logprob_start_len: int | list[int] | None = None,
+        timeout: float | None = None,
+    ) -> list[dict]:
+        """Raw engine results for token-id prompts (one dict per prompt)."""
+        self.check_servable()
         with self._gate.generating():
             out = self._handle.run(
                 self.engine.async_generate(

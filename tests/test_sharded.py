@@ -91,8 +91,13 @@ def test_bad_checkpoints_are_refused_and_weights_kept(model_dir, engines, tmp_pa
     fp = sampler.fingerprint()
     with pytest.raises(CheckpointError, match="does not exist"):
         sampler.load_checkpoint(str(tmp_path / "nope"))
+    with pytest.raises(ParamsMismatchError, match="is a Qwen2ForCausalLM, but this engine serves Qwen3ForCausalLM"):
+        sampler.load_checkpoint(str(model_dir("qwen2.5-tp")))  # another architecture (from config.json)
+    no_config = tmp_path / "no-config"
+    no_config.mkdir()
+    write_weights(no_config, helpers.hf_tensors(model_dir("qwen2.5-tp")))
     with pytest.raises(ParamsMismatchError, match="no attention biases"):
-        sampler.load_checkpoint(str(model_dir("qwen2.5-tp")))  # another architecture
+        sampler.load_checkpoint(str(no_config))  # the same, judged from the tensors alone
     missing = tmp_path / "missing"
     shutil.copytree(path, missing)
     hf = helpers.hf_tensors(path)

@@ -51,6 +51,12 @@ def main(mode: str, model_dir: str) -> None:
         e = engine(model_dir)
         out = e.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 3, "temperature": 0})
         result["generated"] = len(out["meta_info"].get("output_token_logprobs") or out["output_ids"] or [0]) > 0
+    elif mode == "long_generate":  # non-streamed outputs longer than 50 tokens
+        e = engine(model_dir)
+        out = e.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 120, "temperature": 0, "ignore_eos": True}, return_logprob=True)
+        result["completion_tokens"] = out["meta_info"]["completion_tokens"]
+        result["output_ids"] = len(out["output_ids"])
+        result["output_token_logprobs"] = len(out["meta_info"]["output_token_logprobs"])
     elif mode == "lifecycle":  # idle spin, threads after shutdown, signal handlers, child processes
         before = signal.getsignal(signal.SIGCHLD)
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
