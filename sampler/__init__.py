@@ -2,6 +2,7 @@
 
 from sampler.compat import UnsupportedModelError
 from sampler.config import SamplerConfig
+from sampler.data_parallel import DataParallelSampler, create_sampler
 from sampler.reports import SharingReport, UpdateReport
 from sampler.sampler import SglangJaxSampler, SglangSamplerOutput, UpdateTimeoutError
 
@@ -15,6 +16,8 @@ def __getattr__(name):  # SglangJaxRollout pulls in tunix.rl; import it on first
 
 
 __all__ = [
+    "DataParallelSampler",
+    "create_sampler",
     "SamplerConfig",
     "SharingReport",
     "SglangJaxRollout",

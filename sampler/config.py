@@ -23,6 +23,9 @@ class SamplerConfig:
     max_running_requests: int = 8
     load_format: str = "dummy"
     tp_size: int = 1
+    #: Several engines in this process, each tp_size wide on its own devices (see
+    #: ``DataParallelSampler``; build samplers with ``create_sampler``).
+    data_parallel_size: int = 1
     device_indexes: list[int] | None = None
     max_total_tokens: int | None = None
     mem_fraction_static: float | None = None

@@ -32,6 +32,30 @@ class UpdateReport:
     #: Engine weight leaves left as they were (``strict=False`` partial updates).
     untouched: list[str] = dataclasses.field(default_factory=list)
     plan_reused: bool = False
+    #: Data-parallel samplers: one report per engine (paths above are prefixed ``engine<i>/``).
+    engines: list["UpdateReport"] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def combine(cls, reports: list["UpdateReport"], seconds: float) -> "UpdateReport":
+        """One report for an update of several engines, with the per-engine reports kept."""
+        first, last = reports[0], reports[-1]
+        peaks = [r.peak_extra_bytes for r in reports if r.peak_extra_bytes is not None]
+        return cls(
+            version=max(r.version for r in reports),
+            seconds=seconds,
+            source_format=first.source_format,
+            aliased=[f"engine{i}/{p}" for i, r in enumerate(reports) for p in r.aliased],
+            copied=[f"engine{i}/{p}" for i, r in enumerate(reports) for p in r.copied],
+            aliased_bytes=sum(r.aliased_bytes for r in reports),
+            copied_bytes=sum(r.copied_bytes for r in reports),
+            live_bytes_before=first.live_bytes_before,
+            live_bytes_after=last.live_bytes_after,
+            peak_extra_bytes=max(peaks) if peaks else None,
+            largest_copied_leaf_bytes=max(r.largest_copied_leaf_bytes for r in reports),
+            untouched=list(first.untouched),
+            plan_reused=all(r.plan_reused for r in reports),
+            engines=list(reports),
+        )
 
     @property
     def bytes_moved(self) -> int:
@@ -48,6 +72,11 @@ class UpdateReport:
             parts.append(f"live {self.live_bytes_before / mib:.1f} -> {self.live_bytes_after / mib:.1f} MiB")
         if self.peak_extra_bytes is not None:
             parts.append(f"peak extra {self.peak_extra_bytes / mib:.2f} MiB")
+        if self.engines:
+            parts.append(
+                "per engine aliased/copied: "
+                + " ".join(f"{i}:{len(r.aliased)}/{len(r.copied)}" for i, r in enumerate(self.engines))
+            )
         return ", ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:

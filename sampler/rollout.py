@@ -17,6 +17,7 @@ from tunix.rl.rollout import base_rollout
 
 from sampler.config import SamplerConfig
 from sampler.reports import UpdateReport
+from sampler.data_parallel import DataParallelSampler, create_sampler
 from sampler.sampler import SglangJaxSampler
 
 
@@ -26,7 +27,8 @@ def sampler_config_from_rollout(rollout_config: base_rollout.RolloutConfig, mesh
     if not rc.rollout_sglang_jax_model_version:
         raise ValueError("RolloutConfig.rollout_sglang_jax_model_version must name the model directory")
     devices = [] if mesh is None else [int(d.id) for d in np.asarray(mesh.devices).flat]
-    tp = rc.tensor_parallel_size if rc.tensor_parallel_size and rc.tensor_parallel_size > 0 else max(1, len(devices))
+    dp = rc.data_parallel_size if rc.data_parallel_size and rc.data_parallel_size > 0 else 1
+    tp = rc.tensor_parallel_size if rc.tensor_parallel_size and rc.tensor_parallel_size > 0 else max(1, len(devices) // dp)
     context = rc.rollout_sglang_jax_context_length or (rc.max_prompt_length + rc.max_tokens_to_generate)
     engine_kwargs: dict[str, Any] = {
         "use_sort_for_toppk_minp": rc.rollout_sglang_jax_use_sort_for_toppk_minp,
@@ -56,7 +58,8 @@ def sampler_config_from_rollout(rollout_config: base_rollout.RolloutConfig, mesh
         max_running_requests=rc.rollout_sglang_jax_max_running_requests or 64,
         load_format=load_format,
         tp_size=tp,
-        device_indexes=devices[:tp] if devices else None,
+        data_parallel_size=dp,
+        device_indexes=devices[: dp * tp] if devices else None,
         mem_fraction_static=rc.rollout_sglang_jax_mem_fraction_static if jax.default_backend() != "cpu" else None,
         deterministic_sampling=rc.rollout_sglang_jax_enable_deterministic_sampling,
         disable_radix_cache=rc.rollout_sglang_jax_disable_radix_cache,
@@ -87,7 +90,7 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         if rollout_config is None:
             raise TypeError("SglangJaxRollout needs rollout_config=RolloutConfig(...)")
         config = sampler_config or sampler_config_from_rollout(rollout_config, mesh)
-        self._sampler = SglangJaxSampler(tokenizer=tokenizer, config=config)
+        self._sampler = create_sampler(config, tokenizer)
         self.last_report: UpdateReport | None = None
         self.reports: list[UpdateReport] = []
         if actor is not None:
@@ -95,7 +98,7 @@ class SglangJaxRollout(base_rollout.BaseRollout):
 
     # ------------------------------------------------------------------ Tunix API
     @property
-    def sampler(self) -> SglangJaxSampler:
+    def sampler(self) -> SglangJaxSampler | DataParallelSampler:
         return self._sampler
 
     @property

@@ -67,3 +67,24 @@ def test_reward_rises(tmp_path):
     rewards = [l.reward for l in logs]
     assert np.mean(rewards[-6:]) > np.mean(rewards[:4]) + 0.25, rewards
     assert all(l.sync_ms is not None for l in logs)
+
+
+def test_grpo_with_data_parallel_rollout(tmp_path):
+    """RLCluster unchanged, RolloutConfig(data_parallel_size=2) over a 2-device rollout mesh:
+    two engines, both serving the actor's weights after every sync."""
+    from sampler import DataParallelSampler
+
+    CheckedRollout.syncs = []
+    state = {}
+    logs = grpo_tiny.run(steps=2, workdir=str(tmp_path), plot=False, verbose=False, rollout_cls=CheckedRollout,
+                         keep=state, rollout_devices=2, rollout_overrides={"data_parallel_size": 2})
+    rollout = state["rollout"]
+    try:
+        assert len(logs) == 2
+        assert isinstance(rollout.sampler, DataParallelSampler) and rollout.sampler.data_parallel_size == 2
+        assert [r.engines and len(r.engines) for r in rollout.reports] == [2] * len(rollout.reports)
+        assert len(CheckedRollout.syncs) >= 3
+        for version, served, expected in CheckedRollout.syncs:  # fingerprint() raises if the engines differ
+            assert served == expected, f"stale weights after sync v{version}"
+    finally:
+        rollout.shutdown()

@@ -69,11 +69,13 @@ class StepLog:
 def run(steps: int = 30, workdir: str = "runs/grpo_tiny", *, seed: int = 0, learning_rate: float = 3e-3,
         num_generations: int = 4, batch_size: int = 4, num_iterations: int = 1, plot: bool = True,
         verbose: bool = True, rollout_cls=None, keep: dict | None = None,
-        lora_rank: int | None = None, lora_alpha: float = 16.0) -> list[StepLog]:
+        lora_rank: int | None = None, lora_alpha: float = 16.0, rollout_devices: int = 1,
+        rollout_overrides: dict | None = None) -> list[StepLog]:
     """Run the demo; returns one StepLog per GRPO step.
 
     ``keep``: if given, receives the live rollout, actor and rollout config, and the
-    rollout is left running (the caller shuts it down).
+    rollout is left running (the caller shuts it down). ``rollout_devices``: size of the
+    rollout mesh; ``rollout_overrides``: extra RolloutConfig fields (e.g. data_parallel_size).
     """
     import grain.python as grain
     from transformers import AutoTokenizer
@@ -91,6 +93,10 @@ def run(steps: int = 30, workdir: str = "runs/grpo_tiny", *, seed: int = 0, lear
     mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:1])
     with mesh:
         actor = load_tunix_model(model_dir, dtype=jnp.float32, mesh=mesh)
+    rollout_mesh = mesh if rollout_devices == 1 else jax.make_mesh(
+        (1, rollout_devices), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+        devices=jax.devices()[:rollout_devices],
+    )
     lora_fields = {}
     if lora_rank:
         actor = apply_lora(actor, lora_rank, lora_alpha)
@@ -110,7 +116,7 @@ def run(steps: int = 30, workdir: str = "runs/grpo_tiny", *, seed: int = 0, lear
 
     max_new = 8
     cluster_config = rl_cluster_lib.ClusterConfig(
-        role_to_mesh={rl_cluster_lib.Role.ACTOR: mesh, rl_cluster_lib.Role.REFERENCE: mesh, rl_cluster_lib.Role.ROLLOUT: mesh},
+        role_to_mesh={rl_cluster_lib.Role.ACTOR: mesh, rl_cluster_lib.Role.REFERENCE: mesh, rl_cluster_lib.Role.ROLLOUT: rollout_mesh},
         rollout_engine=rollout_cls or SglangJaxRollout,
         offload_to_cpu=False,
         training_config=rl_cluster_lib.RLTrainingConfig(
@@ -128,6 +134,7 @@ def run(steps: int = 30, workdir: str = "runs/grpo_tiny", *, seed: int = 0, lear
             rollout_sglang_jax_max_running_requests=batch_size * num_generations,
             rollout_sglang_jax_log_level="error",
             **lora_fields,
+            **(rollout_overrides or {}),
         ),
     )
     cluster = rl_cluster_lib.RLCluster(actor=actor, reference=None, tokenizer=tokenizer, cluster_config=cluster_config)

@@ -1,0 +1,332 @@
+"""Data-parallel rollout: several sglang-jax engines in one process, one per device group.
+
+sglang-jax has no data parallelism of its own. ``DataParallelSampler`` starts
+``data_parallel_size`` engines (each ``tp_size`` devices wide, on its own devices), splits
+every batch across them, generates on all of them at once and returns results in input
+order. ``update_params`` pushes the same weights to every engine under one gate, so no call
+ever sees engines on different versions.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from tunix.generate import base_sampler
+from tunix.generate import tokenizer_adapter as tok_adapter
+
+from sampler.config import SamplerConfig
+from sampler.reports import SharingReport, UpdateReport
+from sampler.sampler import SglangJaxSampler, SglangSamplerOutput, _next_power_of_2, _UpdateGate
+
+
+def device_groups(config: SamplerConfig) -> list[list[int]]:
+    """The device indexes of each engine: consecutive runs of ``tp_size`` devices."""
+    dp, tp = config.data_parallel_size, config.tp_size
+    if dp < 1 or tp < 1:
+        raise ValueError(f"data_parallel_size={dp} and tp_size={tp} must be >= 1")
+    devices = list(config.device_indexes) if config.device_indexes is not None else list(range(dp * tp))
+    if len(devices) != dp * tp or len(set(devices)) != len(devices):
+        raise ValueError(
+            f"data_parallel_size={dp} x tp_size={tp} needs {dp * tp} distinct devices, got device_indexes={devices}"
+        )
+    if max(devices) >= jax.device_count():
+        raise ValueError(f"device_indexes={devices} name devices this process does not have ({jax.device_count()})")
+    return [devices[i * tp : (i + 1) * tp] for i in range(dp)]
+
+
+def split_balanced(costs: Sequence[int], parts: int) -> list[list[int]]:
+    """Split item indexes into ``parts`` groups with counts differing by at most one and
+    the total cost of each group as even as greedy longest-first placement makes it."""
+    capacity = -(-len(costs) // parts) if costs else 0
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        open_groups = [g for g in range(parts) if len(groups[g]) < capacity]
+        g = min(open_groups, key=lambda g: (load[g], len(groups[g]), g))
+        groups[g].append(i)
+        load[g] += costs[i]
+    return [sorted(g) for g in groups]
+
+
+class DataParallelSampler(base_sampler.BaseSampler):
+    """N ``SglangJaxSampler`` engines behind the ``SglangJaxSampler`` interface.
+
+    Engines are built on the main thread one after another (each warms up before the next
+    starts), then serve concurrently: a call's prompts are split across the engines
+    (balanced by count and token length) and run at the same time from a small thread
+    pool; outputs come back in input order. Engine ``i`` gets ``random_seed + i`` so
+    sampled completions of duplicated prompts differ across engines.
+    """
+
+    def __init__(self, tokenizer: Any = None, config: SamplerConfig | None = None):
+        if config is None:
+            raise TypeError("DataParallelSampler needs config=SamplerConfig(model_path=..., data_parallel_size=N)")
+        self.config = config
+        groups = device_groups(config)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+        self.tokenizer = (
+            tokenizer if isinstance(tokenizer, tok_adapter.TokenizerAdapter) else tok_adapter.TokenizerAdapter(tokenizer)
+        )
+        self.samplers: list[SglangJaxSampler] = []
+        try:
+            for i, group in enumerate(groups):
+                engine_config = dataclasses.replace(
+                    config, data_parallel_size=1, device_indexes=group, random_seed=config.random_seed + i
+                )
+                sampler = SglangJaxSampler(tokenizer=self.tokenizer, config=engine_config)
+                self.samplers.append(sampler)
+                # Compile this engine's forward passes before the next one starts.
+                sampler.generate_ids([[1, 2, 3]], {"max_new_tokens": 2, "temperature": 0.0}, return_logprob=False)
+        except BaseException:
+            for s in self.samplers:
+                s.shutdown()
+            raise
+        self._pool = concurrent.futures.ThreadPoolExecutor(len(self.samplers), thread_name_prefix="dp-sampler")
+        self._gate = _UpdateGate()
+        self._closed = False
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def data_parallel_size(self) -> int:
+        return len(self.samplers)
+
+    @property
+    def spec(self):
+        return self.samplers[0].spec
+
+    @property
+    def architecture(self) -> str:
+        return self.samplers[0].architecture
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        """Engine 0's mesh (``meshes`` has all of them)."""
+        return self.samplers[0].mesh
+
+    @property
+    def meshes(self) -> list[jax.sharding.Mesh]:
+        return [s.mesh for s in self.samplers]
+
+    @property
+    def version(self) -> int:
+        return min(s.version for s in self.samplers)
+
+    @property
+    def transformer(self):
+        return self.samplers[0].transformer
+
+    @property
+    def transformer_state(self):
+        return self.samplers[0].transformer_state
+
+    def engine_params(self) -> dict[str, jax.Array]:
+        """Engine 0's served arrays (``[s.engine_params() for s in samplers]`` for all)."""
+        return self.samplers[0].engine_params()
+
+    def engine_shardings(self) -> dict[str, jax.sharding.Sharding]:
+        """Engine 0's shardings: trainer params placed like this are aliased by engine 0."""
+        return self.samplers[0].engine_shardings()
+
+    def fingerprints(self) -> list[str]:
+        return [s.fingerprint() for s in self.samplers]
+
+    def fingerprint(self) -> str:
+        """The served weights' fingerprint; raises if the engines disagree."""
+        prints = self.fingerprints()
+        if len(set(prints)) != 1:
+            raise RuntimeError(f"the data-parallel engines serve different weights: {prints}")
+        return prints[0]
+
+    def weight_paths(self) -> list[str]:
+        return self.samplers[0].weight_paths()
+
+    # ------------------------------------------------------------------ weights
+    def update_params(
+        self,
+        updated_weights: Any,
+        filter_types: Sequence[type] | type | None = None,
+        *,
+        source_format: str | None = None,
+        strict: bool = True,
+        track_peak_memory: bool = False,
+    ) -> UpdateReport:
+        """Push the weights to every engine: aliased where an engine's devices and sharding
+        already hold them, copied to the others. The tree is validated against every engine
+        before any engine changes; generation calls wait until all engines are updated."""
+        t0 = time.perf_counter()
+        for s in self.samplers:
+            s.plan_for(updated_weights, filter_types, source_format=source_format, strict=strict)
+        with self._gate.updating(self.config.update_timeout_s):
+            reports = [
+                s.update_params(
+                    updated_weights, filter_types, source_format=source_format, strict=strict,
+                    track_peak_memory=track_peak_memory,
+                )
+                for s in self.samplers
+            ]
+        return UpdateReport.combine(reports, time.perf_counter() - t0)
+
+    def load_checkpoint(self, path_or_weights: Any, *, strict: bool = True, track_peak_memory: bool = False) -> UpdateReport:
+        """``SglangJaxSampler.load_checkpoint`` on every engine (validated on all first)."""
+        if not (isinstance(path_or_weights, (str, bytes)) or hasattr(path_or_weights, "__fspath__")):
+            return self.update_params(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
+        t0 = time.perf_counter()
+        for s in self.samplers:
+            s.check_checkpoint(path_or_weights, strict=strict)
+        with self._gate.updating(self.config.update_timeout_s):
+            reports = [s.load_checkpoint(path_or_weights, strict=strict, track_peak_memory=track_peak_memory) for s in self.samplers]
+        return UpdateReport.combine(reports, time.perf_counter() - t0)
+
+    def verify_sharing(self, updated_weights: Any, filter_types: Any = None, *, source_format: str | None = None) -> list[SharingReport]:
+        """One SharingReport per engine."""
+        return [s.verify_sharing(updated_weights, filter_types, source_format=source_format) for s in self.samplers]
+
+    def check_servable(self) -> None:
+        for s in self.samplers:
+            s.check_servable()
+
+    # ------------------------------------------------------------------ generation
+    def tokenize(self, input_string: str) -> list[int]:
+        return self.samplers[0].tokenize(input_string)
+
+    def _scatter(self, costs: Sequence[int], call: Callable[[SglangJaxSampler, list[int]], Any]) -> list[tuple[list[int], Any]]:
+        """Run ``call(engine, indexes)`` on every engine with a non-empty share, concurrently."""
+        if self._closed:
+            raise RuntimeError("this sampler has been shut down")
+        groups = split_balanced(costs, len(self.samplers))
+        with self._gate.generating():
+            futures = [
+                (idx, self._pool.submit(call, sampler, idx)) for sampler, idx in zip(self.samplers, groups) if idx
+            ]
+            return [(idx, f.result()) for idx, f in futures]
+
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling_params: Sequence[dict] | dict,
+        *,
+        return_logprob: bool = True,
+        logprob_start_len: int | list[int] | None = None,
+        timeout: float | None = None,
+    ) -> list[dict]:
+        """``SglangJaxSampler.generate_ids`` over all engines; results in input order."""
+        prompts = [list(p) for p in prompts]
+        per = [sampling_params] * len(prompts) if isinstance(sampling_params, dict) else list(sampling_params)
+        starts = logprob_start_len if isinstance(logprob_start_len, list) else [logprob_start_len] * len(prompts)
+        budget = [len(p) + int(sp.get("max_new_tokens", 0) or 0) for p, sp in zip(prompts, per)]
+
+        def call(sampler, idx):
+            start = [starts[i] for i in idx] if isinstance(logprob_start_len, list) else logprob_start_len
+            return sampler.generate_ids(
+                [prompts[i] for i in idx], [per[i] for i in idx], return_logprob=return_logprob,
+                logprob_start_len=start, timeout=timeout,
+            )
+
+        out: list[dict | None] = [None] * len(prompts)
+        for idx, results in self._scatter(budget, call):
+            for i, r in zip(idx, results):
+                out[i] = r
+        return out  # type: ignore[return-value]
+
+    def score_completions(self, prompt_tokens: np.ndarray, completion_tokens: np.ndarray) -> np.ndarray:
+        """``SglangJaxSampler.score_completions`` with rows spread over the engines."""
+        prompt_tokens, completion_tokens = np.asarray(prompt_tokens), np.asarray(completion_tokens)
+        pad = self.tokenizer.pad_id()
+        costs = [int((p != pad).sum() + (c != pad).sum()) for p, c in zip(prompt_tokens, completion_tokens)]
+        out = np.zeros(completion_tokens.shape, np.float32)
+        for idx, scores in self._scatter(
+            costs, lambda s, idx: s.score_completions(prompt_tokens[idx], completion_tokens[idx])
+        ):
+            out[idx] = scores
+        return out
+
+    def __call__(
+        self,
+        input_strings: str | list[str],
+        max_generation_steps: int,
+        max_prompt_length: int | None = None,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        beam_size: int | None = None,
+        seed: int | list[int] | None = None,
+        multi_sampling: int = 1,
+        return_logits: bool = True,
+        echo: bool = False,
+        pad_output: bool = False,
+        **kwargs: Any,
+    ) -> SglangSamplerOutput:
+        """Tunix's sampler call, with the prompts split across the engines."""
+        if isinstance(input_strings, str):
+            input_strings = [input_strings]
+        input_strings = [str(s) for s in input_strings]
+        lengths = [len(self.tokenize(s)) for s in input_strings]
+        longest = max(lengths)
+        if max_prompt_length is None or max_prompt_length < longest:
+            max_prompt_length = _next_power_of_2(longest)  # one width for every engine's share
+        seeds = None
+        if seed is not None:
+            n = len(input_strings) * multi_sampling
+            seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else [int(seed) + i for i in range(n)]
+            if len(seeds) != n:
+                raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+
+        def call(sampler, idx):
+            share_seeds = None
+            if seeds is not None:
+                share_seeds = [seeds[i * multi_sampling + k] for i in idx for k in range(multi_sampling)]
+            return sampler(
+                [input_strings[i] for i in idx], max_generation_steps, max_prompt_length, temperature, top_p, top_k,
+                beam_size, share_seeds, multi_sampling, return_logits, echo, pad_output, **kwargs,
+            )
+
+        rows: list[Any] = [None] * (len(input_strings) * multi_sampling)
+        for idx, out in self._scatter([n + max_generation_steps for n in lengths], call):
+            for j, i in enumerate(idx):
+                for k in range(multi_sampling):
+                    src = j * multi_sampling + k
+                    rows[i * multi_sampling + k] = (
+                        out.text[src], out.tokens[src], out.padded_prompt_tokens[src], out.logprobs[src], out.meta[src]
+                    )
+        return SglangSamplerOutput(
+            text=[r[0] for r in rows],
+            logits=None,
+            tokens=[r[1] for r in rows],
+            padded_prompt_tokens=np.stack([r[2] for r in rows]),
+            logprobs=[r[3] for r in rows],
+            meta=[r[4] for r in rows],
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    def shutdown(self) -> None:
+        """Stop every engine and the thread pool (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._pool.shutdown(wait=True)
+        for s in self.samplers:
+            s.shutdown()
+
+    def __enter__(self) -> "DataParallelSampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def create_sampler(config: SamplerConfig, tokenizer: Any = None) -> SglangJaxSampler | DataParallelSampler:
+    """A ``SglangJaxSampler``, or a ``DataParallelSampler`` when ``data_parallel_size > 1``."""
+    if config.data_parallel_size > 1:
+        return DataParallelSampler(tokenizer=tokenizer, config=config)
+    return SglangJaxSampler(tokenizer=tokenizer, config=config)
