@@ -180,16 +180,19 @@ class ConversionPlan:
         y = _transform(entry.ops, self.spec, dtype, None)(x)
         return jax.device_put(y, sharding)
 
-    def materialize_aliases(self, leaves: Sequence[Any]) -> dict[int, jax.Array]:
+    def materialize_aliases(self, leaves: Sequence[Any], *, copy: bool = False) -> dict[int, jax.Array]:
         """Every zero-copy entry at once (one batched device_put): engine index -> array.
 
         Nothing is copied here, so doing them together costs no memory and saves the
-        per-call overhead of hundreds of device_puts.
+        per-call overhead of hundreds of device_puts. ``copy=True`` gives the same arrays
+        in new buffers (for trainers that donate their parameters).
         """
         out = {}
         entries = []
         for e in self.entries:
-            if e.aliased and not e.view and leaves[e.source_index].sharding == self.engine_leaves[e.engine_index].sharding:
+            if copy and e.aliased:
+                entries.append(e)
+            elif e.aliased and not e.view and leaves[e.source_index].sharding == self.engine_leaves[e.engine_index].sharding:
                 out[e.engine_index] = leaves[e.source_index]  # already the engine's placement
             elif e.aliased:
                 entries.append(e)
@@ -202,7 +205,7 @@ class ConversionPlan:
             for e in entries
         ]
         shardings = [self.engine_leaves[e.engine_index].sharding for e in entries]
-        out.update(zip((e.engine_index for e in entries), jax.device_put(xs, shardings)))
+        out.update(zip((e.engine_index for e in entries), jax.device_put(xs, shardings, may_alias=False if copy else None)))
         return out
 
 

@@ -4,6 +4,7 @@ from sampler.compat import UnsupportedModelError
 from sampler.config import SamplerConfig
 from sampler.data_parallel import DataParallelSampler, create_sampler
 from sampler.reports import SharingReport, UpdateReport
+from sampler.engine import EngineFaultError
 from sampler.sampler import SglangJaxSampler, SglangSamplerOutput, UpdateTimeoutError
 
 
@@ -17,6 +18,7 @@ def __getattr__(name):  # SglangJaxRollout pulls in tunix.rl; import it on first
 
 __all__ = [
     "DataParallelSampler",
+    "EngineFaultError",
     "create_sampler",
     "SamplerConfig",
     "SharingReport",

@@ -31,6 +31,7 @@ import logging
 import pickle
 import queue
 import signal
+import dataclasses
 import threading
 import time
 from typing import Any, Callable
@@ -158,6 +159,40 @@ def patch_non_stream_chunks() -> bool:
     return True
 
 
+def patch_mixed_logprob_batches() -> bool:
+    """Let requests with and without output logprobs share a batch (idempotent).
+
+    sglang-jax 0.1.0rc0 turns ``return_logprob=True`` (no start position, no top-k) into
+    "output logprobs only"; a batch computes those only if *all* its requests want them
+    (``ScheduleBatch.return_output_logprob_only = all(...)``), but then reads them for every
+    request that does: one such request batched with one that wants none raises TypeError
+    in the scheduler thread, which kills the process. Marking every generation request as
+    "output logprobs only" on the scheduler side (the tokenizer manager still returns them
+    only to those that asked) keeps the batch flag true. Cost: a log-softmax per token.
+    Returns True when applied now.
+    """
+    import importlib
+
+    tm = importlib.import_module("sgl_jax.srt.managers.tokenizer_manager")
+    io = importlib.import_module("sgl_jax.srt.managers.io_struct")
+    original = tm.TokenizerManager._create_tokenized_object
+    if getattr(original, "_mixed_logprob_patched", False):
+        return False
+
+    def _create_tokenized_object(self, *args, **kwargs):
+        tokenized = original(self, *args, **kwargs)
+        if isinstance(tokenized, io.TokenizedGenerateReqInput) and not (
+            tokenized.return_logprob or tokenized.return_output_logprob_only
+        ):
+            tokenized.return_output_logprob_only = True
+        return tokenized
+
+    _create_tokenized_object._mixed_logprob_patched = True  # type: ignore[attr-defined]
+    _create_tokenized_object.__wrapped__ = original  # type: ignore[attr-defined]
+    tm.TokenizerManager._create_tokenized_object = _create_tokenized_object
+    return True
+
+
 # endpoint -> zmq contexts whose sockets use it (recorded by the patched get_zmq_socket)
 _contexts_by_endpoint: dict[str, list] = {}
 _contexts_lock = threading.Lock()
@@ -230,6 +265,83 @@ def check_head_dim(head_dim: int, *, backend: str, attention_backend: str) -> No
             "the KV head width to a multiple of 128 and then fails in o_proj; use a model whose "
             "head_dim is a multiple of 128 on CPU (TPU has no such limit)"
         )
+
+
+# --------------------------------------------------------------------------------------
+# engine-thread faults
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EngineFault:
+    """An exception that ended one of an engine's threads (contained, see below)."""
+
+    thread: str
+    error: str
+    traceback: str
+
+
+#: thread -> the fault that ended it (filled by the wrappers below)
+_thread_faults: dict[threading.Thread, EngineFault] = {}
+
+
+def _record_fault(error: BaseException) -> EngineFault:
+    import traceback
+
+    fault = EngineFault(threading.current_thread().name, f"{type(error).__name__}: {error}", traceback.format_exc())
+    _thread_faults[threading.current_thread()] = fault
+    logger.error("sglang-jax %s thread failed (contained; the process lives on): %s", fault.thread, fault.traceback)
+    return fault
+
+
+def thread_fault(threads: list[threading.Thread]) -> EngineFault | None:
+    """The first recorded fault of any of ``threads``."""
+    for t in threads:
+        if t in _thread_faults:
+            return _thread_faults[t]
+    return None
+
+
+def patch_contain_engine_faults() -> bool:
+    """Keep an exception in an engine thread from killing the process (idempotent).
+
+    sglang-jax 0.1.0rc0 catches any exception of its scheduler or detokenizer thread, logs
+    it and sends SIGQUIT to its own process, whose handler kills the whole process tree: a
+    training run dies with the engine. The wrapped loops record the fault instead and let
+    the thread end; the sampler then raises ``EngineFaultError`` to its callers. The
+    scheduler's ``cur_batch`` is cleared so that its watchdog does not fire later.
+    Returns True when applied now.
+    """
+    import importlib
+
+    sched = importlib.import_module("sgl_jax.srt.managers.scheduler")
+    detok = importlib.import_module("sgl_jax.srt.managers.detokenizer_manager")
+    original = sched.dispatch_scheduler_event_loop
+    if getattr(original, "_contained", False):
+        return False
+
+    def dispatch_scheduler_event_loop(scheduler, server_args):
+        try:
+            original(scheduler, server_args)
+        except Exception as e:  # noqa: BLE001 - SystemExit (our stop) passes through
+            scheduler._contained_fault = _record_fault(e)
+            scheduler.cur_batch = None
+
+    dispatch_scheduler_event_loop._contained = True  # type: ignore[attr-defined]
+    dispatch_scheduler_event_loop.__wrapped__ = original  # type: ignore[attr-defined]
+    sched.dispatch_scheduler_event_loop = dispatch_scheduler_event_loop
+
+    event_loop = detok.DetokenizerManager.event_loop
+
+    def detokenizer_event_loop(self):
+        try:
+            event_loop(self)
+        except Exception as e:  # noqa: BLE001
+            _record_fault(e)
+
+    detokenizer_event_loop.__wrapped__ = event_loop  # type: ignore[attr-defined]
+    detok.DetokenizerManager.event_loop = detokenizer_event_loop
+    return True
 
 
 # --------------------------------------------------------------------------------------

@@ -118,6 +118,10 @@ class DataParallelSampler(base_sampler.BaseSampler):
         return [s.mesh for s in self.samplers]
 
     @property
+    def healthy(self) -> bool:
+        return all(s.healthy for s in self.samplers)
+
+    @property
     def version(self) -> int:
         return min(s.version for s in self.samplers)
 
@@ -159,6 +163,8 @@ class DataParallelSampler(base_sampler.BaseSampler):
         source_format: str | None = None,
         strict: bool = True,
         track_peak_memory: bool = False,
+        alias: bool = True,
+        check_finite: bool = False,
     ) -> UpdateReport:
         """Push the weights to every engine: aliased where an engine's devices and sharding
         already hold them, copied to the others. The tree is validated against every engine
@@ -170,9 +176,9 @@ class DataParallelSampler(base_sampler.BaseSampler):
             reports = [
                 s.update_params(
                     updated_weights, filter_types, source_format=source_format, strict=strict,
-                    track_peak_memory=track_peak_memory,
+                    track_peak_memory=track_peak_memory, alias=alias, check_finite=check_finite and i == 0,
                 )
-                for s in self.samplers
+                for i, s in enumerate(self.samplers)
             ]
         return UpdateReport.combine(reports, time.perf_counter() - t0)
 

@@ -79,6 +79,10 @@ def engine_kwargs(config: SamplerConfig) -> dict[str, Any]:
     return kwargs
 
 
+class EngineFaultError(RuntimeError):
+    """An engine thread failed; this engine cannot serve again (the process is fine)."""
+
+
 class UpdateTimeoutError(TimeoutError):
     """Requests kept running past the time allowed for them to finish before a weight swap."""
 
@@ -146,6 +150,8 @@ class EngineHandle:
             compat.patch_merge_kv_sharding()
         compat.patch_zmq_linger()
         compat.patch_non_stream_chunks()
+        compat.patch_contain_engine_faults()
+        compat.patch_mixed_logprob_batches()
         self.kwargs = kwargs
         saved = compat.save_signal_handlers()
         before = set(threading.enumerate())
@@ -173,12 +179,33 @@ class EngineHandle:
         if self.closed:
             coro.close()
             raise RuntimeError("the engine has been shut down")
+        self.raise_if_faulted()
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result(timeout)
-        except TimeoutError:
-            future.cancel()
-            raise
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = 0.25 if deadline is None else min(0.25, max(0.0, deadline - time.monotonic()))
+            try:
+                return future.result(wait)
+            except TimeoutError:
+                if self.fault() is not None:
+                    future.cancel()
+                    self.raise_if_faulted()
+                if deadline is not None and time.monotonic() >= deadline:
+                    future.cancel()
+                    raise
+
+    def fault(self) -> compat.EngineFault | None:
+        """What ended one of this engine's threads, if anything did."""
+        return getattr(self.scheduler, "_contained_fault", None) or compat.thread_fault(self.threads)
+
+    def raise_if_faulted(self) -> None:
+        fault = self.fault()
+        if fault is not None:
+            raise EngineFaultError(
+                f"the sglang-jax engine's {fault.thread} thread failed ({fault.error}); this engine cannot "
+                "serve any more. Shut the sampler down and build a new one (the process and the trainer's "
+                "state are unaffected)."
+            )
 
     @contextlib.contextmanager
     def quiesced(self, timeout: float):

@@ -91,6 +91,28 @@ class _UpdateGate:
             self._update_lock.release()
 
 
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jax.numpy.isfinite(x).all()
+
+
+def check_finite_leaves(paths: Sequence[str], leaves: Sequence[Any]) -> None:
+    """Raise ParamsMismatchError naming every floating-point leaf holding NaN or Inf."""
+    floating = [(p, x) for p, x in zip(paths, leaves) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+    if not floating:
+        return
+    on_device = [(p, x) for p, x in floating if isinstance(x, jax.Array)]
+    on_host = [(p, x) for p, x in floating if not isinstance(x, jax.Array)]
+    bad = [p for p, x in on_host if not np.isfinite(np.asarray(x, np.float32)).all()]
+    if on_device:
+        finite = jax.device_get([_all_finite(x) for _, x in on_device])  # dispatched together, one wait
+        bad += [p for (p, _), ok in zip(on_device, finite) if not ok]
+    if bad:
+        raise ParamsMismatchError(
+            [f"{p}: holds NaN or Inf" for p in sorted(bad)], header="refusing non-finite parameters (check_finite=True)"
+        )
+
+
 def _next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -217,6 +239,8 @@ class SglangJaxSampler(base_sampler.BaseSampler):
         source_format: str | None = None,
         strict: bool = True,
         track_peak_memory: bool = False,
+        alias: bool = True,
+        check_finite: bool = False,
     ) -> UpdateReport:
         """Serve ``updated_weights`` from the next request on.
 
@@ -225,13 +249,18 @@ class SglangJaxSampler(base_sampler.BaseSampler):
         unless ``source_format``). Everything is validated before the engine is touched; a
         bad tree raises a ValueError naming the offending paths and the engine keeps its
         weights. ``strict=False`` allows updating a subset of the engine's weight leaves.
+        ``alias=False`` copies every leaf (for train steps that donate their parameters).
+        ``check_finite=True`` refuses params holding NaN or Inf (ValueError naming the
+        paths; costs one reduction over every leaf).
         """
         t0 = time.perf_counter()
         tree = as_param_tree(updated_weights, filter_types)
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         plan, reused = self._plan(tree, leaves, treedef, source_format, strict)
         plan.check_live(leaves)
-        return self._swap(plan, leaves, t0, reused, track_peak_memory)
+        if check_finite:
+            check_finite_leaves(key_paths(tree), leaves)
+        return self._swap(plan, leaves, t0, reused, track_peak_memory, alias=alias)
 
     def load_checkpoint(
         self, path_or_weights: Any, *, strict: bool = True, track_peak_memory: bool = False
@@ -270,7 +299,11 @@ class SglangJaxSampler(base_sampler.BaseSampler):
         )
         return ckpt, plan
 
-    def _swap(self, plan: ConversionPlan, leaves: Sequence[Any], t0: float, reused: bool, track_peak_memory: bool) -> UpdateReport:
+    def _swap(
+        self, plan: ConversionPlan, leaves: Sequence[Any], t0: float, reused: bool, track_peak_memory: bool,
+        alias: bool = True,
+    ) -> UpdateReport:
+        self._handle.raise_if_faulted()
         track = self.config.track_memory or track_peak_memory
         before = live_device_bytes() if track else None
         peak = [before or 0]
@@ -281,14 +314,14 @@ class SglangJaxSampler(base_sampler.BaseSampler):
 
         timeout = self.config.update_timeout_s
         with self._gate.updating(timeout), self._handle.quiesced(timeout):
-            written = self._weights.swap(plan, leaves, on_leaf if track_peak_memory else None)
+            written = self._weights.swap(plan, leaves, on_leaf if track_peak_memory else None, alias=alias)
             jax.block_until_ready(written)
             self._handle.flush_cache_parked()
             self.version += 1
         del written
         after = live_device_bytes() if track else None
-        copied = plan.copied
-        aliased = plan.aliased
+        copied = plan.copied if alias else plan.entries
+        aliased = plan.aliased if alias else []
         return UpdateReport(
             version=self.version,
             seconds=time.perf_counter() - t0,
@@ -335,10 +368,16 @@ class SglangJaxSampler(base_sampler.BaseSampler):
             ids = [bos] + ids
         return ids
 
+    @property
+    def healthy(self) -> bool:
+        """False once an engine thread has failed (then every call raises EngineFaultError)."""
+        return not self._handle.closed and self._handle.fault() is None
+
     def check_servable(self) -> None:
         """Raise if generating now would crash the engine or use a mixed set of weights."""
         if self._handle.closed:
             raise RuntimeError("this sampler has been shut down")
+        self._handle.raise_if_faulted()
         if self._weights.broken:
             raise RuntimeError(
                 "a weight update failed midway, so the engine holds a mix of old and new leaves; "

@@ -96,20 +96,23 @@ class EngineWeights:
     def as_dict(self) -> dict[str, jax.Array]:
         return dict(zip(self.paths, self.arrays))
 
-    def swap(self, plan, leaves: Sequence[Any], on_leaf: Callable[[int, jax.Array], None] | None = None) -> list[jax.Array]:
+    def swap(
+        self, plan, leaves: Sequence[Any], on_leaf: Callable[[int, jax.Array], None] | None = None, *, alias: bool = True
+    ) -> list[jax.Array]:
         """Put the plan's engine leaves in place, one at a time; returns the arrays written.
 
         The caller guarantees that no forward pass runs meanwhile. A converted leaf is
         written into the buffer of the leaf it replaces when the engine owns that
         buffer (donation: no extra memory); otherwise the old buffer is dropped as
         soon as its replacement lands. The runner gets a new list object at the end
-        (identity-keyed dispatch caches see the change).
+        (identity-keyed dispatch caches see the change). ``alias=False`` copies the
+        zero-copy leaves too, so the engine shares no buffer with the source.
         """
         work = list(self._runner.model_state_leaves)
         # From here on the old list no longer pins the old arrays.
         self._runner.model_state_leaves = work
         written = []
-        aliases = plan.materialize_aliases(leaves)
+        aliases = plan.materialize_aliases(leaves, copy=not alias)
         was_broken, self.broken = self.broken, True  # until every leaf is in place
         for entry in plan.entries:
             i = entry.engine_index
@@ -127,7 +130,7 @@ class EngineWeights:
                 on_leaf(i, new)  # new and (unless donated) old both alive: the peak for this leaf
             self._setters[i](new)
             work[i] = new
-            self.owned[i] = copies
+            self.owned[i] = copies or not alias
             written.append(new)
         self._runner.model_state_leaves = list(work)
         # A partial update cannot repair what an earlier failed swap left half-replaced.

@@ -75,6 +75,36 @@ def test_non_stream_chunk_workaround_works(model_dir, engines):
     engines.drop(model_dir("qwen3-tied"), load_format="safetensors")
 
 
+def test_mixed_logprob_workaround_still_needed(model_dir):
+    rc, result, out = probe("mixed_logprob", model_dir("qwen3-tied"))
+    assert result is None and rc != 0, f"mixed logprob batches work upstream now ({result}): drop patch_mixed_logprob_batches"
+    assert "next_token_logprobs" in out or "not subscriptable" in out
+
+
+def test_mixed_logprob_workaround_works(model_dir, engines):
+    sampler = engines.get(model_dir("qwen3-tied"), load_format="safetensors")
+    out = sampler._handle.run(sampler.engine.async_generate(
+        input_ids=[[5, 6, 7], [8, 9, 10]], sampling_params={"max_new_tokens": 3, "temperature": 0.0},
+        return_logprob=[True, False]), timeout=120)
+    assert [len(o["output_ids"]) for o in out] == [3, 3]
+    assert len(out[0]["meta_info"]["output_token_logprobs"]) == 3 and "output_token_logprobs" not in out[1]["meta_info"]
+    assert sampler.healthy
+    engines.drop(model_dir("qwen3-tied"), load_format="safetensors")
+
+
+def test_fault_containment_still_needed(model_dir):
+    rc, result, out = probe("fault", model_dir("qwen3-tied"))
+    assert result is None and rc != 0, f"upstream survives an engine-thread fault now ({result}): drop patch_contain_engine_faults"
+    assert "Scheduler hit an exception" in out
+
+
+def test_fault_containment_works(model_dir):
+    rc, result, out = probe("fault_contained", model_dir("qwen3-tied"))
+    assert rc == 0 and result is not None, out[-3000:]
+    assert result["raised"] == "EngineFaultError" and "scheduler" in result["message"], result
+    assert result["healthy"] is False and result["refuses_next_call"] and result["alive"]
+
+
 def test_head_dim_limit_still_real(model_dir, tmp_path):
     path = helpers.write_case(tmp_path / "hd64", "qwen3-tied", head_dim=64)
     rc, result, out = probe("generate", path)

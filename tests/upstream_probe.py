@@ -14,6 +14,8 @@ import threading
 import time
 
 os.environ["JAX_PLATFORMS"] = "cpu"
+if len(sys.argv) > 1 and sys.argv[1].startswith("fault"):  # a second device to misplace a weight on
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 
 
 def cpu_seconds() -> float:
@@ -57,6 +59,45 @@ def main(mode: str, model_dir: str) -> None:
         result["completion_tokens"] = out["meta_info"]["completion_tokens"]
         result["output_ids"] = len(out["output_ids"])
         result["output_token_logprobs"] = len(out["meta_info"]["output_token_logprobs"])
+    elif mode == "mixed_logprob":  # one request with output logprobs, one without, one batch
+        e = engine(model_dir)
+        out = e.generate(input_ids=[[5, 6, 7], [8, 9, 10]], sampling_params={"max_new_tokens": 3, "temperature": 0},
+                         return_logprob=[True, False])
+        result["generated"] = [len(o["output_ids"]) for o in out]
+    elif mode in ("fault", "fault_contained"):
+        # A real engine-thread fault: one served weight moved to another device, as a buggy
+        # weight update would; the next forward pass raises inside the scheduler thread.
+        import jax
+
+        if mode == "fault":
+            e = engine(model_dir)
+            runner = e.scheduler_info["scheduler"].tp_worker.worker.model_runner
+            generate = lambda: e.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 3, "temperature": 0})
+        else:
+            from sampler import EngineFaultError, SamplerConfig, SglangJaxSampler
+
+            sampler = SglangJaxSampler(config=SamplerConfig(model_path=model_dir, load_format="safetensors", context_length=128))
+            runner = sampler._handle.model_runner
+            generate = lambda: sampler.generate_ids([[5, 6, 7]], {"max_new_tokens": 3, "temperature": 0}, timeout=120)
+        generate()
+        leaves = list(runner.model_state_leaves)
+        leaves[0] = jax.device_put(leaves[0], jax.devices()[1])
+        runner.model_state_leaves = leaves
+        try:
+            generate()
+            result["raised"] = None
+        except Exception as err:  # noqa: BLE001
+            result["raised"] = type(err).__name__
+            result["message"] = str(err)
+        if mode == "fault_contained":
+            result["healthy"] = sampler.healthy
+            try:
+                sampler.generate_ids([[5]], {"max_new_tokens": 1})
+            except EngineFaultError:
+                result["refuses_next_call"] = True
+            sampler.shutdown()
+            time.sleep(2)
+            result["alive"] = True
     elif mode == "lifecycle":  # idle spin, threads after shutdown, signal handlers, child processes
         before = signal.getsignal(signal.SIGCHLD)
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
