@@ -383,6 +383,28 @@ class _StopOnArithmetic(float):
         _raise_stop()
 
 
+class _SchedulerStop(threading.Event):
+    """Set: the scheduler thread ends. ``wake()``: an idle scheduler returns from its wait now."""
+
+    def __init__(self):
+        super().__init__()
+        self.wake_fd, self._wake_w = os.pipe()
+        os.set_blocking(self.wake_fd, False)
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.wake_fd, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+
 def quiet_idle_scheduler(scheduler: Any, *, poll_ms: int = 20) -> threading.Event:
     """Make the scheduler wait on its sockets instead of spinning while it has no work.
 
@@ -393,19 +415,21 @@ def quiet_idle_scheduler(scheduler: Any, *, poll_ms: int = 20) -> threading.Even
     """
     import zmq
 
-    stop = threading.Event()
+    stop = _SchedulerStop()
     original: Callable[[], list] = scheduler.recv_requests
     sockets = [s for s in (scheduler.recv_from_tokenizer, scheduler.recv_from_rpc) if s is not None]
     poller = zmq.Poller()
     for sock in sockets:
         poller.register(sock, zmq.POLLIN)
+    poller.register(stop.wake_fd, zmq.POLLIN)
 
     def recv_requests() -> list:
         if stop.is_set():
             _raise_stop()
         reqs = original()
         if not reqs and (scheduler._engine_paused or scheduler.is_fully_idle()):
-            poller.poll(poll_ms)
+            if dict(poller.poll(poll_ms)).get(stop.wake_fd):
+                stop.drain()
             if stop.is_set():
                 _raise_stop()
             reqs = original()
@@ -452,6 +476,7 @@ def stop_engine_threads(
     # Scheduler thread: ends at its next recv_requests (at most one poll interval).
     if scheduler_stop is not None:
         scheduler_stop.set()
+        getattr(scheduler_stop, "wake", lambda: None)()
     # Detokenizer thread: blocked in recv_pyobj on its PULL socket; send it a pill.
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.PUSH)

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Coroutine, TypeVar
+from typing import Any, Callable, Coroutine, TypeVar
 
 import jax
 
@@ -95,7 +95,8 @@ class SchedulerPark:
     replace the weights and flush the prefix cache from its own thread.
     """
 
-    def __init__(self, scheduler: Any):
+    def __init__(self, scheduler: Any, wake: Callable[[], None] = lambda: None):
+        self._wake = wake  # returns an idle scheduler from its socket wait at once
         self._cond = threading.Condition()
         self._wanted = False
         self._parked = False
@@ -116,6 +117,7 @@ class SchedulerPark:
         """Ask the scheduler to stop and wait until it has; False (and no park) on timeout."""
         with self._cond:
             self._wanted = True
+            self._wake()
             if self._cond.wait_for(lambda: self._parked, timeout):
                 return True
             self._wanted = False
@@ -166,7 +168,7 @@ class EngineHandle:
         self.scheduler = self.engine.scheduler_info["scheduler"]
         self.model_runner = self.scheduler.tp_worker.worker.model_runner
         self._scheduler_stop = compat.quiet_idle_scheduler(self.scheduler)
-        self._park = SchedulerPark(self.scheduler)
+        self._park = SchedulerPark(self.scheduler, self._scheduler_stop.wake)
         self.loop: asyncio.AbstractEventLoop = self.engine.loop
         self.closed = False
 

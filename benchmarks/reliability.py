@@ -1,0 +1,137 @@
+"""Cost of the reliability options, and a soak of update/generate cycles.
+
+1. ``update_params(check_finite=True)`` vs the default, Qwen3-0.6B-shaped engine (28 layers,
+   random weights), engine-layout bf16 source (the zero-copy path, where a check costs the
+   most relative to the push) and Tunix-layout fp32 source; alternating rounds, medians.
+2. Soak: a tiny Qwen3 engine, N cycles of (push set A or B, alternately aliased bf16 and
+   converted fp32; fingerprint check; generate); prints cycles/s, fingerprint mismatches and
+   the live device bytes over the run (flat = no leak).
+
+    .venv/bin/python benchmarks/reliability.py [--rounds 7] [--cycles 500]
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import converters  # noqa: E402
+from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
+from sampler.tiny_model import write_tiny_model  # noqa: E402
+from sampler.tunix_models import random_tunix_model  # noqa: E402
+from sampler.weights import live_device_bytes  # noqa: E402
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def finite_check_cost(args) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-rel-"))
+    write_tiny_model(
+        tmp, "Qwen3ForCausalLM", weights=False, vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+        num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, tie_word_embeddings=True,
+    )
+    sampler = SglangJaxSampler(config=SamplerConfig(model_path=str(tmp), context_length=256, max_running_requests=2, track_memory=False))
+    try:
+        spec = sampler.spec
+        engine_sets = []
+        tunix32_sets = []
+        for seed in (args.seed, args.seed + 1):
+            model = random_tunix_model(tmp, seed=seed, dtype=jnp.float32)
+            state = nnx.state(model, nnx.Param)
+            tunix32_sets.append(state)
+            layout = converters.to_engine_layout(state, spec, dtype=jnp.bfloat16)
+            shardings = sampler.engine_shardings()
+            engine_sets.append({p: jax.device_put(x, shardings[p]) for p, x in layout.items()})
+        rows = []
+        for name, sets in (("engine layout bf16", engine_sets), ("Tunix layout fp32", tunix32_sets)):
+            times = {False: [], True: []}
+            for check in (False, True):  # warm-up: plans and the check's compilations
+                sampler.update_params(sets[0], check_finite=check)
+            for r in range(args.rounds):
+                for check in ((False, True) if r % 2 == 0 else (True, False)):
+                    src = sets[(r + check) % 2]
+                    sampler.update_params(sets[1 - (r + check) % 2])  # steady state: the other set first
+                    times[check].append(timed(lambda: sampler.update_params(src, check_finite=check)))
+            base, checked = statistics.median(times[False]), statistics.median(times[True])
+            rows.append((name, base, checked))
+        size = sum(x.nbytes for x in engine_sets[0].values()) / 2**20
+        print(f"\ncheck_finite cost, Qwen3-0.6B shape ({size:.0f} MiB bf16), {args.rounds} alternating rounds, median:\n")
+        print("| source | update_params ms | with check_finite ms | added ms |")
+        print("|---|---:|---:|---:|")
+        for name, base, checked in rows:
+            print(f"| {name} | {base * 1e3:.1f} | {checked * 1e3:.1f} | {(checked - base) * 1e3:.1f} |")
+    finally:
+        sampler.shutdown()
+
+
+def soak(args) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-soak-"))
+    path_a = write_tiny_model(tmp / "a", "Qwen3ForCausalLM", seed=args.seed)
+    path_b = write_tiny_model(tmp / "b", "Qwen3ForCausalLM", seed=args.seed + 1)
+    sampler = SglangJaxSampler(config=SamplerConfig(model_path=str(path_a), context_length=128, max_running_requests=4, track_memory=False))
+    try:
+        from safetensors.numpy import load_file
+
+        shardings = sampler.engine_shardings()
+        sets, sets32, prints = [], [], []
+        for path in (path_a, path_b):
+            layout = converters.to_engine_layout(load_file(str(path / "model.safetensors")), path)
+            sets.append({p: jax.device_put(x, shardings[p]) for p, x in layout.items()})
+            sets32.append({p: x.astype(jnp.float32) for p, x in sets[-1].items()})
+            prints.append(converters.fingerprint(sets[-1]))
+        params = {"max_new_tokens": 4, "temperature": 0.0, "ignore_eos": True}
+        sampler.update_params(sets[0])
+        sampler.generate_ids([[5, 6, 7]], params)
+        baseline = live_device_bytes()
+        live, mismatches = [], 0
+        t0 = time.perf_counter()
+        for cycle in range(args.cycles):
+            k = cycle % 2
+            sampler.update_params(sets32[k] if cycle % 3 == 0 else sets[k])
+            mismatches += sampler.fingerprint() != prints[k]
+            sampler.generate_ids([[5, 6, 7], [9, 10]], params)
+            live.append(live_device_bytes())
+        elapsed = time.perf_counter() - t0
+        first, last = live[: len(live) // 10], live[-len(live) // 10 :]
+        mib = 2**20
+        print(f"\nsoak, tiny Qwen3 ({sum(x.nbytes for x in sets[0].values()) / mib:.2f} MiB bf16), seed {args.seed}:\n")
+        print("| cycles | s per cycle | fingerprint mismatches | live MiB at start | live MiB min..max over the run | max of first 10% | max of last 10% |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print(f"| {args.cycles} | {elapsed / args.cycles * 1e3:.1f} ms | {mismatches} | {baseline / mib:.2f} | "
+              f"{min(live) / mib:.2f}..{max(live) / mib:.2f} | {max(first) / mib:.2f} | {max(last) / mib:.2f} |")
+    finally:
+        sampler.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--cycles", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-finite", action="store_true")
+    args = ap.parse_args()
+    np.random.seed(args.seed)
+    soak(args)  # first: its live-bytes baseline is then this engine alone
+    if not args.skip_finite:
+        finite_check_cost(args)
+
+
+if __name__ == "__main__":
+    main()
