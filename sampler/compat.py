@@ -283,14 +283,29 @@ class EngineFault:
 
 #: thread -> the fault that ended it (filled by the wrappers below)
 _thread_faults: dict[threading.Thread, EngineFault] = {}
+#: thread -> called with the fault when that thread fails
+_fault_callbacks: dict[threading.Thread, Callable[[EngineFault], None]] = {}
+
+
+def watch_thread_faults(threads: list[threading.Thread], callback: Callable[[EngineFault], None]) -> None:
+    """Call ``callback(fault)`` (from the failing thread) when one of ``threads`` fails."""
+    for t in threads:
+        _fault_callbacks[t] = callback
 
 
 def _record_fault(error: BaseException) -> EngineFault:
     import traceback
 
-    fault = EngineFault(threading.current_thread().name, f"{type(error).__name__}: {error}", traceback.format_exc())
-    _thread_faults[threading.current_thread()] = fault
+    thread = threading.current_thread()
+    fault = EngineFault(thread.name, f"{type(error).__name__}: {error}", traceback.format_exc())
+    _thread_faults[thread] = fault
     logger.error("sglang-jax %s thread failed (contained; the process lives on): %s", fault.thread, fault.traceback)
+    callback = _fault_callbacks.pop(thread, None)
+    if callback is not None:
+        try:
+            callback(fault)
+        except Exception:  # noqa: BLE001
+            logger.exception("fault callback failed")
     return fault
 
 
@@ -403,6 +418,14 @@ class _SchedulerStop(threading.Event):
                 pass
         except (BlockingIOError, OSError):
             pass
+
+    def close(self) -> None:
+        """Release the pipe (only once the scheduler thread has ended)."""
+        for fd in (self.wake_fd, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def quiet_idle_scheduler(scheduler: Any, *, poll_ms: int = 20) -> threading.Event:

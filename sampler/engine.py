@@ -169,6 +169,7 @@ class EngineHandle:
         self.model_runner = self.scheduler.tp_worker.worker.model_runner
         self._scheduler_stop = compat.quiet_idle_scheduler(self.scheduler)
         self._park = SchedulerPark(self.scheduler, self._scheduler_stop.wake)
+        compat.watch_thread_faults(self.threads, self._on_fault)
         self.loop: asyncio.AbstractEventLoop = self.engine.loop
         self.closed = False
 
@@ -199,6 +200,13 @@ class EngineHandle:
     def fault(self) -> compat.EngineFault | None:
         """What ended one of this engine's threads, if anything did."""
         return getattr(self.scheduler, "_contained_fault", None) or compat.thread_fault(self.threads)
+
+    def _on_fault(self, fault: compat.EngineFault) -> None:
+        """From the failing thread: end every request still waiting on this engine."""
+        try:
+            self.loop.call_soon_threadsafe(_abort_pending, self.engine.tokenizer_manager, fault)
+        except RuntimeError:  # the loop is closed: nobody is waiting
+            pass
 
     def raise_if_faulted(self) -> None:
         fault = self.fault()
@@ -264,6 +272,8 @@ class EngineHandle:
         alive = compat.stop_engine_threads(self.engine, self.threads, self._scheduler_stop)
         if alive:
             logger.warning("engine threads still running after shutdown: %s", alive)
+        if not any("scheduler" in name for name in alive):
+            self._scheduler_stop.close()
 
 
 async def _set_paused(tm: Any, paused: bool) -> None:
@@ -279,3 +289,16 @@ async def _wait_no_requests(tm: Any, timeout: float) -> bool:
             return False
         await asyncio.sleep(0.002)
     return True
+
+
+def _abort_pending(tm: Any, fault: compat.EngineFault) -> None:
+    """Finish every request of a failed engine with an "abort" finish reason (what upstream
+    returns for aborted requests), so that clients (HTTP ones too) get an answer."""
+    message = f"the engine's {fault.thread} thread failed ({fault.error}); the request was aborted"
+    for rid, state in list(tm.rid_to_state.items()):
+        state.out_list.append(
+            {"text": "", "output_ids": [], "meta_info": {"id": rid, "finish_reason": {"type": "abort", "message": message}}}
+        )
+        state.finished = True
+        state.event.set()
+        tm.rid_to_state.pop(rid, None)

@@ -412,6 +412,7 @@ class SglangJaxSampler(base_sampler.BaseSampler):
                 ),
                 timeout=timeout,
             )
+        self._handle.raise_if_faulted()  # a fault during the call ended it with "abort" answers
         return out if isinstance(out, list) else [out]
 
     def score_completions(self, prompt_tokens: np.ndarray, completion_tokens: np.ndarray) -> np.ndarray:

@@ -103,6 +103,7 @@ def test_fault_containment_works(model_dir):
     assert rc == 0 and result is not None, out[-3000:]
     assert result["raised"] == "EngineFaultError" and "scheduler" in result["message"], result
     assert result["healthy"] is False and result["refuses_next_call"] and result["alive"]
+    assert result["inflight_finish"] == "abort", result  # another client's request got an answer
 
 
 def test_head_dim_limit_still_real(model_dir, tmp_path):

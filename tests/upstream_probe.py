@@ -80,6 +80,14 @@ def main(mode: str, model_dir: str) -> None:
             runner = sampler._handle.model_runner
             generate = lambda: sampler.generate_ids([[5, 6, 7]], {"max_new_tokens": 3, "temperature": 0}, timeout=120)
         generate()
+        inflight = {}
+        if mode == "fault_contained":  # a request from another client, in flight when the fault hits
+            raw = lambda: sampler._handle.run(sampler.engine.async_generate(
+                input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 100, "temperature": 0, "ignore_eos": True}))
+            waiter = threading.Thread(target=lambda: inflight.setdefault("out", raw()), daemon=True)
+            waiter.start()
+            while not sampler.engine.tokenizer_manager.rid_to_state:
+                time.sleep(0.001)
         leaves = list(runner.model_state_leaves)
         leaves[0] = jax.device_put(leaves[0], jax.devices()[1])
         runner.model_state_leaves = leaves
@@ -90,6 +98,9 @@ def main(mode: str, model_dir: str) -> None:
             result["raised"] = type(err).__name__
             result["message"] = str(err)
         if mode == "fault_contained":
+            waiter.join(30)
+            out = inflight.get("out")
+            result["inflight_finish"] = out["meta_info"]["finish_reason"]["type"] if isinstance(out, dict) else repr(out)
             result["healthy"] = sampler.healthy
             try:
                 sampler.generate_ids([[5]], {"max_new_tokens": 1})
