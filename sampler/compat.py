@@ -20,6 +20,12 @@ upstream code.
 |                                 | blocks at interpreter exit and the process never ends                      |
 | ``restore_signal_handlers``     | ``Engine()`` installs process-wide SIGCHLD/SIGQUIT handlers; the SIGCHLD one |
 |                                 | reaps children that the host's own code waits for                          |
+| ``patch_non_stream_chunks``     | non-streamed outputs > 50 tokens repeat earlier tokens and logprobs        |
+|                                 | (120 tokens -> 270 output_ids)                                              |
+| ``patch_mixed_logprob_batches`` | a batch mixing output-logprob and no-logprob requests raises TypeError in  |
+|                                 | the scheduler thread -> SIGQUIT -> the process dies                         |
+| ``patch_contain_engine_faults`` | any exception in the scheduler/detokenizer thread SIGQUITs the process;    |
+|                                 | contained: recorded, callers get ``EngineFaultError``, the process lives   |
 """
 
 from __future__ import annotations
