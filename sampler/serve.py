@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import jax
@@ -227,8 +228,14 @@ class WeightServer:
             response["perturbed"] = result.get("leaves", [])
         return response
 
-    async def _change(self, operation: str, validate, apply, detail: dict[str, Any]):
-        """One weight change at a time: validate (nothing paused), then gate and swap."""
+    async def _change(
+        self,
+        operation: str,
+        validate: Callable[[], Awaitable[None]] | None,
+        apply: Callable[[], Any],
+        detail: dict[str, Any],
+    ):
+        """One weight change at a time: validate if given (nothing paused yet), then gate and swap."""
         if self.operation is not None:
             return _error(409, f"a weight change ({self.operation}) is already running")
         self.operation, self.state = operation, "reloading"
