@@ -3,7 +3,7 @@ PYTHON ?= python3.12
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo swap-demo test bench clean-venv
+.PHONY: demo swap-demo test lint bench clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +15,13 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m training_examples.grpo_tiny
 
 swap-demo: $(STAMP)
-	$(VENV)/bin/python -m sampler.demo
+	$(VENV)/bin/python -m training_examples.swap_demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(VENV)/bin/python -m pytest -q tests
 
 bench: $(STAMP)

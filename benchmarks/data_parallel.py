@@ -15,6 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
 import argparse  # noqa: E402
+import functools
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -27,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from sampler import DataParallelSampler, SamplerConfig, SglangJaxSampler  # noqa: E402
 from sampler.data_parallel import split_balanced  # noqa: E402
-from sampler.tiny_model import write_tiny_model  # noqa: E402
+from sampler.testing import write_tiny_model  # noqa: E402
 
 WORDS = "the quick brown fox jumps over a lazy dog while numbers one two three four".split()
 
@@ -56,8 +57,16 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-dp-"))
-    model = write_tiny_model(work / "qwen3", "Qwen3ForCausalLM", seed=args.seed, hidden_size=384, num_heads=4,
-                             num_kv_heads=2, num_layers=4, tie_word_embeddings=True)
+    model = write_tiny_model(
+        work / "qwen3",
+        "Qwen3ForCausalLM",
+        seed=args.seed,
+        hidden_size=384,
+        num_heads=4,
+        num_kv_heads=2,
+        num_layers=4,
+        tie_word_embeddings=True,
+    )
     batch = prompts(args.prompts, args.seed)
     gen = dict(max_generation_steps=args.new_tokens, temperature=0.0, ignore_eos=True)
     tokens = args.prompts * args.new_tokens
@@ -72,7 +81,9 @@ def main() -> None:
         tp4.shutdown()
     rows.append(("1 engine, tp=4", statistics.median(t), None))
 
-    dp = DataParallelSampler(config=SamplerConfig(data_parallel_size=4, max_running_requests=args.prompts // 4 + 1, **common))
+    dp = DataParallelSampler(
+        config=SamplerConfig(data_parallel_size=4, max_running_requests=args.prompts // 4 + 1, **common)
+    )
     try:
         t = timed(lambda: dp(batch, **gen), args.runs)
         same = sum(a.tolist() == b.tolist() for a, b in zip(dp(batch, **gen).tokens, reference))
@@ -81,16 +92,20 @@ def main() -> None:
         alone = []
         for s, idx in zip(dp.samplers, shares):
             part = [batch[i] for i in idx]
-            alone.append(statistics.median(timed(lambda: s(part, **gen), args.runs)))
+            alone.append(statistics.median(timed(functools.partial(s, part, **gen), args.runs)))
         wall = statistics.median(t)
         rows.append(("4 engines, tp=1 (DataParallelSampler)", wall, sum(alone) / wall))
     finally:
         dp.shutdown()
 
-    print(f"\n{args.prompts} prompts x {args.new_tokens} new tokens (greedy), Qwen3 hidden 384, 4 layers, "
-          f"4 simulated CPU devices on {os.cpu_count()} cores; median of {args.runs} runs")
-    print(f"greedy sequences identical across the two set-ups: {same}/{len(batch)} "
-          "(tp=4 sums bf16 partial products in another order than tp=1)\n")
+    print(
+        f"\n{args.prompts} prompts x {args.new_tokens} new tokens (greedy), Qwen3 hidden 384, 4 layers, "
+        f"4 simulated CPU devices on {os.cpu_count()} cores; median of {args.runs} runs"
+    )
+    print(
+        f"greedy sequences identical across the two set-ups: {same}/{len(batch)} "
+        "(tp=4 sums bf16 partial products in another order than tp=1)\n"
+    )
     print("| set-up | wall (s) | tokens/s | overlap (sum of engines alone / wall) |")
     print("|---|---|---|---|")
     for name, wall, overlap in rows:

@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
+import functools
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -30,7 +31,7 @@ from flax import nnx  # noqa: E402
 
 import converters  # noqa: E402
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
-from sampler.tiny_model import write_tiny_model  # noqa: E402
+from sampler.testing import write_tiny_model  # noqa: E402
 from sampler.tunix_models import random_tunix_model  # noqa: E402
 from sampler.weights import live_device_bytes  # noqa: E402
 
@@ -44,10 +45,21 @@ def timed(fn) -> float:
 def finite_check_cost(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-rel-"))
     write_tiny_model(
-        tmp, "Qwen3ForCausalLM", weights=False, vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-        num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, tie_word_embeddings=True,
+        tmp,
+        "Qwen3ForCausalLM",
+        weights=False,
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
     )
-    sampler = SglangJaxSampler(config=SamplerConfig(model_path=str(tmp), context_length=256, max_running_requests=2, track_memory=False))
+    sampler = SglangJaxSampler(
+        config=SamplerConfig(model_path=str(tmp), context_length=256, max_running_requests=2, track_memory=False)
+    )
     try:
         spec = sampler.spec
         engine_sets = []
@@ -65,14 +77,16 @@ def finite_check_cost(args) -> None:
             for check in (False, True):  # warm-up: plans and the check's compilations
                 sampler.update_params(sets[0], check_finite=check)
             for r in range(args.rounds):
-                for check in ((False, True) if r % 2 == 0 else (True, False)):
+                for check in (False, True) if r % 2 == 0 else (True, False):
                     src = sets[(r + check) % 2]
                     sampler.update_params(sets[1 - (r + check) % 2])  # steady state: the other set first
-                    times[check].append(timed(lambda: sampler.update_params(src, check_finite=check)))
+                    times[check].append(timed(functools.partial(sampler.update_params, src, check_finite=check)))
             base, checked = statistics.median(times[False]), statistics.median(times[True])
             rows.append((name, base, checked))
         size = sum(x.nbytes for x in engine_sets[0].values()) / 2**20
-        print(f"\ncheck_finite cost, Qwen3-0.6B shape ({size:.0f} MiB bf16), {args.rounds} alternating rounds, median:\n")
+        print(
+            f"\ncheck_finite cost, Qwen3-0.6B shape ({size:.0f} MiB bf16), {args.rounds} alternating rounds, median:\n"
+        )
         print("| source | update_params ms | with check_finite ms | added ms |")
         print("|---|---:|---:|---:|")
         for name, base, checked in rows:
@@ -85,7 +99,9 @@ def soak(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     path_a = write_tiny_model(tmp / "a", "Qwen3ForCausalLM", seed=args.seed)
     path_b = write_tiny_model(tmp / "b", "Qwen3ForCausalLM", seed=args.seed + 1)
-    sampler = SglangJaxSampler(config=SamplerConfig(model_path=str(path_a), context_length=128, max_running_requests=4, track_memory=False))
+    sampler = SglangJaxSampler(
+        config=SamplerConfig(model_path=str(path_a), context_length=128, max_running_requests=4, track_memory=False)
+    )
     try:
         from safetensors.numpy import load_file
 
@@ -112,10 +128,15 @@ def soak(args) -> None:
         first, last = live[: len(live) // 10], live[-len(live) // 10 :]
         mib = 2**20
         print(f"\nsoak, tiny Qwen3 ({sum(x.nbytes for x in sets[0].values()) / mib:.2f} MiB bf16), seed {args.seed}:\n")
-        print("| cycles | s per cycle | fingerprint mismatches | live MiB at start | live MiB min..max over the run | max of first 10% | max of last 10% |")
+        print(
+            "| cycles | s per cycle | fingerprint mismatches | live MiB at start "
+            "| live MiB min..max over the run | max of first 10% | max of last 10% |"
+        )
         print("|---:|---:|---:|---:|---:|---:|---:|")
-        print(f"| {args.cycles} | {elapsed / args.cycles * 1e3:.1f} ms | {mismatches} | {baseline / mib:.2f} | "
-              f"{min(live) / mib:.2f}..{max(live) / mib:.2f} | {max(first) / mib:.2f} | {max(last) / mib:.2f} |")
+        print(
+            f"| {args.cycles} | {elapsed / args.cycles * 1e3:.1f} ms | {mismatches} | {baseline / mib:.2f} | "
+            f"{min(live) / mib:.2f}..{max(live) / mib:.2f} | {max(first) / mib:.2f} | {max(last) / mib:.2f} |"
+        )
     finally:
         sampler.shutdown()
 

@@ -30,11 +30,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import psutil  # noqa: E402
 from flax import nnx  # noqa: E402
+from update_params import tunix_peak, tunix_peer, tunix_update  # noqa: E402
 
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
-from sampler.tiny_model import random_hf_weights, write_tiny_model, write_weights  # noqa: E402
+from sampler.testing import random_hf_weights, write_tiny_model, write_weights  # noqa: E402
 from sampler.tunix_models import random_tunix_model  # noqa: E402
-from update_params import tunix_peak, tunix_peer, tunix_update  # noqa: E402
 from sampler.weights import live_device_bytes  # noqa: E402
 
 MiB = 1 << 20
@@ -79,15 +79,30 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-sharded-"))
     write_tiny_model(
-        tmp, "Qwen3ForCausalLM", weights=False, vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-        num_layers=args.layers, num_heads=16, num_kv_heads=8, head_dim=128, tie_word_embeddings=True,
+        tmp,
+        "Qwen3ForCausalLM",
+        weights=False,
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_layers=args.layers,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
     )
     import transformers
 
-    write_weights(tmp, random_hf_weights(transformers.AutoConfig.from_pretrained(tmp), seed=args.seed), max_shard_bytes=400 * MiB)
+    write_weights(
+        tmp, random_hf_weights(transformers.AutoConfig.from_pretrained(tmp), seed=args.seed), max_shard_bytes=400 * MiB
+    )
     ckpt_bytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
 
-    sampler = SglangJaxSampler(config=SamplerConfig(model_path=str(tmp), context_length=256, max_running_requests=2, tp_size=4, track_memory=False))
+    sampler = SglangJaxSampler(
+        config=SamplerConfig(
+            model_path=str(tmp), context_length=256, max_running_requests=2, tp_size=4, track_memory=False
+        )
+    )
     mesh = jax.make_mesh((4, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     with mesh:
         model = random_tunix_model(tmp, seed=args.seed, dtype=jnp.bfloat16, mesh=mesh)
@@ -107,7 +122,7 @@ def main() -> None:
     times = {k: [] for k in cases}
     report = None
     for r in range(args.runs):
-        for name in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
+        for name in list(cases) if r % 2 == 0 else list(cases)[::-1]:
             cases[name]()  # untimed push of the same kind first: steady state
             seconds, rep = cases[name]()
             times[name].append(seconds)
@@ -130,17 +145,32 @@ def main() -> None:
     largest_tensor = max(int(x.nbytes) for x in sampler.engine_params().values())
 
     t_ours, t_tunix = statistics.median(times["ours"]), statistics.median(times["Tunix"])
-    print(f"\nQwen3-0.6B-shaped ({args.layers} layers), engine tp=4 on 4 simulated CPU devices, trainer FSDP over the "
-          f"same devices, bf16 Tunix layout; JAX {jax.__version__}, {os.cpu_count()} cores, {args.runs} rounds, seed {args.seed}\n")
-    print("| update (FSDP trainer -> tp=4 engine) | median ms | speed-up vs Tunix | bytes copied | transient extra memory |")
+    print(
+        f"\nQwen3-0.6B-shaped ({args.layers} layers), engine tp=4 on 4 simulated CPU devices, trainer FSDP over the "
+        f"same devices, bf16 Tunix layout; JAX {jax.__version__}, {os.cpu_count()} cores, {args.runs} rounds, "
+        f"seed {args.seed}\n"
+    )
+    print(
+        "| update (FSDP trainer -> tp=4 engine) | median ms | speed-up vs Tunix | bytes copied "
+        "| transient extra memory |"
+    )
     print("|---|---:|---:|---:|---:|")
-    print(f"| ours | {t_ours * 1e3:.1f} | {t_tunix / t_ours:.1f}x | {report.copied_bytes / MiB:.0f} MiB | {ours_peak / MiB:.0f} MiB |")
+    print(
+        f"| ours | {t_ours * 1e3:.1f} | {t_tunix / t_ours:.1f}x | {report.copied_bytes / MiB:.0f} MiB "
+        f"| {ours_peak / MiB:.0f} MiB |"
+    )
     print(f"| Tunix SglangJaxSampler.update_params | {t_tunix * 1e3:.1f} | 1.0x | - | {tunix_extra / MiB:.0f} MiB |")
     med = statistics.median(ckpt_times)
-    print(f"\n| load_checkpoint (HF safetensors, {len(list(tmp.glob('*.safetensors')))} shards, {ckpt_bytes / MiB:.0f} MiB) "
-          f"| median s | MB/s | peak host memory growth (anonymous RSS) | largest tensor |")
+    print(
+        f"\n| load_checkpoint (HF safetensors, {len(list(tmp.glob('*.safetensors')))} shards, "
+        f"{ckpt_bytes / MiB:.0f} MiB) "
+        f"| median s | MB/s | peak host memory growth (anonymous RSS) | largest tensor |"
+    )
     print("|---|---:|---:|---:|---:|")
-    print(f"| ours, tp=4 | {med:.2f} | {ckpt_bytes / 1e6 / med:.0f} | {statistics.median(rss) / MiB:.0f} MiB | {largest_tensor / MiB:.0f} MiB |")
+    print(
+        f"| ours, tp=4 | {med:.2f} | {ckpt_bytes / 1e6 / med:.0f} | {statistics.median(rss) / MiB:.0f} MiB "
+        f"| {largest_tensor / MiB:.0f} MiB |"
+    )
     print("| Tunix 0.1.7 | n/a (no checkpoint path) | | | |")
     sampler.shutdown()
 

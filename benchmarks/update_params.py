@@ -26,7 +26,7 @@ from flax import nnx  # noqa: E402
 
 import converters  # noqa: E402
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
-from sampler.tiny_model import write_tiny_model  # noqa: E402
+from sampler.testing import write_tiny_model  # noqa: E402
 from sampler.tunix_models import random_tunix_model  # noqa: E402
 from sampler.weights import buffer_pointers, live_device_bytes  # noqa: E402
 
@@ -92,16 +92,29 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-qwen3-0.6b-"))
     write_tiny_model(
-        tmp, "Qwen3ForCausalLM", weights=False, vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-        num_layers=args.layers, num_heads=16, num_kv_heads=8, head_dim=128, tie_word_embeddings=True,
+        tmp,
+        "Qwen3ForCausalLM",
+        weights=False,
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_layers=args.layers,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
     )
-    sampler = SglangJaxSampler(config=SamplerConfig(model_path=str(tmp), context_length=256, max_running_requests=2, track_memory=False))
+    sampler = SglangJaxSampler(
+        config=SamplerConfig(model_path=str(tmp), context_length=256, max_running_requests=2, track_memory=False)
+    )
     model = random_tunix_model(tmp, seed=args.seed, dtype=jnp.bfloat16)
     tunix_bf16 = nnx.state(model, nnx.Param)
     model32 = random_tunix_model(tmp, seed=args.seed + 1, dtype=jnp.float32)
     tunix_fp32 = nnx.state(model32, nnx.Param)
     shardings = sampler.engine_shardings()
-    engine_layout = {k: jax.device_put(v, shardings[k]) for k, v in converters.to_engine_layout(tunix_bf16, sampler.spec).items()}
+    engine_layout = {
+        k: jax.device_put(v, shardings[k]) for k, v in converters.to_engine_layout(tunix_bf16, sampler.spec).items()
+    }
     jax.block_until_ready((tunix_bf16, tunix_fp32, engine_layout))
     peer = tunix_peer(sampler, model)
     for tree in (tunix_bf16, tunix_fp32, engine_layout):  # warm-up: compile transforms, build plans
@@ -133,7 +146,7 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in cases}
     reports = {}
     for r in range(args.runs):
-        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate the order
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
             run(name)
             seconds, report = run(name)
             times[name].append(seconds)
@@ -155,8 +168,10 @@ def main() -> None:
         peaks[name] = max(0, peak - max(before, after))
     sampler.config.reshape_views = True
 
-    print(f"\nQwen3-0.6B-shaped ({args.layers} layers, {model_bytes / MiB:.0f} MiB bf16), JAX {jax.__version__} "
-          f"on {jax.devices()[0].platform} ({os.cpu_count()} cores), {args.runs} alternating rounds, seed {args.seed}\n")
+    print(
+        f"\nQwen3-0.6B-shaped ({args.layers} layers, {model_bytes / MiB:.0f} MiB bf16), JAX {jax.__version__} "
+        f"on {jax.devices()[0].platform} ({os.cpu_count()} cores), {args.runs} alternating rounds, seed {args.seed}\n"
+    )
     print("| update | median ms | speed-up vs Tunix (same source) | bytes copied | transient extra memory |")
     print("|---|---:|---:|---:|---:|")
     tunix_ref = {
@@ -170,7 +185,9 @@ def main() -> None:
         copied = rep.copied_bytes if rep is not None else _copied_by_leaves(sampler, cases[name][0], peer=peer)
         print(f"| {name} | {med * 1e3:.1f} | {ref / med:.1f}x | {copied / MiB:.0f} MiB | {peaks[name] / MiB:.0f} MiB |")
     largest = max((r.largest_copied_leaf_bytes for r in reports.values()), default=0)
-    print(f"\nlargest single engine leaf copied by ours: {largest / MiB:.0f} MiB; one model: {model_bytes / MiB:.0f} MiB")
+    print(
+        f"\nlargest single engine leaf copied by ours: {largest / MiB:.0f} MiB; one model: {model_bytes / MiB:.0f} MiB"
+    )
     sampler.shutdown()
 
 

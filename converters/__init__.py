@@ -12,6 +12,14 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from converters.architecture import (
+    Architecture,
+    TinyModel,
+    TunixModel,
+    architectures,
+    get_architecture,
+    register_architecture,
+)
 from converters.checkpoint import CheckpointError, SafetensorsCheckpoint
 from converters.errors import (
     ConversionError,
@@ -20,7 +28,7 @@ from converters.errors import (
     UnknownFormatError,
 )
 from converters.fingerprint import fingerprint
-from converters.ops import MergeAxes, ReplicateKVHeads, SplitAxis, Transpose
+from converters.ops import ExpandDims, MergeAxes, ReplicateKVHeads, Take, Transpose
 from converters.plan import ConversionPlan, EngineLeaf, PlanEntry, build_plan, convert_params
 from converters.registry import (
     Converter,
@@ -30,12 +38,21 @@ from converters.registry import (
     get_converter,
     register_converter,
 )
+from converters.rules import LeafRule
 from converters.source import as_param_tree, key_paths
-from converters.spec import ModelSpec
-from converters.tables import LeafRule
+from converters.spec import ModelSpec, read_hf_config
 
 __all__ = [
+    "Architecture",
     "CheckpointError",
+    "ExpandDims",
+    "Take",
+    "TinyModel",
+    "TunixModel",
+    "architectures",
+    "get_architecture",
+    "read_hf_config",
+    "register_architecture",
     "SafetensorsCheckpoint",
     "ConversionError",
     "ConversionPlan",
@@ -48,7 +65,6 @@ __all__ = [
     "ParamsMismatchError",
     "PlanEntry",
     "ReplicateKVHeads",
-    "SplitAxis",
     "Transpose",
     "UnknownFormatError",
     "available_converters",
@@ -61,6 +77,9 @@ __all__ = [
     "register_converter",
     "to_engine_layout",
 ]
+
+
+import converters.models  # noqa: E402,F401  (registers every architecture)
 
 
 def _spec(spec: Any) -> ModelSpec:
@@ -98,4 +117,6 @@ def fingerprint_params(
     dtype: Any = None,
 ) -> str:
     """The fingerprint an engine serving ``params`` reports (see SglangJaxSampler.fingerprint)."""
-    return fingerprint(to_engine_layout(params, spec, source_format=source_format, filter_types=filter_types, dtype=dtype))
+    return fingerprint(
+        to_engine_layout(params, spec, source_format=source_format, filter_types=filter_types, dtype=dtype)
+    )

@@ -18,7 +18,9 @@ class ParamsMismatchError(ConversionError):
         self.problems = list(problems)
         shown = self.problems[:40]
         more = len(self.problems) - len(shown)
-        text = f"{header} ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}):\n  " + "\n  ".join(shown)
+        text = f"{header} ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}):\n  " + "\n  ".join(
+            shown
+        )
         if more:
             text += f"\n  ... and {more} more"
         super().__init__(text)

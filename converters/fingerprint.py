@@ -43,11 +43,6 @@ def _digest(x):
     return jnp.stack([a, b])
 
 
-def leaf_digest(x: jax.Array) -> tuple[int, int]:
-    a, b = np.asarray(_digest(as_auto(x)))
-    return int(a), int(b)
-
-
 def fingerprint(arrays: Mapping[str, jax.Array]) -> str:
     """Hex digest of a flat mapping ``engine path -> array``."""
     digests = {path: _digest(as_auto(x)) for path, x in arrays.items()}  # dispatch all, then read

@@ -66,23 +66,25 @@ class MergeAxes:
 
 
 @dataclasses.dataclass(frozen=True)
-class SplitAxis:
-    """Reshape: split ``axis`` into (size // head_dim, head_dim)."""
+class Take:
+    """Select entry ``index`` of ``axis`` (the axis disappears): one part of a fused leaf,
+    e.g. k or v out of Gemma's ``kv_einsum`` (2, K, D, H)."""
 
     axis: int
-    reason = "reshape"
+    index: int
+    reason = "slice"
 
     def out_shape(self, shape: Shape, spec: ModelSpec) -> Shape:
-        n = shape[self.axis]
-        if n % spec.head_dim:
-            raise ValueError(f"axis {self.axis} of shape {shape} is not a multiple of head_dim {spec.head_dim}")
-        return shape[: self.axis] + (n // spec.head_dim, spec.head_dim) + shape[self.axis + 1 :]
+        if not -len(shape) <= self.axis < len(shape) or not 0 <= self.index < shape[self.axis]:
+            raise ValueError(f"cannot take entry {self.index} of axis {self.axis} of shape {shape}")
+        axis = self.axis % len(shape)
+        return shape[:axis] + shape[axis + 1 :]
 
     def is_identity(self, shape: Shape, spec: ModelSpec) -> bool:
         return False
 
     def __call__(self, x, spec: ModelSpec):
-        return jnp.reshape(x, self.out_shape(x.shape, spec))
+        return jnp.take(x, self.index, axis=self.axis)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ import numpy as np
 from converters import ops as ops_lib
 from converters.errors import DeletedArrayError, ParamsMismatchError
 from converters.registry import Converter, abstract_key
+from converters.rules import LeafRule
 from converters.sharding import auto_sharding
 from converters.spec import ModelSpec
 
@@ -39,7 +40,9 @@ class EngineLeaf:
 class PlanEntry:
     engine_index: int
     engine_path: str
-    source_index: int
+    #: The source leaf feeding this engine leaf, or (N -> 1 rules) the stacked ones in order.
+    source_indexes: tuple[int, ...]
+    #: Its path (for a stack, the pattern with the stacked index as ``{*}``).
     source_path: str
     ops: tuple[ops_lib.Op, ...]
     #: Why this leaf is copied; empty when the engine can alias the source buffers.
@@ -48,10 +51,23 @@ class PlanEntry:
     #: Aliased through a reshaped host view of the same memory (CPU only: there a
     #: row-major reshape moves no bytes; on TPU a reshape is a relayout and copies).
     view: bool = False
+    #: The sources are stacked on a new leading axis before the ops.
+    stacked: bool = False
 
     @property
     def aliased(self) -> bool:
         return not self.reasons
+
+    @property
+    def source_index(self) -> int:
+        """The (first) source leaf's index."""
+        return self.source_indexes[0]
+
+    def inputs(self, leaves: Sequence[Any]) -> Any:
+        """This entry's source leaf, or the tuple of stacked ones."""
+        if self.stacked:
+            return tuple(leaves[i] for i in self.source_indexes)
+        return leaves[self.source_indexes[0]]
 
 
 def _is_floating(dtype: Any) -> bool:
@@ -68,27 +84,36 @@ def _equivalent(src: jax.sharding.Sharding, dst: jax.sharding.Sharding, ndim: in
 
 
 @functools.lru_cache(maxsize=None)
-def _transform(ops: tuple[ops_lib.Op, ...], spec: ModelSpec, dtype: Any, out_sharding: Any, into: bool = False):
+def _transform(
+    ops: tuple[ops_lib.Op, ...],
+    spec: ModelSpec,
+    dtype: Any,
+    out_sharding: Any,
+    into: bool = False,
+    stacked: bool = False,
+):
     """One jitted function per (ops, spec, dtype, output sharding): layers share it.
 
     ``into=True`` takes the engine's old leaf as a donated first argument, so the
     result is written into its buffer: no new allocation, no extra memory.
+    ``stacked=True`` takes the sources as separate arguments and stacks them first.
     """
 
-    def fn(x):
+    def fn(*xs):
+        x = jnp.stack(xs) if stacked else xs[0]
         return ops_lib.apply(ops, x, spec).astype(dtype)
 
     if into:
         # The result must depend on ``old`` or jit drops (and never donates) it; a full
         # dynamic_update_slice of the donated buffer is done in place.
-        def fn_into(old, x):
-            return jax.lax.dynamic_update_slice(old, fn(x), (0,) * old.ndim)
+        def fn_into(old, *xs):
+            return jax.lax.dynamic_update_slice(old, fn(*xs), (0,) * old.ndim)
 
         return jax.jit(fn_into, out_shardings=out_sharding, donate_argnums=0)
     return jax.jit(fn, out_shardings=out_sharding)
 
 
-_RESHAPES = (ops_lib.MergeAxes, ops_lib.SplitAxis, ops_lib.ExpandDims)
+_RESHAPES = (ops_lib.MergeAxes, ops_lib.ExpandDims)
 
 
 def _single_cpu_device(sharding: Any):
@@ -142,7 +167,7 @@ class ConversionPlan:
         dead = [
             e.source_path
             for e in self.entries
-            if isinstance(leaves[e.source_index], jax.Array) and leaves[e.source_index].is_deleted()
+            if any(isinstance(leaves[i], jax.Array) and leaves[i].is_deleted() for i in e.source_indexes)
         ]
         if dead:
             raise DeletedArrayError(
@@ -151,7 +176,7 @@ class ConversionPlan:
             )
 
     def materialize(self, entry: PlanEntry, x: Any, reuse: jax.Array | None = None) -> jax.Array:
-        """The engine leaf for ``entry`` from its source leaf ``x``.
+        """The engine leaf for ``entry`` from its input ``x`` (``entry.inputs(leaves)``).
 
         ``reuse``: the engine's current leaf, when the engine owns it exclusively; a
         converted result is then written into its buffer (it is donated).
@@ -162,22 +187,25 @@ class ConversionPlan:
             return jax.device_put(np.asarray(x).reshape(target.shape), sharding)
         if entry.aliased:
             return x if x.sharding == sharding else jax.device_put(x, sharding)
-        if not entry.ops and np.dtype(x.dtype) == np.dtype(target.dtype):
+        if not entry.stacked and not entry.ops and np.dtype(x.dtype) == np.dtype(target.dtype):
             # Reshard or host -> device: one copy. (Not written into the donated old leaf: on
             # CPU that turns into an in-process all-to-all that can deadlock.)
             return jax.device_put(x, sharding)
-        if not isinstance(x, jax.Array):
-            x = jax.device_put(np.asarray(x), min(sharding.device_set, key=lambda d: d.id) if sharding is not None else None)
+        first = min(sharding.device_set, key=lambda d: d.id) if sharding is not None else None
+        xs = tuple(
+            a if isinstance(a, jax.Array) else jax.device_put(np.asarray(a), first)
+            for a in (x if entry.stacked else (x,))
+        )
         dtype = np.dtype(target.dtype)
-        if sharding is None or x.sharding.device_set == sharding.device_set:
+        if sharding is None or xs[0].sharding.device_set == sharding.device_set:
             out = auto_sharding(sharding)  # same placement; lets XLA propagate shardings
             if reuse is not None:
-                y = _transform(entry.ops, self.spec, dtype, out, True)(jax.device_put(reuse, out), x)
+                y = _transform(entry.ops, self.spec, dtype, out, True, entry.stacked)(jax.device_put(reuse, out), *xs)
             else:
-                y = _transform(entry.ops, self.spec, dtype, out)(x)
+                y = _transform(entry.ops, self.spec, dtype, out, False, entry.stacked)(*xs)
             return y if out is sharding else jax.device_put(y, sharding)
         # Source on other devices: transform where it lives, then move the result.
-        y = _transform(entry.ops, self.spec, dtype, None)(x)
+        y = _transform(entry.ops, self.spec, dtype, None, False, entry.stacked)(*xs)
         return jax.device_put(y, sharding)
 
     def materialize_aliases(self, leaves: Sequence[Any], *, copy: bool = False) -> dict[int, jax.Array]:
@@ -192,7 +220,11 @@ class ConversionPlan:
         for e in self.entries:
             if copy and e.aliased:
                 entries.append(e)
-            elif e.aliased and not e.view and leaves[e.source_index].sharding == self.engine_leaves[e.engine_index].sharding:
+            elif (
+                e.aliased
+                and not e.view
+                and leaves[e.source_index].sharding == self.engine_leaves[e.engine_index].sharding
+            ):
                 out[e.engine_index] = leaves[e.source_index]  # already the engine's placement
             elif e.aliased:
                 entries.append(e)
@@ -205,8 +237,93 @@ class ConversionPlan:
             for e in entries
         ]
         shardings = [self.engine_leaves[e.engine_index].sharding for e in entries]
-        out.update(zip((e.engine_index for e in entries), jax.device_put(xs, shardings, may_alias=False if copy else None)))
+        out.update(
+            zip((e.engine_index for e in entries), jax.device_put(xs, shardings, may_alias=False if copy else None))
+        )
         return out
+
+
+@dataclasses.dataclass
+class _Target:
+    """Sources matched to one engine leaf while a plan is built."""
+
+    rule: LeafRule
+    #: stack index (None for a plain rule) -> source index
+    sources: dict[int | None, int] = dataclasses.field(default_factory=dict)
+
+
+def _match_sources(
+    converter: Converter, spec: ModelSpec, paths: Sequence[str], shapes: Sequence[tuple], known: Any = None
+) -> tuple[dict[str, _Target], list[str]]:
+    """Group source leaves by the engine leaf they feed; ``known(target)`` may rename a
+    target the engine holds under another path (or return None when it has none)."""
+    problems: list[str] = []
+    targets: dict[str, _Target] = {}
+    table = f"{converter.architecture}/{converter.source_format}"
+    for si, path in enumerate(paths):
+        matches = converter.lookup(path)
+        if not matches:
+            problems.append(f"unknown parameter {path} {tuple(shapes[si])}: no rule for it in the {table} table")
+        for rule, target, stack_index in matches:
+            if known is not None:
+                engine_path = known(target)
+                if engine_path is None:
+                    problems.append(
+                        f"parameter {path} {tuple(shapes[si])} maps to engine leaf {target}, "
+                        f"which this engine does not have{_absent_hint(target, spec)}"
+                    )
+                    continue
+                target = engine_path
+            group = targets.setdefault(target, _Target(rule))
+            if stack_index in group.sources:
+                other = paths[group.sources[stack_index]]
+                problems.append(f"parameters {other} and {path} both map to engine leaf {target}")
+                continue
+            group.sources[stack_index] = si
+    for target, group in targets.items():
+        if group.rule.stack is None:
+            continue
+        count = int(spec.get(group.rule.stack) or 0)
+        have = sorted(group.sources)
+        if have != list(range(count)):
+            pattern = group.rule.source_path(abstract_key(target)[1])
+            problems.append(
+                f"engine leaf {target} stacks {count} ({group.rule.stack}) sources {pattern}; got indexes "
+                f"{_ranges(have)}" + (f", missing {_ranges(sorted(set(range(count)) - set(have)))}" if count else "")
+            )
+            continue
+        first = tuple(shapes[group.sources[0]])
+        odd = [paths[i] for i in group.sources.values() if tuple(shapes[i]) != first]
+        if odd:
+            problems.append(f"the sources stacked into {target} differ in shape: {odd[:3]} vs {first}")
+    return targets, problems
+
+
+def _ranges(numbers: list[int]) -> str:
+    if not numbers:
+        return "none"
+    if numbers == list(range(numbers[0], numbers[-1] + 1)):
+        return f"{numbers[0]}..{numbers[-1]}" if len(numbers) > 1 else str(numbers[0])
+    return ", ".join(map(str, numbers[:8])) + (" ..." if len(numbers) > 8 else "")
+
+
+def _entry_inputs(group: _Target, paths, signatures, target: str):
+    """(source indexes, source path, input shape, dtypes, shardings, stacked) of one engine leaf."""
+    if group.rule.stack is None:
+        (si,) = group.sources.values()
+        shape, dtype, sharding = signatures[si]
+        return (si,), paths[si], tuple(shape), [dtype], [sharding], False
+    order = tuple(group.sources[i] for i in range(len(group.sources)))
+    shape, _, _ = signatures[order[0]]
+    path = group.rule.source_path(abstract_key(target)[1])
+    return (
+        order,
+        path,
+        (len(order),) + tuple(shape),
+        [signatures[i][1] for i in order],
+        [signatures[i][2] for i in order],
+        True,
+    )
 
 
 def build_plan(
@@ -219,81 +336,82 @@ def build_plan(
     strict: bool = True,
     allow_views: bool = True,
 ) -> ConversionPlan:
-    """Match every source path to an engine leaf and check shapes and dtypes.
+    """Match every source path to its engine leaves and check shapes and dtypes.
 
     ``signatures`` are ``(shape, dtype, sharding)`` per source leaf. ``allow_views``
     lets reshape-only leaves on one CPU device alias the source memory. Raises
     ParamsMismatchError naming every unknown, duplicate, misshapen, non-floating or
     (when ``strict``) missing parameter.
     """
-    problems: list[str] = []
     index = {leaf.path: i for i, leaf in enumerate(engine_leaves)}
-    table = f"{converter.architecture}/{converter.source_format}"
-    fed_by: dict[str, str] = {}
+
+    def known(target: str) -> str | None:
+        if target in index:
+            return target
+        wrapped = lora_wrapped(target)  # the engine serves this linear with a LoRA wrapper
+        return wrapped if wrapped in index else None
+
+    targets, problems = _match_sources(converter, spec, paths, [s[0] for s in signatures], known)
     entries: list[PlanEntry] = []
-    for si, (path, (shape, dtype, sharding)) in enumerate(zip(paths, signatures)):
-        shape = tuple(shape)
-        hit = converter.lookup(path)
-        if hit is None:
-            problems.append(f"unknown parameter {path} {shape}: no rule for it in the {table} table")
-            continue
-        rule, target = hit
-        ei = index.get(target)
-        if ei is None and lora_wrapped(target) in index:
-            target = lora_wrapped(target)  # the engine serves this linear with a LoRA wrapper
-            ei = index[target]
-        if ei is None:
-            problems.append(
-                f"parameter {path} {shape} maps to engine leaf {target}, which this engine does not have"
-                f"{_absent_hint(target, spec)}"
-            )
-            continue
-        if target in fed_by:
-            problems.append(f"parameters {fed_by[target]} and {path} both map to engine leaf {target}")
-            continue
-        fed_by[target] = path
+    for target, group in targets.items():
+        if group.rule.stack is not None and sorted(group.sources) != list(range(int(spec.get(group.rule.stack) or 0))):
+            continue  # reported by _match_sources
+        ei = index[target]
         leaf = engine_leaves[ei]
+        sis, source_path, shape, dtypes, shardings, stacked = _entry_inputs(group, paths, signatures, target)
+        rule = group.rule
         try:
             out = ops_lib.out_shape(rule.ops, shape, spec)
         except ValueError as e:
-            problems.append(f"parameter {path} {shape} cannot be laid out for {target}: {e}")
+            problems.append(f"parameter {source_path} {shape} cannot be laid out for {target}: {e}")
             continue
         if out != tuple(leaf.shape):
             how = " after " + ", ".join(op.reason for op in rule.ops) if rule.ops else ""
             problems.append(
-                f"shape mismatch: parameter {path} {shape} gives {out}{how}, "
+                f"shape mismatch: parameter {source_path} {shape} gives {out}{how}, "
                 f"engine leaf {target} is {tuple(leaf.shape)}"
             )
             continue
-        if not _is_floating(dtype):
+        bad = sorted({np.dtype(d).name for d in dtypes if not _is_floating(d)})
+        if bad:
             problems.append(
-                f"parameter {path} {shape} has dtype {np.dtype(dtype).name}; engine leaf {target} is "
+                f"parameter {source_path} {shape} has dtype {bad[0]}; engine leaf {target} is "
                 f"{np.dtype(leaf.dtype).name} and only floating-point sources are accepted"
             )
             continue
         eff = ops_lib.effective_ops(rule.ops, shape, spec)
-        if allow_views and _can_view(eff, dtype, sharding, leaf):
-            entries.append(PlanEntry(ei, target, si, path, eff, (), leaf.nbytes, view=True))
+        if not stacked and allow_views and _can_view(eff, dtypes[0], shardings[0], leaf):
+            entries.append(PlanEntry(ei, target, sis, source_path, eff, (), leaf.nbytes, view=True))
             continue
-        reasons = [op.reason for op in eff]
-        if np.dtype(dtype) != np.dtype(leaf.dtype):
-            reasons.append(f"cast {np.dtype(dtype).name}->{np.dtype(leaf.dtype).name}")
-        if sharding is None:
+        reasons = (["stack"] if stacked else []) + [op.reason for op in eff]
+        cast = sorted(
+            {
+                f"cast {np.dtype(d).name}->{np.dtype(leaf.dtype).name}"
+                for d in dtypes
+                if np.dtype(d) != np.dtype(leaf.dtype)
+            }
+        )
+        reasons += cast
+        if any(sh is None for sh in shardings):
             reasons.append("host array")
-        elif leaf.sharding is not None and not _equivalent(sharding, leaf.sharding, len(shape)):
+        elif leaf.sharding is not None and not stacked and not _equivalent(shardings[0], leaf.sharding, len(shape)):
             reasons.append("reshard")
-        entries.append(PlanEntry(ei, target, si, path, eff, tuple(reasons), leaf.nbytes))
+        entries.append(PlanEntry(ei, target, sis, source_path, eff, tuple(reasons), leaf.nbytes, stacked=stacked))
 
-    missing = [leaf.path for leaf in engine_leaves if converter.feeds(leaf.path) and leaf.path not in fed_by]
+    missing = [leaf.path for leaf in engine_leaves if converter.feeds(leaf.path) and leaf.path not in targets]
     if missing and strict:
         for path in missing:
-            src = _source_for(converter, path)
+            src = converter.source_for(path)
             problems.append(
                 f"missing parameter for engine leaf {path} {tuple(engine_leaves[index[path]].shape)}"
                 + (f" (expected source {src})" if src else "")
             )
     if problems:
-        raise ParamsMismatchError(problems, header=f"cannot push these parameters into the {converter.architecture} engine ({table})")
+        raise ParamsMismatchError(
+            problems,
+            header=f"cannot push these parameters into the {converter.architecture} engine "
+            f"({converter.architecture}/{converter.source_format})",
+        )
     return ConversionPlan(converter, spec, entries, engine_leaves, missing, len(paths))
 
 
@@ -301,14 +419,6 @@ def lora_wrapped(path: str) -> str:
     """``...q_proj.weight`` -> ``...q_proj.base_layer.weight`` (sglang-jax static LoRA layout)."""
     head, _, leaf = path.rpartition(".")
     return f"{head}.base_layer.{leaf}"
-
-
-def _source_for(converter: Converter, engine_path: str) -> str | None:
-    pattern, numbers = abstract_key(engine_path)
-    for rule in converter.rules:
-        if rule.target == pattern:
-            return rule.source.format(*numbers)
-    return None
 
 
 def _absent_hint(target: str, spec: ModelSpec) -> str:
@@ -320,7 +430,10 @@ def _absent_hint(target: str, spec: ModelSpec) -> str:
     if target.endswith(".bias"):
         return " (the engine's model has no attention biases: another architecture?)"
     if target.endswith(("A_buffer", "B_buffer")):
-        return " (LoRA adapters need an engine started with static LoRA: enable_static_lora, lora_target_modules, max_lora_rank, lora_scaling)"
+        return (
+            " (LoRA adapters need an engine started with static LoRA: enable_static_lora, "
+            "lora_target_modules, max_lora_rank, lora_scaling)"
+        )
     if "_norm" in target and "self_attn" in target:
         return " (the engine's model has no q/k norms: another architecture?)"
     return ""
@@ -337,16 +450,15 @@ def convert_params(
 
     Used to compute what an engine would serve, e.g. for :func:`converters.fingerprint_params`.
     """
-    out: dict[str, jax.Array] = {}
-    problems = []
-    for path, x in zip(paths, leaves):
-        hit = converter.lookup(path)
-        if hit is None:
-            problems.append(f"unknown parameter {path} {tuple(np.shape(x))}")
-            continue
-        rule, target = hit
-        eff = ops_lib.effective_ops(rule.ops, tuple(np.shape(x)), spec)
-        out[target] = _transform(eff, spec, np.dtype(dtype), None)(x)
+    signatures = [(tuple(np.shape(x)), getattr(x, "dtype", None), None) for x in leaves]
+    targets, problems = _match_sources(converter, spec, paths, [s[0] for s in signatures])
     if problems:
-        raise ParamsMismatchError(problems, header=f"cannot convert with the {converter.architecture}/{converter.source_format} table")
+        raise ParamsMismatchError(
+            problems, header=f"cannot convert with the {converter.architecture}/{converter.source_format} table"
+        )
+    out: dict[str, jax.Array] = {}
+    for target, group in targets.items():
+        sis, _, shape, _, _, stacked = _entry_inputs(group, paths, signatures, target)
+        eff = ops_lib.effective_ops(group.rule.ops, shape, spec)
+        out[target] = _transform(eff, spec, np.dtype(dtype), None, False, stacked)(*(leaves[i] for i in sis))
     return out

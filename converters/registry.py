@@ -1,15 +1,20 @@
-"""Converters keyed by (HF architecture, source format), with format detection."""
+"""Converters keyed by (HF architecture, source format), with format detection.
+
+A Converter is one architecture's table for one source format and the one lookup over
+it: a source path abstracts to a pattern (every number written ``{}``) and its numbers;
+the rules with that pattern say which engine leaf it feeds.
+"""
 
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
-from converters import tables
 from converters.errors import UnknownFormatError
-from converters.tables import LeafRule, Table
+from converters.rules import LeafRule, Table
 
-_LAYER = re.compile(r"\.(\d+)(?=\.|$)")
+_NUMBER = re.compile(r"\.(\d+)(?=\.|$)")
 _LINEN_LAYER = re.compile(r"(?<![^.])layers_(\d+)(?=\.|$)")
 
 
@@ -26,8 +31,16 @@ def canonical_key(path: str) -> str:
 def abstract_key(path: str) -> tuple[str, tuple[str, ...]]:
     """``layers.3.attn.q_proj.w`` -> (``layers.{}.attn.q_proj.w``, ("3",))."""
     path = canonical_key(path)
-    numbers = tuple(_LAYER.findall(path))
-    return _LAYER.sub(".{}", path), numbers
+    return _NUMBER.sub(".{}", path), tuple(_NUMBER.findall(path))
+
+
+class Match(NamedTuple):
+    """One engine leaf a source path feeds."""
+
+    rule: LeafRule
+    target: str
+    #: The source's index in a stack (N -> 1 rules), else None.
+    stack_index: int | None
 
 
 class Converter:
@@ -37,28 +50,40 @@ class Converter:
         self.architecture = architecture
         self.source_format = source_format
         self.rules: Table = tuple(rules)
-        self._by_source = {r.source: r for r in self.rules}
-        self._targets = {r.target for r in self.rules}
-        if len(self._by_source) != len(self.rules):
-            raise ValueError(f"{architecture}/{source_format}: two rules share a source pattern")
+        self._by_source: dict[str, list[LeafRule]] = {}
+        for rule in self.rules:
+            self._by_source.setdefault(rule.lookup_pattern, []).append(rule)
+        self._by_target = {r.target: r for r in self.rules}
+        if len(self._by_target) != len(self.rules):
+            raise ValueError(f"{architecture}/{source_format}: two rules feed the same engine pattern")
 
     def __repr__(self) -> str:
         return f"Converter({self.architecture!r}, {self.source_format!r}, {len(self.rules)} rules)"
 
-    def lookup(self, path: str) -> tuple[LeafRule, str] | None:
-        """The rule for a source path and the engine path it feeds, or None.
-
-        A LoRA-wrapped engine path (``.base_layer.``) is looked up as the plain one.
-        """
+    def lookup(self, path: str) -> list[Match]:
+        """Every engine leaf the source ``path`` feeds (empty when no rule knows it)."""
         pattern, numbers = abstract_key(path)
-        rule = self._by_source.get(pattern)
-        if rule is None:
-            return None
-        return rule, rule.target.format(*numbers)
+        out = []
+        for rule in self._by_source.get(pattern, ()):
+            position = rule.stack_position
+            if position is None:
+                out.append(Match(rule, rule.target.format(*numbers), None))
+            else:
+                layer_numbers = numbers[:position] + numbers[position + 1 :]
+                out.append(Match(rule, rule.target.format(*layer_numbers), int(numbers[position])))
+        return out
+
+    def rule_for(self, engine_path: str) -> LeafRule | None:
+        """The rule that produces ``engine_path`` (a weight leaf), or None."""
+        return self._by_target.get(abstract_key(engine_path)[0])
 
     def feeds(self, engine_path: str) -> bool:
-        """Whether some rule of this table produces ``engine_path`` (a weight leaf)."""
-        return abstract_key(engine_path)[0] in self._targets
+        return self.rule_for(engine_path) is not None
+
+    def source_for(self, engine_path: str) -> str | None:
+        """The source path (pattern, for stacks) expected to feed ``engine_path``."""
+        rule = self.rule_for(engine_path)
+        return None if rule is None else rule.source_path(abstract_key(engine_path)[1])
 
     def matched(self, paths: Sequence[str]) -> int:
         return sum(1 for p in paths if abstract_key(p)[0] in self._by_source)
@@ -77,6 +102,10 @@ def register_converter(
     conv = Converter(architecture, source_format, rules)
     _REGISTRY[key] = conv
     return conv
+
+
+def unregister_converter(architecture: str, source_format: str) -> None:
+    _REGISTRY.pop((architecture, source_format), None)
 
 
 def get_converter(architecture: str, source_format: str) -> Converter:
@@ -125,20 +154,3 @@ def detect_format(architecture: str, paths: Sequence[str]) -> str:
             f"paths (e.g. {sample}); pass source_format= explicitly"
         )
     return winners[0]
-
-
-for _arch, _table in (
-    ("LlamaForCausalLM", tables.LLAMA_TUNIX + tables.TUNIX_LORA),
-    ("Qwen2ForCausalLM", tables.QWEN2_TUNIX + tables.TUNIX_LORA),
-    ("Qwen3ForCausalLM", tables.QWEN3_TUNIX + tables.TUNIX_LORA),
-):
-    register_converter(_arch, "tunix", _table)
-    register_converter(_arch, "sglang", tables.engine_layout(_table))
-for _arch, _hf, _flax in (
-    ("LlamaForCausalLM", tables.HF_BASE + tables.HF_QKV_BIAS, tables.FLAX_BASE + tables.FLAX_QKV_BIAS),
-    ("Qwen2ForCausalLM", tables.HF_BASE + tables.HF_QKV_BIAS, tables.FLAX_BASE + tables.FLAX_QKV_BIAS),
-    ("Qwen3ForCausalLM", tables.HF_BASE + tables.HF_QKV_BIAS + tables.HF_QK_NORM,
-     tables.FLAX_BASE + tables.FLAX_QKV_BIAS + tables.FLAX_QK_NORM),
-):
-    register_converter(_arch, "hf", _hf)
-    register_converter(_arch, "flax", _flax)

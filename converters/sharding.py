@@ -16,7 +16,9 @@ import jax
 
 @functools.lru_cache(maxsize=None)
 def _auto_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
-    return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+    return jax.sharding.Mesh(
+        mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+    )
 
 
 def auto_sharding(sharding):

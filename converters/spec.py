@@ -5,7 +5,35 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+#: Reads one field of an HF config (a dict or a transformers config object).
+ConfigGetter = Callable[..., Any]
+
+#: sglang-jax's dtype when the config names none.
+DEFAULT_DTYPE = "bfloat16"
+
+
+def read_hf_config(model_path: str | Path) -> dict[str, Any]:
+    """``config.json`` of an HF-style model directory, as a dict."""
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in model_path {str(model_path)!r}")
+    return json.loads(path.read_text())
+
+
+def config_getter(config: Any) -> ConfigGetter:
+    """``get(field, default=None)`` over a config dict, a transformers config or a model directory."""
+    if isinstance(config, (str, Path)):
+        config = read_hf_config(config)
+    if isinstance(config, Mapping):
+        return config.get
+    return lambda key, default=None: getattr(config, key, default)
+
+
+def head_dim_of(get: ConfigGetter) -> int:
+    """The attention head width: ``head_dim`` when the config sets it, else hidden / heads."""
+    return get("head_dim") or get("hidden_size") // get("num_attention_heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,6 +42,7 @@ class ModelSpec:
 
     ``tp_size`` matters because sglang-jax replicates KV heads when it exceeds
     ``num_kv_heads`` (h0,h0,h1,h1,... or zero padding for MHA, as its loader does).
+    Architecture-specific facts (set by the architecture's module) are in ``extra``.
     """
 
     architecture: str
@@ -27,35 +56,51 @@ class ModelSpec:
     tie_word_embeddings: bool
     tp_size: int = 1
     #: dtype of the engine's parameters (the HF config's torch_dtype unless the engine overrides it)
-    dtype: str = "bfloat16"
+    dtype: str = DEFAULT_DTYPE
+    #: Experts per MoE layer (0: a dense model); stacked rules read their count from here.
+    num_experts: int = 0
+    #: Further facts of one architecture, as sorted (name, value) pairs (hashable).
+    extra: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def from_hf_config(cls, config: Any, *, tp_size: int = 1) -> "ModelSpec":
         """From a transformers config, a config.json dict, or a model directory."""
-        if isinstance(config, (str, Path)):
-            config = json.loads((Path(config) / "config.json").read_text())
-        get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+        get = config_getter(config)
         archs = get("architectures") or []
         if not archs:
             raise ValueError("the HF config names no architecture ('architectures' is empty)")
         heads = get("num_attention_heads")
-        hidden = get("hidden_size")
-        return cls(
+        fields: dict[str, Any] = dict(
             architecture=archs[0],
             num_layers=get("num_hidden_layers"),
-            hidden_size=hidden,
+            hidden_size=get("hidden_size"),
             intermediate_size=get("intermediate_size"),
             vocab_size=get("vocab_size"),
             num_heads=heads,
             num_kv_heads=get("num_key_value_heads") or heads,
-            head_dim=get("head_dim") or hidden // heads,
+            head_dim=head_dim_of(get),
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
             tp_size=tp_size,
-            dtype=str(get("torch_dtype") or get("dtype") or "bfloat16").replace("torch.", ""),
+            dtype=str(get("torch_dtype") or get("dtype") or DEFAULT_DTYPE).replace("torch.", ""),
         )
+        from converters.architecture import find_architecture
+
+        arch = find_architecture(archs[0])
+        if arch is not None and arch.spec_fields is not None:
+            extra = dict(arch.spec_fields(get))
+            for name in [n for n in extra if n in {f.name for f in dataclasses.fields(cls)}]:
+                fields[name] = extra.pop(name)
+            fields["extra"] = tuple(sorted(extra.items()))
+        return cls(**fields)
 
     def with_tp(self, tp_size: int) -> "ModelSpec":
         return dataclasses.replace(self, tp_size=tp_size)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """A field, or an architecture-specific fact from ``extra``."""
+        if hasattr(self, name):
+            return getattr(self, name)
+        return dict(self.extra).get(name, default)
 
     @property
     def kv_replicas(self) -> int:
@@ -68,7 +113,3 @@ class ModelSpec:
     def kv_padding(self) -> str:
         """sglang-jax replicates KV heads for GQA and zero-pads them for MHA."""
         return "replicate" if self.num_heads > self.num_kv_heads else "zero"
-
-    @property
-    def engine_kv_heads(self) -> int:
-        return self.tp_size if self.tp_size > self.num_kv_heads else self.num_kv_heads

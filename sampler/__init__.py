@@ -1,11 +1,17 @@
-"""sglang-jax as the in-process rollout engine of JAX trainers (Tunix and others)."""
+"""sglang-jax as the in-process rollout engine of JAX trainers (Tunix and others).
 
+Where things happen: a weight swap in ``sampler.core.WeightSync`` (leaf writes in
+``sampler.weights``); generation in ``sampler.base.RolloutEngine`` (the Tunix front end)
+over ``SglangJaxSampler.generate_ids``; every upstream patch in ``sampler.compat``.
+"""
+
+from sampler.base import RolloutEngine, SglangSamplerOutput
 from sampler.compat import UnsupportedModelError
 from sampler.config import SamplerConfig
 from sampler.data_parallel import DataParallelSampler, create_sampler
+from sampler.engine import EngineFaultError, UpdateTimeoutError
 from sampler.reports import SharingReport, UpdateReport
-from sampler.engine import EngineFaultError
-from sampler.sampler import SglangJaxSampler, SglangSamplerOutput, UpdateTimeoutError
+from sampler.sampler import SglangJaxSampler
 
 
 def __getattr__(name):  # SglangJaxRollout pulls in tunix.rl; import it on first use
@@ -19,7 +25,7 @@ def __getattr__(name):  # SglangJaxRollout pulls in tunix.rl; import it on first
 __all__ = [
     "DataParallelSampler",
     "EngineFaultError",
-    "create_sampler",
+    "RolloutEngine",
     "SamplerConfig",
     "SharingReport",
     "SglangJaxRollout",
@@ -28,4 +34,5 @@ __all__ = [
     "UnsupportedModelError",
     "UpdateReport",
     "UpdateTimeoutError",
+    "create_sampler",
 ]

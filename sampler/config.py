@@ -42,5 +42,7 @@ class SamplerConfig:
     track_memory: bool = True
     #: How long update_params waits for in-flight generation before raising.
     update_timeout_s: float = 600.0
+    #: Progress bars for checkpoint loads and engine start-up: None shows them only on a terminal.
+    progress: bool | None = None
     log_level: str = "error"
     engine_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -13,16 +13,21 @@ import concurrent.futures
 import dataclasses
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
-import numpy as np
-from tunix.generate import base_sampler
-from tunix.generate import tokenizer_adapter as tok_adapter
 
+from converters import ModelSpec
+from sampler.base import RolloutEngine, as_tokenizer_adapter
 from sampler.config import SamplerConfig
+from sampler.core import UpdateGate, is_path
 from sampler.reports import SharingReport, UpdateReport
-from sampler.sampler import SglangJaxSampler, SglangSamplerOutput, _next_power_of_2, _UpdateGate
+from sampler.sampler import SglangJaxSampler
+
+#: The warm-up request that compiles an engine's forward passes before the next one starts.
+WARMUP_PROMPT = [1, 2, 3]
+WARMUP_PARAMS = {"max_new_tokens": 2, "temperature": 0.0}
 
 
 def device_groups(config: SamplerConfig) -> list[list[int]]:
@@ -54,7 +59,7 @@ def split_balanced(costs: Sequence[int], parts: int) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
-class DataParallelSampler(base_sampler.BaseSampler):
+class DataParallelSampler(RolloutEngine):
     """N ``SglangJaxSampler`` engines behind the ``SglangJaxSampler`` interface.
 
     Engines are built on the main thread one after another (each warms up before the next
@@ -69,13 +74,7 @@ class DataParallelSampler(base_sampler.BaseSampler):
             raise TypeError("DataParallelSampler needs config=SamplerConfig(model_path=..., data_parallel_size=N)")
         self.config = config
         groups = device_groups(config)
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(config.model_path)
-        self.tokenizer = (
-            tokenizer if isinstance(tokenizer, tok_adapter.TokenizerAdapter) else tok_adapter.TokenizerAdapter(tokenizer)
-        )
+        self.tokenizer = as_tokenizer_adapter(tokenizer, config.model_path)
         self.samplers: list[SglangJaxSampler] = []
         try:
             for i, group in enumerate(groups):
@@ -85,13 +84,13 @@ class DataParallelSampler(base_sampler.BaseSampler):
                 sampler = SglangJaxSampler(tokenizer=self.tokenizer, config=engine_config)
                 self.samplers.append(sampler)
                 # Compile this engine's forward passes before the next one starts.
-                sampler.generate_ids([[1, 2, 3]], {"max_new_tokens": 2, "temperature": 0.0}, return_logprob=False)
+                sampler.generate_ids([WARMUP_PROMPT], WARMUP_PARAMS, return_logprob=False)
         except BaseException:
             for s in self.samplers:
                 s.shutdown()
             raise
         self._pool = concurrent.futures.ThreadPoolExecutor(len(self.samplers), thread_name_prefix="dp-sampler")
-        self._gate = _UpdateGate()
+        self._gate = UpdateGate()
         self._closed = False
         self._lock = threading.Lock()
 
@@ -101,12 +100,8 @@ class DataParallelSampler(base_sampler.BaseSampler):
         return len(self.samplers)
 
     @property
-    def spec(self):
+    def spec(self) -> ModelSpec:
         return self.samplers[0].spec
-
-    @property
-    def architecture(self) -> str:
-        return self.samplers[0].architecture
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
@@ -175,25 +170,40 @@ class DataParallelSampler(base_sampler.BaseSampler):
         with self._gate.updating(self.config.update_timeout_s):
             reports = [
                 s.update_params(
-                    updated_weights, filter_types, source_format=source_format, strict=strict,
-                    track_peak_memory=track_peak_memory, alias=alias, check_finite=check_finite and i == 0,
+                    updated_weights,
+                    filter_types,
+                    source_format=source_format,
+                    strict=strict,
+                    track_peak_memory=track_peak_memory,
+                    alias=alias,
+                    check_finite=check_finite and i == 0,
                 )
                 for i, s in enumerate(self.samplers)
             ]
         return UpdateReport.combine(reports, time.perf_counter() - t0)
 
-    def load_checkpoint(self, path_or_weights: Any, *, strict: bool = True, track_peak_memory: bool = False) -> UpdateReport:
+    def load_checkpoint(
+        self, path_or_weights: Any, *, strict: bool = True, track_peak_memory: bool = False
+    ) -> UpdateReport:
         """``SglangJaxSampler.load_checkpoint`` on every engine (validated on all first)."""
-        if not (isinstance(path_or_weights, (str, bytes)) or hasattr(path_or_weights, "__fspath__")):
+        if not is_path(path_or_weights):
             return self.update_params(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
         t0 = time.perf_counter()
-        for s in self.samplers:
-            s.check_checkpoint(path_or_weights, strict=strict)
+        self.check_checkpoint(path_or_weights, strict=strict)
         with self._gate.updating(self.config.update_timeout_s):
-            reports = [s.load_checkpoint(path_or_weights, strict=strict, track_peak_memory=track_peak_memory) for s in self.samplers]
+            reports = [
+                s.load_checkpoint(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
+                for s in self.samplers
+            ]
         return UpdateReport.combine(reports, time.perf_counter() - t0)
 
-    def verify_sharing(self, updated_weights: Any, filter_types: Any = None, *, source_format: str | None = None) -> list[SharingReport]:
+    def check_checkpoint(self, path: Any, *, strict: bool = True) -> None:
+        for s in self.samplers:
+            s.check_checkpoint(path, strict=strict)
+
+    def verify_sharing(
+        self, updated_weights: Any, filter_types: Any = None, *, source_format: str | None = None
+    ) -> list[SharingReport]:
         """One SharingReport per engine."""
         return [s.verify_sharing(updated_weights, filter_types, source_format=source_format) for s in self.samplers]
 
@@ -202,10 +212,9 @@ class DataParallelSampler(base_sampler.BaseSampler):
             s.check_servable()
 
     # ------------------------------------------------------------------ generation
-    def tokenize(self, input_string: str) -> list[int]:
-        return self.samplers[0].tokenize(input_string)
-
-    def _scatter(self, costs: Sequence[int], call: Callable[[SglangJaxSampler, list[int]], Any]) -> list[tuple[list[int], Any]]:
+    def _scatter(
+        self, costs: Sequence[int], call: Callable[[SglangJaxSampler, list[int]], Any]
+    ) -> list[tuple[list[int], Any]]:
         """Run ``call(engine, indexes)`` on every engine with a non-empty share, concurrently."""
         if self._closed:
             raise RuntimeError("this sampler has been shut down")
@@ -234,8 +243,11 @@ class DataParallelSampler(base_sampler.BaseSampler):
         def call(sampler, idx):
             start = [starts[i] for i in idx] if isinstance(logprob_start_len, list) else logprob_start_len
             return sampler.generate_ids(
-                [prompts[i] for i in idx], [per[i] for i in idx], return_logprob=return_logprob,
-                logprob_start_len=start, timeout=timeout,
+                [prompts[i] for i in idx],
+                [per[i] for i in idx],
+                return_logprob=return_logprob,
+                logprob_start_len=start,
+                timeout=timeout,
             )
 
         out: list[dict | None] = [None] * len(prompts)
@@ -243,75 +255,6 @@ class DataParallelSampler(base_sampler.BaseSampler):
             for i, r in zip(idx, results):
                 out[i] = r
         return out  # type: ignore[return-value]
-
-    def score_completions(self, prompt_tokens: np.ndarray, completion_tokens: np.ndarray) -> np.ndarray:
-        """``SglangJaxSampler.score_completions`` with rows spread over the engines."""
-        prompt_tokens, completion_tokens = np.asarray(prompt_tokens), np.asarray(completion_tokens)
-        pad = self.tokenizer.pad_id()
-        costs = [int((p != pad).sum() + (c != pad).sum()) for p, c in zip(prompt_tokens, completion_tokens)]
-        out = np.zeros(completion_tokens.shape, np.float32)
-        for idx, scores in self._scatter(
-            costs, lambda s, idx: s.score_completions(prompt_tokens[idx], completion_tokens[idx])
-        ):
-            out[idx] = scores
-        return out
-
-    def __call__(
-        self,
-        input_strings: str | list[str],
-        max_generation_steps: int,
-        max_prompt_length: int | None = None,
-        temperature: float = 0.0,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        beam_size: int | None = None,
-        seed: int | list[int] | None = None,
-        multi_sampling: int = 1,
-        return_logits: bool = True,
-        echo: bool = False,
-        pad_output: bool = False,
-        **kwargs: Any,
-    ) -> SglangSamplerOutput:
-        """Tunix's sampler call, with the prompts split across the engines."""
-        if isinstance(input_strings, str):
-            input_strings = [input_strings]
-        input_strings = [str(s) for s in input_strings]
-        lengths = [len(self.tokenize(s)) for s in input_strings]
-        longest = max(lengths)
-        if max_prompt_length is None or max_prompt_length < longest:
-            max_prompt_length = _next_power_of_2(longest)  # one width for every engine's share
-        seeds = None
-        if seed is not None:
-            n = len(input_strings) * multi_sampling
-            seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else [int(seed) + i for i in range(n)]
-            if len(seeds) != n:
-                raise ValueError(f"{len(seeds)} seeds for {n} prompts")
-
-        def call(sampler, idx):
-            share_seeds = None
-            if seeds is not None:
-                share_seeds = [seeds[i * multi_sampling + k] for i in idx for k in range(multi_sampling)]
-            return sampler(
-                [input_strings[i] for i in idx], max_generation_steps, max_prompt_length, temperature, top_p, top_k,
-                beam_size, share_seeds, multi_sampling, return_logits, echo, pad_output, **kwargs,
-            )
-
-        rows: list[Any] = [None] * (len(input_strings) * multi_sampling)
-        for idx, out in self._scatter([n + max_generation_steps for n in lengths], call):
-            for j, i in enumerate(idx):
-                for k in range(multi_sampling):
-                    src = j * multi_sampling + k
-                    rows[i * multi_sampling + k] = (
-                        out.text[src], out.tokens[src], out.padded_prompt_tokens[src], out.logprobs[src], out.meta[src]
-                    )
-        return SglangSamplerOutput(
-            text=[r[0] for r in rows],
-            logits=None,
-            tokens=[r[1] for r in rows],
-            padded_prompt_tokens=np.stack([r[2] for r in rows]),
-            logprobs=[r[3] for r in rows],
-            meta=[r[4] for r in rows],
-        )
 
     # ------------------------------------------------------------------ lifecycle
     def shutdown(self) -> None:
@@ -323,12 +266,6 @@ class DataParallelSampler(base_sampler.BaseSampler):
         self._pool.shutdown(wait=True)
         for s in self.samplers:
             s.shutdown()
-
-    def __enter__(self) -> "DataParallelSampler":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
 
 
 def create_sampler(config: SamplerConfig, tokenizer: Any = None) -> SglangJaxSampler | DataParallelSampler:

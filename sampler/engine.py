@@ -1,32 +1,33 @@
-"""Start, drive and stop one sglang-jax Engine inside this process."""
+"""Start, drive, quiesce and stop one sglang-jax Engine inside this process."""
 
 from __future__ import annotations
 
 import asyncio
 import atexit
 import contextlib
-import json
 import logging
 import os
 import threading
 import time
-from pathlib import Path
-from typing import Any, Callable, Coroutine, TypeVar
+from typing import Any, Coroutine, TypeVar
 
 import jax
 
+from converters.spec import config_getter, head_dim_of, read_hf_config
 from sampler import compat
 from sampler.config import SamplerConfig
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-
-def read_hf_config(model_path: str | Path) -> dict[str, Any]:
-    path = Path(model_path) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in model_path {str(model_path)!r}")
-    return json.loads(path.read_text())
+#: How often a caller waiting on the engine looks for a fault of its threads (s).
+FAULT_POLL_S = 0.25
+#: How long pausing or resuming the tokenizer manager may take (s).
+PAUSE_TIMEOUT_S = 60.0
+#: Pause before looking again when a request slipped in just as the scheduler parked (s).
+PARK_RETRY_S = 0.002
+#: A park attempt is given at least this long (s).
+MIN_PARK_WAIT_S = 0.1
 
 
 def engine_kwargs(config: SamplerConfig) -> dict[str, Any]:
@@ -44,9 +45,6 @@ def engine_kwargs(config: SamplerConfig) -> dict[str, Any]:
         disable_radix_cache=config.disable_radix_cache,
         enable_deterministic_sampling=config.deterministic_sampling,
         log_level=config.log_level,
-        enable_single_process=True,
-        # The event loop runs in its own daemon thread, so any thread may submit work.
-        enable_engine_loop_run_forever_daemon=True,
     )
     device_indexes = config.device_indexes
     if device_indexes is None and jax.device_count() > config.tp_size:
@@ -68,12 +66,13 @@ def engine_kwargs(config: SamplerConfig) -> dict[str, Any]:
             disable_precompile=True,
             disable_overlap_schedule=True,
             # Memory profiling on CPU would size the KV cache from host RAM (GBs).
-            max_total_tokens=config.max_total_tokens
-            or config.context_length * config.max_running_requests,
+            max_total_tokens=config.max_total_tokens or config.context_length * config.max_running_requests,
         )
     elif config.max_total_tokens is not None:
         kwargs["max_total_tokens"] = config.max_total_tokens
     kwargs.update(config.engine_kwargs)
+    # The scheduler runs in this process (its model runner is what a swap writes), and the
+    # event loop in its own daemon thread, so any thread may submit work.
     kwargs["enable_single_process"] = True
     kwargs["enable_engine_loop_run_forever_daemon"] = True
     return kwargs
@@ -87,76 +86,30 @@ class UpdateTimeoutError(TimeoutError):
     """Requests kept running past the time allowed for them to finish before a weight swap."""
 
 
-class SchedulerPark:
-    """Stops the scheduler thread between two iterations, where no forward pass runs.
-
-    Wraps the scheduler's ``recv_requests`` (called once at the top of every loop
-    iteration): while a park is requested the thread waits there, so the caller may
-    replace the weights and flush the prefix cache from its own thread.
-    """
-
-    def __init__(self, scheduler: Any, wake: Callable[[], None] = lambda: None):
-        self._wake = wake  # returns an idle scheduler from its socket wait at once
-        self._cond = threading.Condition()
-        self._wanted = False
-        self._parked = False
-        inner = scheduler.recv_requests
-
-        def recv_requests() -> list:
-            with self._cond:
-                if self._wanted:
-                    self._parked = True
-                    self._cond.notify_all()
-                    self._cond.wait_for(lambda: not self._wanted)
-                    self._parked = False
-            return inner()
-
-        scheduler.recv_requests = recv_requests
-
-    def park(self, timeout: float) -> bool:
-        """Ask the scheduler to stop and wait until it has; False (and no park) on timeout."""
-        with self._cond:
-            self._wanted = True
-            self._wake()
-            if self._cond.wait_for(lambda: self._parked, timeout):
-                return True
-            self._wanted = False
-            self._cond.notify_all()
-            return False
-
-    def release(self) -> None:
-        with self._cond:
-            self._wanted = False
-            self._cond.notify_all()
-
-
 class EngineHandle:
-    """An in-process Engine plus what is needed to drive it from any thread and stop it."""
+    """An in-process Engine plus what is needed to drive it from any thread, quiesce it
+    for a weight swap, and stop it."""
 
     def __init__(self, config: SamplerConfig):
         from sgl_jax.srt.entrypoints.engine import Engine
 
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError(
-                "sglang-jax installs signal handlers while it starts, so an Engine can only be "
-                "built on the main thread"
+                "sglang-jax installs signal handlers while it starts, so an Engine can only be built on the main thread"
             )
         compat.warn_if_untested_version()
         kwargs = engine_kwargs(config)
-        hf = read_hf_config(config.model_path)
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        self.hf_config = read_hf_config(config.model_path)
         compat.check_head_dim(
-            head_dim, backend=jax.default_backend(), attention_backend=kwargs.get("attention_backend", "fa")
+            head_dim_of(config_getter(self.hf_config)),
+            backend=jax.default_backend(),
+            attention_backend=kwargs.get("attention_backend", "fa"),
         )
-        if kwargs.get("attention_backend") == "native":
-            compat.patch_merge_kv_sharding()
-        compat.patch_zmq_linger()
-        compat.patch_non_stream_chunks()
-        compat.patch_contain_engine_faults()
-        compat.patch_mixed_logprob_batches()
+        compat.prepare_engine((self.hf_config.get("architectures") or ["?"])[0], kwargs)
         self.kwargs = kwargs
         saved = compat.save_signal_handlers()
         before = set(threading.enumerate())
+        logger.info("starting the sglang-jax engine for %s (tp=%d)", config.model_path, config.tp_size)
         try:
             self.engine = Engine(**kwargs)
         finally:
@@ -165,10 +118,10 @@ class EngineHandle:
         # Upstream registered Engine.shutdown at exit (it kills the host's child processes).
         atexit.unregister(self.engine.shutdown)
         atexit.register(self.shutdown)
-        self.scheduler = self.engine.scheduler_info["scheduler"]
-        self.model_runner = self.scheduler.tp_worker.worker.model_runner
+        self.scheduler = compat.scheduler_of(self.engine)
+        self.model_runner = compat.model_runner_of(self.engine)
         self._scheduler_stop = compat.quiet_idle_scheduler(self.scheduler)
-        self._park = SchedulerPark(self.scheduler, self._scheduler_stop.wake)
+        self._park = compat.SchedulerPark(self.scheduler, self._scheduler_stop.wake)
         compat.watch_thread_faults(self.threads, self._on_fault)
         self.loop: asyncio.AbstractEventLoop = self.engine.loop
         self.closed = False
@@ -176,6 +129,10 @@ class EngineHandle:
     @property
     def mesh(self) -> jax.sharding.Mesh:
         return self.model_runner.mesh
+
+    @property
+    def tokenizer_manager(self) -> Any:
+        return self.engine.tokenizer_manager
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run an engine coroutine on the engine's event loop and wait for its result."""
@@ -186,7 +143,7 @@ class EngineHandle:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            wait = 0.25 if deadline is None else min(0.25, max(0.0, deadline - time.monotonic()))
+            wait = FAULT_POLL_S if deadline is None else min(FAULT_POLL_S, max(0.0, deadline - time.monotonic()))
             try:
                 return future.result(wait)
             except TimeoutError:
@@ -203,8 +160,9 @@ class EngineHandle:
 
     def _on_fault(self, fault: compat.EngineFault) -> None:
         """From the failing thread: end every request still waiting on this engine."""
+        message = f"the engine's {fault.thread} thread failed ({fault.error}); the request was aborted"
         try:
-            self.loop.call_soon_threadsafe(_abort_pending, self.engine.tokenizer_manager, fault)
+            self.loop.call_soon_threadsafe(compat.abort_pending, self.tokenizer_manager, message)
         except RuntimeError:  # the loop is closed: nobody is waiting
             pass
 
@@ -227,42 +185,37 @@ class EngineHandle:
         Raises UpdateTimeoutError, with nothing changed, if requests are still running after
         ``timeout`` seconds.
         """
-        tm = self.engine.tokenizer_manager
+        tm = self.tokenizer_manager
         deadline = time.monotonic() + timeout
-        self.run(_set_paused(tm, True), timeout=60)
+        self.run(compat.set_paused(tm, True), timeout=PAUSE_TIMEOUT_S)
         try:
             while True:
                 left = deadline - time.monotonic()
-                if left <= 0 or not self.run(_wait_no_requests(tm, left), timeout=left + 60):
+                if left <= 0 or not self.run(compat.wait_no_requests(tm, left), timeout=left + PAUSE_TIMEOUT_S):
                     raise UpdateTimeoutError(
-                        f"{len(tm.rid_to_state)} requests were still running after {timeout:.0f} s; "
+                        f"{compat.requests_in_flight(tm)} requests were still running after {timeout:.0f} s; "
                         "the weights were not changed"
                     )
-                if not self._park.park(max(deadline - time.monotonic(), 0.1)):
+                if not self._park.park(max(deadline - time.monotonic(), MIN_PARK_WAIT_S)):
                     continue
-                # Parked: a request sent between the check and the park is still in
-                # rid_to_state (the tokenizer records it as it sends it).
-                if not tm.rid_to_state and self.scheduler.is_fully_idle():
+                # Parked: a request sent between the check and the park is still in the
+                # request table (the tokenizer records it as it sends it).
+                if not compat.requests_in_flight(tm) and compat.scheduler_idle(self.scheduler):
                     break
                 self._park.release()
-                time.sleep(0.002)
+                time.sleep(PARK_RETRY_S)
             try:
                 yield
             finally:
                 self._park.release()
         finally:
-            self.run(_set_paused(tm, False), timeout=60)
+            self.run(compat.set_paused(tm, False), timeout=PAUSE_TIMEOUT_S)
 
     def flush_cache_parked(self) -> None:
         """Drop the prefix cache; only inside ``quiesced`` (the scheduler thread is parked)."""
-        ok, message, _ = self.scheduler.flush_cache()
+        ok, message = compat.flush_prefix_cache(self.scheduler)
         if not ok:
             raise RuntimeError(f"sglang-jax refused to flush its prefix cache: {message}")
-
-    def flush_cache(self) -> None:
-        out = self.run(self.engine.tokenizer_manager.flush_cache(), timeout=60)
-        if not getattr(out, "success", True):
-            raise RuntimeError(f"sglang-jax refused to flush its prefix cache: {out}")
 
     def shutdown(self) -> None:
         if self.closed:
@@ -274,31 +227,3 @@ class EngineHandle:
             logger.warning("engine threads still running after shutdown: %s", alive)
         if not any("scheduler" in name for name in alive):
             self._scheduler_stop.close()
-
-
-async def _set_paused(tm: Any, paused: bool) -> None:
-    async with tm.is_pause_cond:
-        tm.is_pause = paused
-        tm.is_pause_cond.notify_all()
-
-
-async def _wait_no_requests(tm: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while tm.rid_to_state:
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.002)
-    return True
-
-
-def _abort_pending(tm: Any, fault: compat.EngineFault) -> None:
-    """Finish every request of a failed engine with an "abort" finish reason (what upstream
-    returns for aborted requests), so that clients (HTTP ones too) get an answer."""
-    message = f"the engine's {fault.thread} thread failed ({fault.error}); the request was aborted"
-    for rid, state in list(tm.rid_to_state.items()):
-        state.out_list.append(
-            {"text": "", "output_ids": [], "meta_info": {"id": rid, "finish_reason": {"type": "abort", "message": message}}}
-        )
-        state.finished = True
-        state.event.set()
-        tm.rid_to_state.pop(rid, None)

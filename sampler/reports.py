@@ -57,10 +57,6 @@ class UpdateReport:
             engines=list(reports),
         )
 
-    @property
-    def bytes_moved(self) -> int:
-        return self.copied_bytes
-
     def summary(self) -> str:
         mib = 1 << 20
         parts = [

@@ -7,7 +7,8 @@ the engine options come from Tunix's own ``rollout_sglang_jax_*`` fields.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+import collections
+from typing import Any, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -15,20 +16,38 @@ import numpy as np
 from flax import nnx
 from tunix.rl.rollout import base_rollout
 
+from sampler.base import RolloutEngine
 from sampler.config import SamplerConfig
+from sampler.data_parallel import create_sampler
 from sampler.reports import UpdateReport
-from sampler.data_parallel import DataParallelSampler, create_sampler
-from sampler.sampler import SglangJaxSampler
+
+#: How many weight syncs ``SglangJaxRollout.history`` remembers.
+SYNC_HISTORY = 10_000
 
 
-def sampler_config_from_rollout(rollout_config: base_rollout.RolloutConfig, mesh: jax.sharding.Mesh | None) -> SamplerConfig:
+class SyncRecord(NamedTuple):
+    """What one weight sync did (the full UpdateReport of the last one is ``last_report``)."""
+
+    version: int
+    seconds: float
+    aliased_bytes: int
+    copied_bytes: int
+
+
+def sampler_config_from_rollout(
+    rollout_config: base_rollout.RolloutConfig, mesh: jax.sharding.Mesh | None
+) -> SamplerConfig:
     """Map Tunix's ``rollout_sglang_jax_*`` fields onto a SamplerConfig."""
     rc = rollout_config
     if not rc.rollout_sglang_jax_model_version:
         raise ValueError("RolloutConfig.rollout_sglang_jax_model_version must name the model directory")
     devices = [] if mesh is None else [int(d.id) for d in np.asarray(mesh.devices).flat]
     dp = rc.data_parallel_size if rc.data_parallel_size and rc.data_parallel_size > 0 else 1
-    tp = rc.tensor_parallel_size if rc.tensor_parallel_size and rc.tensor_parallel_size > 0 else max(1, len(devices) // dp)
+    tp = (
+        rc.tensor_parallel_size
+        if rc.tensor_parallel_size and rc.tensor_parallel_size > 0
+        else max(1, len(devices) // dp)
+    )
     context = rc.rollout_sglang_jax_context_length or (rc.max_prompt_length + rc.max_tokens_to_generate)
     engine_kwargs: dict[str, Any] = {
         "use_sort_for_toppk_minp": rc.rollout_sglang_jax_use_sort_for_toppk_minp,
@@ -92,13 +111,14 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         config = sampler_config or sampler_config_from_rollout(rollout_config, mesh)
         self._sampler = create_sampler(config, tokenizer)
         self.last_report: UpdateReport | None = None
-        self.reports: list[UpdateReport] = []
+        #: The latest syncs, oldest first (bounded: a long run does not grow it without end).
+        self.history: collections.deque[SyncRecord] = collections.deque(maxlen=SYNC_HISTORY)
         if actor is not None:
             self.update_params(nnx.state(actor, nnx.Param))
 
     # ------------------------------------------------------------------ Tunix API
     @property
-    def sampler(self) -> SglangJaxSampler | DataParallelSampler:
+    def sampler(self) -> RolloutEngine:
         return self._sampler
 
     @property
@@ -106,7 +126,9 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         """The engine's mesh (may differ from the trainer's)."""
         return self._sampler.mesh
 
-    def generate(self, prompts: list[str], rollout_config: base_rollout.RolloutConfig, **kwargs) -> base_rollout.RolloutOutput:
+    def generate(
+        self, prompts: list[str], rollout_config: base_rollout.RolloutConfig, **kwargs
+    ) -> base_rollout.RolloutOutput:
         out = self._sampler(
             input_strings=prompts,
             max_generation_steps=rollout_config.max_tokens_to_generate,
@@ -114,7 +136,9 @@ class SglangJaxRollout(base_rollout.BaseRollout):
             temperature=rollout_config.temperature,
             top_p=rollout_config.top_p,
             top_k=rollout_config.top_k,
-            seed=None if rollout_config.seed is None or not self._sampler.config.deterministic_sampling else int(np.asarray(rollout_config.seed).ravel()[0]),
+            seed=None
+            if rollout_config.seed is None or not self._sampler.config.deterministic_sampling
+            else int(np.asarray(rollout_config.seed).ravel()[0]),
             echo=False,
             pad_output=True,
             **kwargs,
@@ -144,7 +168,7 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         with jax.transfer_guard("allow"):
             report = self._sampler.update_params(params, filter_types, strict=not lora_only)
         self.last_report = report
-        self.reports.append(report)
+        self.history.append(SyncRecord(report.version, report.seconds, report.aliased_bytes, report.copied_bytes))
         return report
 
     def pad_id(self) -> int:

@@ -16,6 +16,7 @@ from flax import nnx
 
 from converters.plan import EngineLeaf
 from converters.source import key_paths
+from sampler import compat
 
 
 def buffer_pointers(x: jax.Array) -> tuple[int, ...]:
@@ -42,25 +43,6 @@ def live_device_bytes() -> int:
     return total
 
 
-def _value_setter(var: nnx.Variable) -> Callable[[jax.Array], None]:
-    """``var.set_value`` without its per-call checks when they cannot matter.
-
-    A swap writes hundreds of Variables from eager code; flax 0.12's set_value spends
-    ~15 us each on trace-level checks and a tree copy. For a plain mutable Variable
-    holding a jax.Array with no on_set_value hook, storing the new array is all it
-    does (``_raw_value``); anything else goes through set_value.
-    """
-    plain = (
-        not getattr(var, "hijax", False)
-        and getattr(var, "mutable", True)
-        and "on_set_value" not in getattr(var, "_var_metadata", {"on_set_value": None})
-        and isinstance(getattr(var, "_raw_value", None), jax.Array)
-    )
-    if plain:
-        return lambda value: object.__setattr__(var, "_raw_value", value)
-    return var.set_value
-
-
 class EngineWeights:
     """Paths, nnx Variables and current arrays of one engine's model."""
 
@@ -79,7 +61,7 @@ class EngineWeights:
             if var.get_value() is not leaf:
                 raise RuntimeError(f"engine leaf {path} is not the model's own Variable value")
         self.variables: list[nnx.Variable] = variables
-        self._setters = [_value_setter(v) for v in variables]
+        self._setters = [compat.fast_value_setter(v) for v in variables]
         #: Whether the engine alone holds each leaf's buffer (loaded, or converted by a
         #: swap) and may donate it; False for leaves aliasing a trainer's buffers.
         self.owned: list[bool] = [True] * len(leaves)
@@ -97,7 +79,12 @@ class EngineWeights:
         return dict(zip(self.paths, self.arrays))
 
     def swap(
-        self, plan, leaves: Sequence[Any], on_leaf: Callable[[int, jax.Array], None] | None = None, *, alias: bool = True
+        self,
+        plan,
+        leaves: Sequence[Any],
+        on_leaf: Callable[[int, jax.Array], None] | None = None,
+        *,
+        alias: bool = True,
     ) -> list[jax.Array]:
         """Put the plan's engine leaves in place, one at a time; returns the arrays written.
 
@@ -119,7 +106,7 @@ class EngineWeights:
             copies = not entry.aliased
             if copies:
                 reuse = work[i] if self.owned[i] and not work[i].is_deleted() else None
-                new = plan.materialize(entry, leaves[entry.source_index], reuse=reuse)
+                new = plan.materialize(entry, entry.inputs(leaves), reuse=reuse)
             else:
                 new = aliases.pop(i)
             if "reshard" in entry.reasons and len(new.sharding.device_set) > 1:
@@ -136,5 +123,3 @@ class EngineWeights:
         # A partial update cannot repair what an earlier failed swap left half-replaced.
         self.broken = was_broken and bool(plan.missing)
         return written
-
-

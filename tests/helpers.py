@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sampler.tiny_model import write_tiny_model
+from sampler.testing import write_tiny_model
 
 # case -> (architecture, config overrides)
 CASES = {
@@ -42,7 +42,7 @@ def bits(x) -> np.ndarray:
 
 
 def assert_same_bits(actual: dict, expected: dict) -> None:
-    assert sorted(actual) == sorted(expected), (sorted(set(actual) ^ set(expected)))
+    assert sorted(actual) == sorted(expected), sorted(set(actual) ^ set(expected))
     bad = []
     for k in expected:
         a, e = np.asarray(actual[k]), np.asarray(expected[k])
@@ -54,18 +54,15 @@ def assert_same_bits(actual: dict, expected: dict) -> None:
 def upstream_mappings(model_path) -> dict:
     """sglang-jax's own HF-key -> WeightMapping table for the model in ``model_path``.
 
-    Calls the model class's ``_create_*_weight_mappings`` with only the HF config
-    bound (they read nothing else), so no engine is needed.
+    Calls the model class's top ``_create_*weight_mappings`` method with only the HF config
+    bound (the dense decoders' read nothing else), so no engine is needed.
     """
-    from sgl_jax.srt.models import llama, qwen2, qwen3
+    from sgl_jax.srt.models.registry import ModelRegistry
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(str(model_path))
-    cls, top = {
-        "LlamaForCausalLM": (llama.LlamaForCausalLM, "_create_llama_weight_mappings"),
-        "Qwen2ForCausalLM": (qwen2.Qwen2ForCausalLM, "_create_qwen2_weight_mappings"),
-        "Qwen3ForCausalLM": (qwen3.Qwen3ForCausalLM, "_create_qwen3_weight_mappings"),
-    }[cfg.architectures[0]]
+    cls, _ = ModelRegistry.resolve_model_cls(cfg.architectures)
+    (top,) = [n for n in dir(cls) if n.startswith("_create") and n.endswith("weight_mappings") and "layer" not in n]
     ns = types.SimpleNamespace(config=cfg)
     for name in dir(cls):
         if name.startswith("_create"):

@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from sampler import SamplerConfig, SglangJaxSampler, UnsupportedModelError, compat
@@ -30,7 +32,7 @@ def probe(mode: str, model_dir) -> tuple[int, dict | None, str]:
         env={**os.environ, "XLA_FLAGS": ""},
     )
     out = proc.stdout + proc.stderr
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("PROBE ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
     return proc.returncode, (json.loads(lines[-1][6:]) if lines else None), out
 
 
@@ -77,15 +79,22 @@ def test_non_stream_chunk_workaround_works(model_dir, engines):
 
 def test_mixed_logprob_workaround_still_needed(model_dir):
     rc, result, out = probe("mixed_logprob", model_dir("qwen3-tied"))
-    assert result is None and rc != 0, f"mixed logprob batches work upstream now ({result}): drop patch_mixed_logprob_batches"
+    assert result is None and rc != 0, (
+        f"mixed logprob batches work upstream now ({result}): drop patch_mixed_logprob_batches"
+    )
     assert "next_token_logprobs" in out or "not subscriptable" in out
 
 
 def test_mixed_logprob_workaround_works(model_dir, engines):
     sampler = engines.get(model_dir("qwen3-tied"), load_format="safetensors")
-    out = sampler._handle.run(sampler.engine.async_generate(
-        input_ids=[[5, 6, 7], [8, 9, 10]], sampling_params={"max_new_tokens": 3, "temperature": 0.0},
-        return_logprob=[True, False]), timeout=120)
+    out = sampler._handle.run(
+        sampler.engine.async_generate(
+            input_ids=[[5, 6, 7], [8, 9, 10]],
+            sampling_params={"max_new_tokens": 3, "temperature": 0.0},
+            return_logprob=[True, False],
+        ),
+        timeout=120,
+    )
     assert [len(o["output_ids"]) for o in out] == [3, 3]
     assert len(out[0]["meta_info"]["output_token_logprobs"]) == 3 and "output_token_logprobs" not in out[1]["meta_info"]
     assert sampler.healthy
@@ -94,7 +103,9 @@ def test_mixed_logprob_workaround_works(model_dir, engines):
 
 def test_fault_containment_still_needed(model_dir):
     rc, result, out = probe("fault", model_dir("qwen3-tied"))
-    assert result is None and rc != 0, f"upstream survives an engine-thread fault now ({result}): drop patch_contain_engine_faults"
+    assert result is None and rc != 0, (
+        f"upstream survives an engine-thread fault now ({result}): drop patch_contain_engine_faults"
+    )
     assert "Scheduler hit an exception" in out
 
 
@@ -185,3 +196,22 @@ def test_tunix_rope_theta_still_ignored(model_dir):
     assert jnp.array_equal(outs[0], outs[1]), "Tunix honours rope_theta now: drop warn_tunix_rope_theta"
     assert compat.warn_tunix_rope_theta("Qwen3ForCausalLM", 10_000)
     assert not compat.warn_tunix_rope_theta("Qwen3ForCausalLM", 1_000_000.0)
+
+
+def test_upstream_internals_the_sampler_reads_still_exist(model_dir, engines):
+    """sampler.compat.internals reads these upstream internals; a rename upstream fails here
+    with the name, not somewhere inside a swap."""
+    from flax import nnx
+    from sgl_jax.srt.entrypoints import http_server
+
+    for name in ("_GlobalState", "set_global_state", "app", "lifespan", "validation_exception_handler"):
+        assert hasattr(http_server, name), f"sgl_jax http_server.{name} is gone"
+    assert isinstance(getattr(nnx.Param(np.zeros(2)), "_raw_value", None), np.ndarray | jax.Array)
+    sampler = engines.get(model_dir("qwen3-tied"))
+    scheduler = compat.scheduler_of(sampler.engine)
+    for name in ("recv_requests", "flush_cache", "is_fully_idle", "_engine_paused", "recv_from_tokenizer"):
+        assert hasattr(scheduler, name), f"Scheduler.{name} is gone"
+    assert compat.model_runner_of(sampler.engine) is sampler._handle.model_runner
+    tm = sampler.engine.tokenizer_manager
+    for name in ("is_pause", "is_pause_cond", "rid_to_state"):
+        assert hasattr(tm, name), f"TokenizerManager.{name} is gone"

@@ -66,7 +66,9 @@ def test_hf_and_flax_formats_match_upstream_loader_table(case, fmt, case_data):
         import optax
         from flax.training import train_state
 
-        source = train_state.TrainState.create(apply_fn=None, params=helpers.flax_params(hf)["params"], tx=optax.adam(1e-3))
+        source = train_state.TrainState.create(
+            apply_fn=None, params=helpers.flax_params(hf)["params"], tx=optax.adam(1e-3)
+        )
     tree = converters.as_param_tree(source)
     assert converters.detect_format(spec.architecture, converters.key_paths(tree)) == fmt.split("-")[0]
     converted = converters.to_engine_layout(source, spec)
@@ -206,3 +208,85 @@ def test_fingerprint_is_content_and_sharding_based():
     assert converters.fingerprint({"w": a}) != converters.fingerprint({"w": swapped})
     assert converters.fingerprint({"w": a}) != converters.fingerprint({"v": a})
     assert converters.fingerprint({"w": a}) != converters.fingerprint({"w": a.astype(jnp.float32)})
+
+
+# ---------------------------------------------------------------------------- N -> 1 and 1 -> N rules
+def _toy_spec(**kw):
+    return ModelSpec(
+        architecture="Toy", num_layers=2, hidden_size=4, intermediate_size=6, vocab_size=8, num_heads=2,
+        num_kv_heads=2, head_dim=3, tie_word_embeddings=True, **kw,
+    )  # fmt: skip
+
+
+def _toy_converter():
+    from converters import LeafRule, MergeAxes, Take, Transpose
+    from converters.registry import Converter
+
+    return Converter(
+        "Toy",
+        "toy",
+        [
+            # N -> 1: per-expert (I, H) matrices stacked into (E, H, I); the expert number is not a layer
+            LeafRule(
+                "blocks.{}.experts.{*}.up.w", "model.layers.{}.mlp.wi_1", (Transpose((0, 2, 1)),), stack="num_experts"
+            ),
+            # 1 -> N: a fused (2, D, K, H) leaf split into k and v (D, K*H)
+            LeafRule("blocks.{}.kv", "model.layers.{}.k_proj.weight", (Take(0, 0), MergeAxes(1, 3))),
+            LeafRule("blocks.{}.kv", "model.layers.{}.v_proj.weight", (Take(0, 1), MergeAxes(1, 3))),
+        ],
+    )
+
+
+def _toy_source(experts=3, layers=2):
+    rng = np.random.default_rng(0)
+    src = {}
+    for layer in range(layers):
+        for e in range(experts):
+            src[f"blocks.{layer}.experts.{e}.up.w"] = rng.standard_normal((6, 4)).astype(np.float32)
+        src[f"blocks.{layer}.kv"] = rng.standard_normal((2, 4, 2, 3)).astype(np.float32)
+    return src
+
+
+def test_stacked_and_split_rules_convert_like_numpy():
+    from converters.plan import convert_params
+
+    spec, conv, src = _toy_spec(num_experts=3), _toy_converter(), _toy_source()
+    got = convert_params(conv, spec, list(src), [jnp.asarray(v) for v in src.values()], jnp.float32)
+    assert sorted(got) == sorted(
+        f"model.layers.{i}.{leaf}" for i in range(2) for leaf in ("mlp.wi_1", "k_proj.weight", "v_proj.weight")
+    )
+    for layer in range(2):
+        experts = np.stack([src[f"blocks.{layer}.experts.{e}.up.w"].T for e in range(3)])
+        np.testing.assert_array_equal(np.asarray(got[f"model.layers.{layer}.mlp.wi_1"]), experts)
+        kv = src[f"blocks.{layer}.kv"]
+        np.testing.assert_array_equal(np.asarray(got[f"model.layers.{layer}.k_proj.weight"]), kv[0].reshape(4, 6))
+        np.testing.assert_array_equal(np.asarray(got[f"model.layers.{layer}.v_proj.weight"]), kv[1].reshape(4, 6))
+
+
+def test_stacked_and_split_rules_in_a_plan():
+    spec, conv, src = _toy_spec(num_experts=3), _toy_converter(), _toy_source()
+    engine = [EngineLeaf(f"model.layers.{i}.mlp.wi_1", (3, 4, 6), jnp.float32) for i in range(2)]
+    engine += [
+        EngineLeaf(f"model.layers.{i}.{p}.weight", (4, 6), jnp.float32) for i in range(2) for p in ("k_proj", "v_proj")
+    ]
+    sigs = [(v.shape, v.dtype, None) for v in src.values()]
+    plan = build_plan(conv, spec, list(src), sigs, engine)
+    by_path = {e.engine_path: e for e in plan.entries}
+    stacked = by_path["model.layers.1.mlp.wi_1"]
+    assert stacked.stacked and stacked.reasons[0] == "stack"
+    assert stacked.source_path == "blocks.1.experts.{*}.up.w"
+    assert [list(src)[i] for i in stacked.source_indexes] == [f"blocks.1.experts.{e}.up.w" for e in range(3)]
+    k, v = by_path["model.layers.0.k_proj.weight"], by_path["model.layers.0.v_proj.weight"]
+    assert k.source_indexes == v.source_indexes and "slice" in k.reasons  # one source, two engine leaves
+
+    # a missing expert is named, with the stack's pattern and the indexes it got
+    partial = {k: v for k, v in src.items() if k != "blocks.0.experts.2.up.w"}
+    msg = _plan_problems(spec, conv, partial, engine)
+    assert "engine leaf model.layers.0.mlp.wi_1 stacks 3 (num_experts) sources blocks.0.experts.{*}.up.w" in msg
+    assert "got indexes 0..1, missing 2" in msg
+    # an expert of a differently shaped source
+    odd = dict(src, **{"blocks.1.experts.1.up.w": np.zeros((5, 4), np.float32)})
+    assert "differ in shape" in _plan_problems(spec, conv, odd, engine)
+    # and a stack of more experts than the model has
+    more = {**src, "blocks.0.experts.3.up.w": src["blocks.0.experts.0.up.w"]}
+    assert "got indexes 0..3" in _plan_problems(spec, conv, more, engine)

@@ -15,8 +15,18 @@ from tests import helpers
 pytestmark = pytest.mark.engine
 
 PROMPTS = [
-    "1+1=", "hello world the quick", "Q: what is 3+4? A:", "a", "the quick brown fox jumps over",
-    "2*3=", "lorem ipsum dolor sit amet consectetur", "x", "numbers 1 2 3 4", "why", "ok go", "end of the list",
+    "1+1=",
+    "hello world the quick",
+    "Q: what is 3+4? A:",
+    "a",
+    "the quick brown fox jumps over",
+    "2*3=",
+    "lorem ipsum dolor sit amet consectetur",
+    "x",
+    "numbers 1 2 3 4",
+    "why",
+    "ok go",
+    "end of the list",
 ]
 
 
@@ -45,7 +55,9 @@ def test_device_groups_are_checked():
 @pytest.fixture(scope="module")
 def dp(model_dir):
     sampler = create_sampler(
-        SamplerConfig(model_path=str(model_dir("qwen3-tied")), data_parallel_size=4, context_length=128, max_running_requests=4)
+        SamplerConfig(
+            model_path=str(model_dir("qwen3-tied")), data_parallel_size=4, context_length=128, max_running_requests=4
+        )
     )
     assert isinstance(sampler, DataParallelSampler)
     yield sampler
@@ -95,7 +107,9 @@ def test_concurrent_generation_matches_one_engine(dp, model_dir, engines):
     expected = ref(PROMPTS, max_generation_steps=8, temperature=0.0)
 
     result = {}
-    worker = threading.Thread(target=lambda: result.setdefault("out", dp(PROMPTS, max_generation_steps=8, temperature=0.0)))
+    worker = threading.Thread(
+        target=lambda: result.setdefault("out", dp(PROMPTS, max_generation_steps=8, temperature=0.0))
+    )
     worker.start()
     worker.join(180)
     assert not worker.is_alive(), "concurrent generation on 4 engines did not finish in 180 s"
@@ -145,13 +159,16 @@ def test_sampled_duplicates_differ_across_engines(dp):
 def test_shutdown_stops_every_engine_and_thread(model_dir):
     baseline = {t.name for t in threading.enumerate()}
     sampler = DataParallelSampler(
-        config=SamplerConfig(model_path=str(model_dir("qwen3-tied")), data_parallel_size=2, context_length=64, max_running_requests=2)
+        config=SamplerConfig(
+            model_path=str(model_dir("qwen3-tied")), data_parallel_size=2, context_length=64, max_running_requests=2
+        )
     )
     assert len({t.name for t in threading.enumerate()} - baseline) > 2
     sampler.shutdown()
     sampler.shutdown()  # idempotent
     left = [
-        t.name for t in threading.enumerate()
+        t.name
+        for t in threading.enumerate()
         if t.name not in baseline and "watchdog" not in t.name and t.name != "tqdm_monitor"
     ]
     assert left == []

@@ -21,7 +21,7 @@ class CheckedRollout(SglangJaxRollout):
     def update_params(self, params, filter_types=None):
         report = super().update_params(params, filter_types)
         expected = converters.fingerprint_params(params, self.sampler.spec)
-        CheckedRollout.syncs.append((report.version, self.sampler.fingerprint(), expected))
+        CheckedRollout.syncs.append((report.version, self.sampler.fingerprint(), expected, len(report.engines)))
         return report
 
 
@@ -29,8 +29,13 @@ def _trainer_logps(actor, prompt_tokens, completion_tokens, pad_id, eos_id):
     graphdef, state = nnx.split(actor)
     return np.asarray(
         common.compute_per_token_logps(
-            graphdef, state, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-            pad_id=pad_id, eos_id=eos_id, temperature=1.0,
+            graphdef,
+            state,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            pad_id=pad_id,
+            eos_id=eos_id,
+            temperature=1.0,
         )
     )
 
@@ -38,12 +43,19 @@ def _trainer_logps(actor, prompt_tokens, completion_tokens, pad_id, eos_id):
 def test_grpo_steps_sync_fresh_weights_and_logprobs_agree(tmp_path):
     CheckedRollout.syncs = []
     state = {}
-    logs = grpo_tiny.run(steps=3, workdir=str(tmp_path), num_iterations=2, plot=False, verbose=False,
-                         rollout_cls=CheckedRollout, keep=state)
+    logs = grpo_tiny.run(
+        steps=3,
+        workdir=str(tmp_path),
+        num_iterations=2,
+        plot=False,
+        verbose=False,
+        rollout_cls=CheckedRollout,
+        keep=state,
+    )
     assert len(logs) == 3
     syncs = CheckedRollout.syncs
     assert len(syncs) >= 4  # the initial full sync + one per global step
-    for version, served, expected in syncs:
+    for version, served, expected, _ in syncs:
         assert served == expected, f"engine serves stale weights after sync v{version}"
 
     rollout, actor, config = state["rollout"], state["actor"], state["rollout_config"]
@@ -64,9 +76,9 @@ def test_grpo_steps_sync_fresh_weights_and_logprobs_agree(tmp_path):
 
 def test_reward_rises(tmp_path):
     logs = grpo_tiny.run(steps=20, workdir=str(tmp_path), plot=False, verbose=False, learning_rate=2e-3)
-    rewards = [l.reward for l in logs]
+    rewards = [log.reward for log in logs]
     assert np.mean(rewards[-6:]) > np.mean(rewards[:4]) + 0.25, rewards
-    assert all(l.sync_ms is not None for l in logs)
+    assert all(log.sync_ms is not None for log in logs)
 
 
 def test_grpo_with_data_parallel_rollout(tmp_path):
@@ -76,15 +88,23 @@ def test_grpo_with_data_parallel_rollout(tmp_path):
 
     CheckedRollout.syncs = []
     state = {}
-    logs = grpo_tiny.run(steps=2, workdir=str(tmp_path), plot=False, verbose=False, rollout_cls=CheckedRollout,
-                         keep=state, rollout_devices=2, rollout_overrides={"data_parallel_size": 2})
+    logs = grpo_tiny.run(
+        steps=2,
+        workdir=str(tmp_path),
+        plot=False,
+        verbose=False,
+        rollout_cls=CheckedRollout,
+        keep=state,
+        rollout_devices=2,
+        rollout_overrides={"data_parallel_size": 2},
+    )
     rollout = state["rollout"]
     try:
         assert len(logs) == 2
         assert isinstance(rollout.sampler, DataParallelSampler) and rollout.sampler.data_parallel_size == 2
-        assert [r.engines and len(r.engines) for r in rollout.reports] == [2] * len(rollout.reports)
         assert len(CheckedRollout.syncs) >= 3
-        for version, served, expected in CheckedRollout.syncs:  # fingerprint() raises if the engines differ
+        assert [engines for *_, engines in CheckedRollout.syncs] == [2] * len(CheckedRollout.syncs)
+        for version, served, expected, _ in CheckedRollout.syncs:  # fingerprint() raises if the engines differ
             assert served == expected, f"stale weights after sync v{version}"
     finally:
         rollout.shutdown()

@@ -49,11 +49,16 @@ def test_lora_only_updates_follow_the_trainer(model_dir, engines):
     path = model_dir("qwen3-tied")
     actor = grpo_tiny.apply_lora(load_tunix_model(path), RANK, ALPHA)
     config = base_rollout.RolloutConfig(
-        max_tokens_to_generate=6, max_prompt_length=16, temperature=1.0,
-        rollout_sglang_jax_model_version=str(path), rollout_sglang_jax_context_length=64,
-        rollout_sglang_jax_max_running_requests=4, rollout_sglang_jax_enable_static_lora=True,
+        max_tokens_to_generate=6,
+        max_prompt_length=16,
+        temperature=1.0,
+        rollout_sglang_jax_model_version=str(path),
+        rollout_sglang_jax_context_length=64,
+        rollout_sglang_jax_max_running_requests=4,
+        rollout_sglang_jax_enable_static_lora=True,
         rollout_sglang_jax_lora_target_modules=list(grpo_tiny.LORA_MODULES),
-        rollout_sglang_jax_max_lora_rank=RANK, rollout_sglang_jax_lora_scaling=ALPHA / RANK,
+        rollout_sglang_jax_max_lora_rank=RANK,
+        rollout_sglang_jax_lora_scaling=ALPHA / RANK,
         rollout_sglang_jax_log_level="error",
     )
     rollout = SglangJaxRollout(rollout_actor=actor, mesh=None, rollout_config=config)
@@ -66,7 +71,9 @@ def test_lora_only_updates_follow_the_trainer(model_dir, engines):
         mask = completions != rollout.pad_id()
         before = np.asarray(rollout.get_per_token_logps(prompts, completions))
 
-        adapter_bytes = sum(x.nbytes for p, x in sampler.engine_params().items() if p.endswith(("A_buffer", "B_buffer")))
+        adapter_bytes = sum(
+            x.nbytes for p, x in sampler.engine_params().items() if p.endswith(("A_buffer", "B_buffer"))
+        )
         plain = engines.get(path)  # the same model served without LoRA: gets the merged weights
         for step in range(2):
             _randomize_lora(actor, seed=step)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import converters
 from converters import ParamsMismatchError
 from sampler import UpdateTimeoutError
-from sampler.tiny_model import write_tiny_model
+from sampler.testing import write_tiny_model
 from sampler.weights import buffer_pointers, live_device_bytes
 from tests import helpers
 
@@ -29,7 +29,9 @@ def _raw_generate(sampler, n=8):
     """A request straight to the engine's tokenizer manager, as the HTTP server or any other
     client sends it: not through the sampler's own generate gate."""
     out = sampler._handle.run(
-        sampler.engine.async_generate(input_ids=IDS, sampling_params={"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}),
+        sampler.engine.async_generate(
+            input_ids=IDS, sampling_params={"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}
+        ),
         timeout=120,
     )
     return out["output_ids"]
@@ -59,7 +61,9 @@ def test_swaps_racing_other_clients_never_mix_weights(two_sets):
                 if raw:
                     ids = _raw_generate(sampler)
                 else:
-                    ids = sampler.generate_ids([IDS], {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True})[0]["output_ids"]
+                    ids = sampler.generate_ids([IDS], {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True})[0][
+                        "output_ids"
+                    ]
                 seen.append(expected.get(tuple(ids), f"mixed: {ids}"))
         except Exception as e:  # noqa: BLE001
             errors.append(repr(e))
@@ -132,7 +136,10 @@ def test_check_finite_refuses_nan_and_inf(two_sets):
     sampler.update_params(a)
     fp = sampler.fingerprint()
     bad = dict(b)
-    for path, index, value in (("model.layers.1.mlp.up_proj.weight", (0, 0), np.nan), ("model.norm.scale", (3,), np.inf)):
+    for path, index, value in (
+        ("model.layers.1.mlp.up_proj.weight", (0, 0), np.nan),
+        ("model.norm.scale", (3,), np.inf),
+    ):
         host = np.array(bad[path])
         host[index] = value
         bad[path] = jax.device_put(host, bad[path].sharding)
@@ -178,7 +185,8 @@ def test_soak_update_generate_cycles(two_sets):
         third = len(levels) // 3
         assert max(levels[-third:]) <= max(levels[:third]) + 64 * 1024, (kind, levels[:3], levels[-3:])
     assert max(live) <= baseline + model + 64 * 1024, (baseline, max(live))
-    print(f"soak: {cycles} cycles in {time.monotonic() - t0:.1f} s, live bytes {min(live)}..{max(live)} (baseline {baseline})")
+    elapsed = time.monotonic() - t0
+    print(f"soak: {cycles} cycles in {elapsed:.1f} s, live bytes {min(live)}..{max(live)} (baseline {baseline})")
 
 
 # ---------------------------------------------------------------------------- properties
@@ -197,9 +205,16 @@ def tiny_configs(draw):
     if hidden == kv * 128 and tp > kv:  # sglang-jax's own loader pads KV on the wrong axis here
         hidden += 128
     return dict(
-        arch=ARCHS[arch], num_layers=draw(st.integers(1, 3)), num_heads=heads, num_kv_heads=kv, hidden_size=hidden,
-        intermediate_size=draw(st.sampled_from([128, 256])), tie_word_embeddings=draw(st.booleans()),
-        dtype=draw(st.sampled_from(["bfloat16", "float32"])), tp=tp, seed=draw(st.integers(0, 3)),
+        arch=ARCHS[arch],
+        num_layers=draw(st.integers(1, 3)),
+        num_heads=heads,
+        num_kv_heads=kv,
+        hidden_size=hidden,
+        intermediate_size=draw(st.sampled_from([128, 256])),
+        tie_word_embeddings=draw(st.booleans()),
+        dtype=draw(st.sampled_from(["bfloat16", "float32"])),
+        tp=tp,
+        seed=draw(st.integers(0, 3)),
     )
 
 

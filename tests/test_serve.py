@@ -5,6 +5,7 @@ A and B; what it serves is checked against fingerprints of the checkpoints' tens
 against in-process engines that loaded the same checkpoints with sglang-jax's loader.
 """
 
+import functools
 import json
 import os
 import signal
@@ -20,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from converters import fingerprint_params
-from sampler.admin_client import AdminClient
-from sampler.admin_client import main as admin_main
+from sampler.serve.admin_client import AdminClient
+from sampler.serve.admin_client import main as admin_main
 from tests import helpers
 
 pytestmark = pytest.mark.engine
@@ -56,10 +57,27 @@ class Server:
         self.log = log
         env = dict(os.environ, JAX_PLATFORMS="cpu")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sampler.serve", "--model-path", str(model_path), "--port", str(self.port),
-             "--admin-token", TOKEN, "--enable-weight-perturb", "--context-length", "1024",
-             "--max-running-requests", "4", "--log-level", "info"],
-            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "sampler.serve",
+                "--model-path",
+                str(model_path),
+                "--port",
+                str(self.port),
+                "--admin-token",
+                TOKEN,
+                "--enable-weight-perturb",
+                "--context-length",
+                "1024",
+                "--max-running-requests",
+                "4",
+                "--log-level",
+                "info",
+            ],
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+            env=env,
             cwd=Path(__file__).resolve().parents[1],
         )
         self.admin = AdminClient(self.url, TOKEN, timeout=120)
@@ -139,7 +157,9 @@ def test_serves_upstream_routes_and_checkpoint(server, ckpts, reference_tokens):
         assert r.status == 200
     assert server.checksum() == ckpts["fp_a"]
     assert server.tokens() == reference_tokens["a"]
-    code, body, _ = _post(server.url + "/v1/completions", {"model": "m", "prompt": "1+1=", "max_tokens": 4, "temperature": 0})
+    code, body, _ = _post(
+        server.url + "/v1/completions", {"model": "m", "prompt": "1+1=", "max_tokens": 4, "temperature": 0}
+    )
     assert code == 200 and body["choices"][0]["finish_reason"] in ("length", "stop"), body
 
 
@@ -167,7 +187,9 @@ def test_in_flight_requests_finish_on_old_weights_new_ones_get_503(server, ckpts
     assert len(old_long) == LONG_TOKENS
 
     results = {}
-    long_req = threading.Thread(target=lambda: results.setdefault("long", server.generate(long_ids, LONG_TOKENS, ignore_eos=True)))
+    long_req = threading.Thread(
+        target=lambda: results.setdefault("long", server.generate(long_ids, LONG_TOKENS, ignore_eos=True))
+    )
     long_req.start()
     deadline = time.monotonic() + 30
     while server.status()["in_flight"] < 1:
@@ -244,7 +266,9 @@ def test_bad_reloads_keep_the_old_weights(server, ckpts, tmp_path):
     (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     code, body = server.reload(corrupt)
     assert code == 400 and body["error"]["type"] == "CheckpointError", body
-    code, body = server.admin.request("POST", "/admin/reload_weights", {"model_path": str(ckpts["a"]), "load_format": "pt"})
+    code, body = server.admin.request(
+        "POST", "/admin/reload_weights", {"model_path": str(ckpts["a"]), "load_format": "pt"}
+    )
     assert code == 400
 
     status = server.status()
@@ -254,7 +278,7 @@ def test_bad_reloads_keep_the_old_weights(server, ckpts, tmp_path):
 
     for token in (None, "wrong"):
         client = AdminClient(server.url, token)
-        for call in (lambda: client.reload(str(ckpts["a"])), client.status, client.checksum):
+        for call in (functools.partial(client.reload, str(ckpts["a"])), client.status, client.checksum):
             code, body = call()
             assert code == 401, body
     code, _, headers = _post(server.url + "/flush_cache", {})

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from converters import CheckpointError, ParamsMismatchError
-from sampler.tiny_model import write_weights
+from sampler.testing import write_weights
 from sampler.tunix_models import load_tunix_model
 from sampler.weights import buffer_pointers
 from tests import helpers
@@ -103,7 +103,9 @@ def test_bad_checkpoints_are_refused_and_weights_kept(model_dir, engines, tmp_pa
     hf = helpers.hf_tensors(path)
     del hf["model.layers.1.mlp.up_proj.weight"]
     write_weights(missing, hf)
-    with pytest.raises(ParamsMismatchError, match="missing parameter for engine leaf model.layers.1.mlp.up_proj.weight"):
+    with pytest.raises(
+        ParamsMismatchError, match="missing parameter for engine leaf model.layers.1.mlp.up_proj.weight"
+    ):
         sampler.load_checkpoint(str(missing))
     assert sampler.fingerprint() == fp
     assert all(len(t) for t in helpers.greedy(sampler, steps=2)[0])
@@ -152,7 +154,9 @@ def test_disaggregated_engine_on_other_devices(model_dir, engines, tp_reference)
     path = model_dir("qwen3-tp")
     expected = tp_reference(path, 2)
     sampler = engines.get(path, tp_size=2, device_indexes=[2, 3])
-    mesh = jax.make_mesh((2, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:2])
+    mesh = jax.make_mesh(
+        (2, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:2]
+    )
     with mesh:
         state = nnx.state(load_tunix_model(path, mesh=mesh, dtype=jnp.bfloat16), nnx.Param)
     report = sampler.update_params(state)

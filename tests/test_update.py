@@ -127,7 +127,11 @@ def _bad_inputs(sampler, state):
     return {
         "missing": (missing, "missing parameter for engine leaf model.layers.1.mlp.up_proj.weight (128, 256)"),
         "unknown": (unknown, "unknown parameter model.layers.0.mlp.spare_proj.weight (128, 256)"),
-        "wrong shape": (wrong_shape, "parameter model.layers.0.self_attn.o_proj.weight (128, 256) gives (128, 256), engine leaf model.layers.0.self_attn.o_proj.weight is (256, 128)"),
+        "wrong shape": (
+            wrong_shape,
+            "parameter model.layers.0.self_attn.o_proj.weight (128, 256) gives (128, 256), "
+            "engine leaf model.layers.0.self_attn.o_proj.weight is (256, 128)",
+        ),
         "integer": (integer, "model.norm.scale (128,) has dtype int32"),
     }
 
@@ -187,7 +191,7 @@ def test_sampler_output_follows_tunix_conventions(setup):
     assert out.padded_prompt_tokens.shape == (2, 16)
     for row, prompt in zip(out.padded_prompt_tokens, prompts):
         ids = sampler.tokenize(prompt)
-        assert row[-len(ids):].tolist() == ids
+        assert row[-len(ids) :].tolist() == ids
         assert (row[: 16 - len(ids)] == sampler.tokenizer.pad_id()).all()
     assert all(t.shape == (6,) for t in out.tokens) and all(lp.shape == (6,) for lp in out.logprobs)
     plain = sampler(prompts, max_generation_steps=6)

@@ -55,14 +55,21 @@ def main(mode: str, model_dir: str) -> None:
         result["generated"] = len(out["meta_info"].get("output_token_logprobs") or out["output_ids"] or [0]) > 0
     elif mode == "long_generate":  # non-streamed outputs longer than 50 tokens
         e = engine(model_dir)
-        out = e.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 120, "temperature": 0, "ignore_eos": True}, return_logprob=True)
+        out = e.generate(
+            input_ids=[5, 6, 7],
+            sampling_params={"max_new_tokens": 120, "temperature": 0, "ignore_eos": True},
+            return_logprob=True,
+        )
         result["completion_tokens"] = out["meta_info"]["completion_tokens"]
         result["output_ids"] = len(out["output_ids"])
         result["output_token_logprobs"] = len(out["meta_info"]["output_token_logprobs"])
     elif mode == "mixed_logprob":  # one request with output logprobs, one without, one batch
         e = engine(model_dir)
-        out = e.generate(input_ids=[[5, 6, 7], [8, 9, 10]], sampling_params={"max_new_tokens": 3, "temperature": 0},
-                         return_logprob=[True, False])
+        out = e.generate(
+            input_ids=[[5, 6, 7], [8, 9, 10]],
+            sampling_params={"max_new_tokens": 3, "temperature": 0},
+            return_logprob=[True, False],
+        )
         result["generated"] = [len(o["output_ids"]) for o in out]
     elif mode in ("fault", "fault_contained"):
         # A real engine-thread fault: one served weight moved to another device, as a buggy
@@ -76,14 +83,19 @@ def main(mode: str, model_dir: str) -> None:
         else:
             from sampler import EngineFaultError, SamplerConfig, SglangJaxSampler
 
-            sampler = SglangJaxSampler(config=SamplerConfig(model_path=model_dir, load_format="safetensors", context_length=128))
+            sampler = SglangJaxSampler(
+                config=SamplerConfig(model_path=model_dir, load_format="safetensors", context_length=128)
+            )
             runner = sampler._handle.model_runner
             generate = lambda: sampler.generate_ids([[5, 6, 7]], {"max_new_tokens": 3, "temperature": 0}, timeout=120)
         generate()
         inflight = {}
         if mode == "fault_contained":  # a request from another client, in flight when the fault hits
-            raw = lambda: sampler._handle.run(sampler.engine.async_generate(
-                input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 100, "temperature": 0, "ignore_eos": True}))
+            raw = lambda: sampler._handle.run(
+                sampler.engine.async_generate(
+                    input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 100, "temperature": 0, "ignore_eos": True}
+                )
+            )
             waiter = threading.Thread(target=lambda: inflight.setdefault("out", raw()), daemon=True)
             waiter.start()
             while not sampler.engine.tokenizer_manager.rid_to_state:
@@ -100,7 +112,9 @@ def main(mode: str, model_dir: str) -> None:
         if mode == "fault_contained":
             waiter.join(30)
             out = inflight.get("out")
-            result["inflight_finish"] = out["meta_info"]["finish_reason"]["type"] if isinstance(out, dict) else repr(out)
+            result["inflight_finish"] = (
+                out["meta_info"]["finish_reason"]["type"] if isinstance(out, dict) else repr(out)
+            )
             result["healthy"] = sampler.healthy
             try:
                 sampler.generate_ids([[5]], {"max_new_tokens": 1})
@@ -117,7 +131,9 @@ def main(mode: str, model_dir: str) -> None:
         result["idle_busy"] = busy_fraction()
         e.shutdown()
         time.sleep(0.5)
-        result["threads_after_shutdown"] = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
+        result["threads_after_shutdown"] = sorted(
+            t.name for t in threading.enumerate() if t is not threading.main_thread()
+        )
         result["busy_after_shutdown"] = busy_fraction()
         result["child_killed"] = child.poll() is not None
         child.kill()

@@ -22,7 +22,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
-from sampler.tiny_model import write_tiny_model  # noqa: E402
+from sampler.testing import write_tiny_model  # noqa: E402
 from sampler.tunix_models import load_tunix_model  # noqa: E402
 
 PROMPT, TARGET = "Q: 3+4=", "7"
@@ -32,7 +32,9 @@ def run(steps: int = 20, workdir: str = "runs/custom_loop", verbose: bool = True
     model_dir = write_tiny_model(os.path.join(workdir, "tiny-qwen3"), "Qwen3ForCausalLM", seed=0)
     model = load_tunix_model(model_dir, dtype=jnp.bfloat16)
     optimizer = nnx.Optimizer(model, optax.adam(2e-3), wrt=nnx.Param)
-    sampler = SglangJaxSampler(config=SamplerConfig(model_path=str(model_dir), context_length=64, max_running_requests=2))
+    sampler = SglangJaxSampler(
+        config=SamplerConfig(model_path=str(model_dir), context_length=64, max_running_requests=2)
+    )
     prompt = sampler.tokenize(PROMPT)
     target = sampler.tokenizer.encode(TARGET) + [sampler.tokenizer.eos_id()]
     tokens = jnp.asarray([prompt + target])
@@ -62,8 +64,11 @@ def run(steps: int = 20, workdir: str = "runs/custom_loop", verbose: bool = True
             reports.append(report)
             text = sampler([PROMPT], max_generation_steps=4).text[0]
             if verbose:
-                print(f"step {step:3d} loss {float(loss):.3f}  sync {report.seconds * 1e3:5.1f} ms "
-                      f"aliased {len(report.aliased)} copied {len(report.copied)}  engine says {text!r}", flush=True)
+                print(
+                    f"step {step:3d} loss {float(loss):.3f}  sync {report.seconds * 1e3:5.1f} ms "
+                    f"aliased {len(report.aliased)} copied {len(report.copied)}  engine says {text!r}",
+                    flush=True,
+                )
         sharing = sampler.verify_sharing(nnx.state(model, nnx.Param))
         if verbose:
             print(f"engine shares every trainer buffer: {sharing.all_shared} ({len(sharing.shared)} leaves)")

@@ -28,8 +28,18 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 PROMPTS = [
-    "Q: 3+4=", "Q: 7+2=", "Q: 1+1=", "Q: 9+9=", "Q: 12+7=", "count: ", "number: ", "sum: ",
-    "what is 4+4? A: ", "the answer is ", "hello ", "yes or no? ",
+    "Q: 3+4=",
+    "Q: 7+2=",
+    "Q: 1+1=",
+    "Q: 9+9=",
+    "Q: 12+7=",
+    "count: ",
+    "number: ",
+    "sum: ",
+    "what is 4+4? A: ",
+    "the answer is ",
+    "hello ",
+    "yes or no? ",
 ]
 
 
@@ -66,11 +76,24 @@ class StepLog:
     seconds: float
 
 
-def run(steps: int = 30, workdir: str = "runs/grpo_tiny", *, seed: int = 0, learning_rate: float = 3e-3,
-        num_generations: int = 4, batch_size: int = 4, num_iterations: int = 1, plot: bool = True,
-        verbose: bool = True, rollout_cls=None, keep: dict | None = None,
-        lora_rank: int | None = None, lora_alpha: float = 16.0, rollout_devices: int = 1,
-        rollout_overrides: dict | None = None) -> list[StepLog]:
+def run(
+    steps: int = 30,
+    workdir: str = "runs/grpo_tiny",
+    *,
+    seed: int = 0,
+    learning_rate: float = 3e-3,
+    num_generations: int = 4,
+    batch_size: int = 4,
+    num_iterations: int = 1,
+    plot: bool = True,
+    verbose: bool = True,
+    rollout_cls=None,
+    keep: dict | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: float = 16.0,
+    rollout_devices: int = 1,
+    rollout_overrides: dict | None = None,
+) -> list[StepLog]:
     """Run the demo; returns one StepLog per GRPO step.
 
     ``keep``: if given, receives the live rollout, actor and rollout config, and the
@@ -84,18 +107,26 @@ def run(steps: int = 30, workdir: str = "runs/grpo_tiny", *, seed: int = 0, lear
     from tunix.rl.rollout import base_rollout
 
     from sampler import SglangJaxRollout
-    from sampler.tiny_model import write_tiny_model
+    from sampler.testing import write_tiny_model
     from sampler.tunix_models import load_tunix_model
 
     work = Path(workdir)
     model_dir = write_tiny_model(work / "tiny-qwen3", "Qwen3ForCausalLM", seed=seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:1])
+    mesh = jax.make_mesh(
+        (1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:1]
+    )
     with mesh:
         actor = load_tunix_model(model_dir, dtype=jnp.float32, mesh=mesh)
-    rollout_mesh = mesh if rollout_devices == 1 else jax.make_mesh(
-        (1, rollout_devices), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
-        devices=jax.devices()[:rollout_devices],
+    rollout_mesh = (
+        mesh
+        if rollout_devices == 1
+        else jax.make_mesh(
+            (1, rollout_devices),
+            ("fsdp", "tp"),
+            axis_types=(jax.sharding.AxisType.Auto,) * 2,
+            devices=jax.devices()[:rollout_devices],
+        )
     )
     lora_fields = {}
     if lora_rank:
@@ -116,7 +147,11 @@ def run(steps: int = 30, workdir: str = "runs/grpo_tiny", *, seed: int = 0, lear
 
     max_new = 8
     cluster_config = rl_cluster_lib.ClusterConfig(
-        role_to_mesh={rl_cluster_lib.Role.ACTOR: mesh, rl_cluster_lib.Role.REFERENCE: mesh, rl_cluster_lib.Role.ROLLOUT: rollout_mesh},
+        role_to_mesh={
+            rl_cluster_lib.Role.ACTOR: mesh,
+            rl_cluster_lib.Role.REFERENCE: mesh,
+            rl_cluster_lib.Role.ROLLOUT: rollout_mesh,
+        },
         rollout_engine=rollout_cls or SglangJaxRollout,
         offload_to_cpu=False,
         training_config=rl_cluster_lib.RLTrainingConfig(
@@ -151,26 +186,34 @@ def run(steps: int = 30, workdir: str = "runs/grpo_tiny", *, seed: int = 0, lear
     t0 = time.perf_counter()
     learner.train(dataset)
     elapsed = time.perf_counter() - t0
-    reports = rollout.reports[1:]  # the first is the initial full sync at construction
+    reports = list(rollout.history)[1:]  # the first is the initial full sync at construction
     logs = []
     for i, reward in enumerate(rewards_per_step[:steps]):
         rep = reports[i] if i < len(reports) else None
-        logs.append(StepLog(
-            step=i + 1,
-            reward=reward,
-            sync_ms=rep.seconds * 1e3 if rep else None,
-            aliased_mib=rep.aliased_bytes / 2**20 if rep else None,
-            copied_mib=rep.copied_bytes / 2**20 if rep else None,
-            seconds=elapsed,
-        ))
+        logs.append(
+            StepLog(
+                step=i + 1,
+                reward=reward,
+                sync_ms=rep.seconds * 1e3 if rep else None,
+                aliased_mib=rep.aliased_bytes / 2**20 if rep else None,
+                copied_mib=rep.copied_bytes / 2**20 if rep else None,
+                seconds=elapsed,
+            )
+        )
         if verbose:
-            sync = f"sync {rep.seconds * 1e3:6.1f} ms, aliased {rep.aliased_bytes / 2**20:.2f} MiB, copied {rep.copied_bytes / 2**20:.2f} MiB" if rep else "no sync"
+            sync = "no sync"
+            if rep:
+                mib = 2**20
+                sync = f"sync {rep.seconds * 1e3:6.1f} ms, aliased {rep.aliased_bytes / mib:.2f} MiB, "
+                sync += f"copied {rep.copied_bytes / mib:.2f} MiB"
             print(f"step {i + 1:3d}  reward {reward:.3f}  {sync}", flush=True)
     if verbose:
-        first, last = np.mean([l.reward for l in logs[:5]]), np.mean([l.reward for l in logs[-5:]])
-        print(f"\n{len(logs)} GRPO steps in {elapsed:.0f} s; mean reward first 5 steps {first:.3f} -> last 5 steps {last:.3f}")
+        first, last = np.mean([log.reward for log in logs[:5]]), np.mean([log.reward for log in logs[-5:]])
+        print(
+            f"\n{len(logs)} GRPO steps in {elapsed:.0f} s; mean reward first 5 steps {first:.3f} -> last 5 {last:.3f}"
+        )
         print(f"sample completions now: {rollout.generate(PROMPTS[:3], cluster_config.rollout_config).text}")
-    (work / "grpo_tiny.json").write_text(json.dumps([dataclasses.asdict(l) for l in logs], indent=1))
+    (work / "grpo_tiny.json").write_text(json.dumps([dataclasses.asdict(log) for log in logs], indent=1))
     if plot:
         _plot(logs, work / "grpo_tiny.png")
         if verbose:
@@ -188,12 +231,12 @@ def _plot(logs: list[StepLog], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [l.step for l in logs]
+    steps = [log.step for log in logs]
     fig, (a, b) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    a.plot(steps, [l.reward for l in logs], marker="o")
+    a.plot(steps, [log.reward for log in logs], marker="o")
     a.set_ylabel("mean reward")
     a.set_title("GRPO on a tiny Qwen3 with an in-process sglang-jax rollout")
-    b.plot(steps, [l.sync_ms for l in logs], marker=".", color="tab:orange")
+    b.plot(steps, [log.sync_ms for log in logs], marker=".", color="tab:orange")
     b.set_ylabel("weight sync (ms)")
     b.set_xlabel("GRPO step")
     fig.tight_layout()

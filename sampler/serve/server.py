@@ -1,23 +1,20 @@
 """An sglang-jax HTTP server whose weights can be replaced while it runs.
 
-``python -m sampler.serve --model-path DIR [--port N] [--admin-token T]`` serves
+``python -m sampler.serve --model-path DIR [--port N] [--admin-token T]`` (or the
+``sglang-jax-sampler-serve`` command) serves
 sglang-jax's own routes (``/generate``, ``/v1/completions``, ``/v1/chat/completions``,
 ``/health``, ...) from an in-process, single-process engine, plus admin endpoints that
 hot-reload weights through the converters (see ``WeightServer``). The HTTP server runs
 on the engine's own event loop, the loop its tokenizer manager lives on.
 """
 
-import argparse
 import asyncio
 import hmac
 import logging
 import math
-import os
-import signal
-import sys
 import time
-from pathlib import Path
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -25,22 +22,32 @@ import numpy as np
 
 from converters.checkpoint import CheckpointError
 from converters.errors import ConversionError
-from sampler.config import SamplerConfig
+from sampler import compat
+from sampler.base import RolloutEngine
 from sampler.engine import UpdateTimeoutError
 from sampler.reports import UpdateReport
-from sampler.sampler import SglangJaxSampler
+from sampler.serve.admin_client import ADMIN_TOKEN_ENV
 
 logger = logging.getLogger(__name__)
 
-ADMIN_TOKEN_ENV = "SAMPLER_ADMIN_TOKEN"
 #: Always answered, even during a reload: the process is alive.
 UNGATED_PATHS = frozenset({"/health"})
 #: sglang-jax routes that change the engine's state: they need the admin token here.
-UPSTREAM_CONTROL_PATHS = frozenset({
-    "/flush_cache", "/pause_generation", "/continue_generation", "/release_memory_occupation",
-    "/resume_memory_occupation", "/set_internal_state", "/configure_logging", "/start_profile",
-    "/stop_profile", "/start_trace", "/stop_trace",
-})
+UPSTREAM_CONTROL_PATHS = frozenset(
+    {
+        "/flush_cache",
+        "/pause_generation",
+        "/continue_generation",
+        "/release_memory_occupation",
+        "/resume_memory_occupation",
+        "/set_internal_state",
+        "/configure_logging",
+        "/start_profile",
+        "/stop_profile",
+        "/start_trace",
+        "/stop_trace",
+    }
+)
 
 
 def report_summary(report: UpdateReport) -> dict[str, Any]:
@@ -58,7 +65,9 @@ def report_summary(report: UpdateReport) -> dict[str, Any]:
     }
 
 
-def perturb_weights(sampler: SglangJaxSampler, *, seed: int, scale: float, num_leaves: int) -> tuple[list[str], UpdateReport]:
+def perturb_weights(
+    sampler: RolloutEngine, *, seed: int, scale: float, num_leaves: int
+) -> tuple[list[str], UpdateReport]:
     """Add seeded Gaussian noise (std ``scale``) to ``num_leaves`` served weight leaves."""
     params = sampler.engine_params()
     paths = sampler.weight_paths()
@@ -74,7 +83,7 @@ def perturb_weights(sampler: SglangJaxSampler, *, seed: int, scale: float, num_l
 
 
 class WeightServer:
-    """sglang-jax's FastAPI routes over a ``SglangJaxSampler``, plus admin endpoints.
+    """sglang-jax's FastAPI routes over a ``RolloutEngine``, plus admin endpoints.
 
     - ``POST /admin/reload_weights {"model_path", "load_format"}``: validate the
       checkpoint (headers only; a bad one is rejected with nothing paused), then answer
@@ -86,10 +95,11 @@ class WeightServer:
     Admin endpoints and sglang-jax's engine-control routes (``UPSTREAM_CONTROL_PATHS``) need
     ``Authorization: Bearer <admin_token>`` (or ``X-Admin-Token``); without a configured
     token they are disabled (403). One WeightServer per process: sglang-jax's routes read a
-    module-global engine state.
+    module-global engine state (``compat.upstream_http_app``). The sampler may be any
+    ``RolloutEngine`` with an ``engine`` (the in-process sglang-jax Engine it serves).
     """
 
-    def __init__(self, sampler: SglangJaxSampler, *, admin_token: str | None = None, enable_weight_perturb: bool = False):
+    def __init__(self, sampler: RolloutEngine, *, admin_token: str | None = None, enable_weight_perturb: bool = False):
         self.sampler = sampler
         self.admin_token = admin_token or None
         self.enable_weight_perturb = enable_weight_perturb
@@ -107,26 +117,9 @@ class WeightServer:
 
     # ------------------------------------------------------------------ app
     def _build_app(self):
-        from fastapi import FastAPI
-        from fastapi.exceptions import RequestValidationError
-        from fastapi.routing import APIRoute
         from pydantic import BaseModel
-        from sgl_jax.srt.entrypoints import http_server as upstream
 
-        engine = self.sampler.engine
-        upstream.set_global_state(
-            upstream._GlobalState(
-                tokenizer_manager=engine.tokenizer_manager,
-                template_manager=engine.template_manager,
-                scheduler_info={k: v for k, v in engine.scheduler_info.items() if k != "scheduler"},
-            )
-        )
-        app = FastAPI(lifespan=upstream.lifespan, openapi_url=None)
-        app.server_args = engine.server_args
-        app.add_exception_handler(RequestValidationError, upstream.validation_exception_handler)
-        for route in upstream.app.router.routes:
-            if isinstance(route, APIRoute):
-                app.router.routes.append(route)
+        app = compat.upstream_http_app(self.sampler.engine)
         app.add_middleware(_Admission, server=self)
 
         class ReloadBody(BaseModel):
@@ -180,7 +173,9 @@ class WeightServer:
     def admission_problem(self) -> tuple[str, int | None] | None:
         """Why a new generation request cannot be served now: (reason, Retry-After)."""
         if self.gating:
-            return f"the server is changing its weights ({self.operation}); retry shortly", max(1, math.ceil(self.last_seconds))
+            return f"the server is changing its weights ({self.operation}); retry shortly", max(
+                1, math.ceil(self.last_seconds)
+            )
         try:
             self.sampler.check_servable()
         except Exception as e:  # broken / donated weights: serving would crash or mix weights
@@ -210,7 +205,9 @@ class WeightServer:
                 raise FileNotFoundError(f"checkpoint directory {model_path!r} does not exist")
             await asyncio.to_thread(self.sampler.check_checkpoint, model_path)
 
-        return await self._change("reload", validate, lambda: self.sampler.load_checkpoint(model_path), {"model_path": model_path})
+        return await self._change(
+            "reload", validate, lambda: self.sampler.load_checkpoint(model_path), {"model_path": model_path}
+        )
 
     async def perturb(self, seed: int, scale: float, num_leaves: int):
         if not self.enable_weight_perturb:
@@ -306,7 +303,9 @@ class _Admission:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             problem = self.server.auth_problem(headers)
             if problem is not None:
-                return await _error(problem[0], problem[1], headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return await _error(problem[0], problem[1], headers={"WWW-Authenticate": "Bearer"})(
+                    scope, receive, send
+                )
             return await self.app(scope, receive, send)
         problem = self.server.admission_problem()
         if problem is not None:
@@ -318,86 +317,3 @@ class _Admission:
             await self.app(scope, receive, send)
         finally:
             self.server.in_flight -= 1
-
-
-# ---------------------------------------------------------------------- command line
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sampler.serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-path", required=True, help="HF-style model directory (config, tokenizer, weights)")
-    p.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the engine")
-    p.add_argument("--context-length", type=int, default=1024)
-    p.add_argument("--max-running-requests", type=int, default=8)
-    p.add_argument("--admin-token", default=None, help=f"token for /admin/* (or set ${ADMIN_TOKEN_ENV})")
-    p.add_argument("--enable-weight-perturb", action="store_true", help="enable POST /admin/perturb_weights")
-    p.add_argument("--reload-timeout", type=float, default=120.0, help="seconds in-flight requests may take to finish before a reload gives up")
-    p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds open requests get on SIGTERM")
-    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation before listening")
-    p.add_argument("--log-level", default="warning")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    config = SamplerConfig(
-        model_path=args.model_path,
-        load_format=args.load_format,
-        tp_size=args.tp,
-        context_length=args.context_length,
-        max_running_requests=args.max_running_requests,
-        update_timeout_s=args.reload_timeout,
-    )
-    sampler = SglangJaxSampler(config=config)
-    try:
-        server = WeightServer(
-            sampler,
-            admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV),
-            enable_weight_perturb=args.enable_weight_perturb,
-        )
-        if not args.no_warmup:  # compile the forward passes before the first client waits on them
-            sampler.generate_ids([[1, 2, 3]], {"max_new_tokens": 2, "temperature": 0.0}, return_logprob=False)
-        uv = uvicorn.Server(
-            uvicorn.Config(
-                server.app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_keep_alive=5, timeout_graceful_shutdown=args.graceful_timeout,
-            )
-        )
-
-        def stop(signum, _frame):
-            logger.info("signal %d: shutting down", signum)
-            uv.should_exit = True
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-
-        async def serve():
-            try:
-                await uv.serve()
-            except SystemExit as e:  # uvicorn exits when it cannot bind
-                raise RuntimeError(f"the HTTP server could not start on {args.host}:{args.port}") from e
-
-        done = asyncio.run_coroutine_threadsafe(serve(), sampler.event_loop)
-        announced = False
-        while True:
-            try:
-                done.result(timeout=0.2)
-                break
-            except TimeoutError:
-                if uv.started and not announced:
-                    announced = True
-                    print(f"sampler.serve: listening on http://{args.host}:{args.port} (pid {os.getpid()})", flush=True)
-    except Exception as e:  # noqa: BLE001
-        print(f"sampler.serve: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        sampler.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,8 @@
 """Command-line client of ``sampler.serve``'s admin endpoints; prints the JSON answer.
 
-    python -m sampler.admin_client --base-url http://127.0.0.1:30000 --token T reload --model-path DIR
-    python -m sampler.admin_client ... status | checksum | perturb --seed 0 --scale 0.01 --num-leaves 2
-    python -m sampler.admin_client ... wait-ready --timeout 300
+    python -m sampler.serve.admin_client --base-url http://127.0.0.1:30000 --token T reload --model-path DIR
+    python -m sampler.serve.admin_client ... status | checksum | perturb --seed 0 --scale 0.01 --num-leaves 2
+    python -m sampler.serve.admin_client ... wait-ready --timeout 300
 
 The token may also come from $SAMPLER_ADMIN_TOKEN. Exit status 0 on a 2xx answer, 1 otherwise.
 """
@@ -72,7 +72,7 @@ class AdminClient:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sampler.admin_client", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sampler.serve.admin_client", description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:30000")
     p.add_argument("--token", default=None, help=f"admin token (default: ${ADMIN_TOKEN_ENV})")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for an answer")

@@ -1,6 +1,6 @@
 """Push trainer weights into an in-process sglang-jax engine and generate with them.
 
-    python -m sampler.demo [--workdir runs/demo]
+    python -m training_examples.swap_demo [--workdir runs/demo]
 
 Builds a tiny Qwen3 checkpoint locally, starts a dummy-weight engine, loads the
 checkpoint into a Tunix model with Tunix's own loader, pushes it (Tunix layout,
@@ -22,7 +22,7 @@ from flax import nnx  # noqa: E402
 
 import converters  # noqa: E402
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
-from sampler.tiny_model import write_tiny_model  # noqa: E402
+from sampler.testing import write_tiny_model  # noqa: E402
 from sampler.tunix_models import load_tunix_model  # noqa: E402
 
 PROMPTS = ["1+1=", "hello world the quick", "Q: what is 3+4? A:"]
@@ -42,7 +42,9 @@ def main() -> None:
     model_dir = write_tiny_model(os.path.join(args.workdir, "tiny-qwen3"), "Qwen3ForCausalLM", seed=0)
     print(f"tiny Qwen3 checkpoint: {model_dir}")
 
-    with SglangJaxSampler(config=SamplerConfig(model_path=str(model_dir), context_length=128, max_running_requests=4)) as sampler:
+    with SglangJaxSampler(
+        config=SamplerConfig(model_path=str(model_dir), context_length=128, max_running_requests=4)
+    ) as sampler:
         print(f"engine: {sampler.architecture}, mesh {dict(sampler.mesh.shape)}, {len(sampler.engine_params())} leaves")
         show(sampler, "dummy engine (all-zero weights)")
 
@@ -63,7 +65,9 @@ def main() -> None:
 
         # a trainer that keeps bf16 params in engine layout, on the engine's shardings
         shardings = sampler.engine_shardings()
-        engine_layout = {k: jax.device_put(v, shardings[k]) for k, v in converters.to_engine_layout(state, sampler.spec).items()}
+        engine_layout = {
+            k: jax.device_put(v, shardings[k]) for k, v in converters.to_engine_layout(state, sampler.spec).items()
+        }
         report = sampler.update_params(engine_layout)
         sharing = sampler.verify_sharing(engine_layout)
         print(f"\n3) push engine-layout bf16 params: {report.summary()}")

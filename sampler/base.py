@@ -1,0 +1,267 @@
+"""The one interface every rollout engine here implements, and the Tunix sampler front
+end built on it.
+
+``RolloutEngine`` is what ``SglangJaxRollout``, the HTTP server and trainers use: weights
+in (``update_params``, ``load_checkpoint``), tokens out (``generate_ids``). Its concrete
+methods turn ``generate_ids`` into Tunix's ``BaseSampler`` API: tokenization, sampling
+parameters, seeds, left-padded prompts, per-token logprobs, and scoring of completions.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from tunix.generate import base_sampler
+from tunix.generate import tokenizer_adapter as tok_adapter
+
+from converters import ModelSpec
+from sampler.config import SamplerConfig
+from sampler.reports import SharingReport, UpdateReport
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SglangSamplerOutput(base_sampler.SamplerOutput):
+    """Tunix's SamplerOutput plus sglang-jax's per-request meta info."""
+
+    meta: list[dict] = dataclasses.field(default_factory=list)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def as_tokenizer_adapter(tokenizer: Any, model_path: str) -> tok_adapter.TokenizerAdapter:
+    """Tunix's TokenizerAdapter over ``tokenizer``, or over the model directory's own."""
+    if tokenizer is None:
+        # Loaded here first: a tokenizer that fails inside the engine's startup kills the process.
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return tokenizer if isinstance(tokenizer, tok_adapter.TokenizerAdapter) else tok_adapter.TokenizerAdapter(tokenizer)
+
+
+class RolloutEngine(base_sampler.BaseSampler, abc.ABC):
+    """Weights in, tokens out: one engine (``SglangJaxSampler``) or several
+    (``DataParallelSampler``) behind the same calls."""
+
+    config: SamplerConfig
+    tokenizer: tok_adapter.TokenizerAdapter
+
+    # ------------------------------------------------------------------ weights
+    @property
+    @abc.abstractmethod
+    def spec(self) -> ModelSpec: ...
+
+    @property
+    @abc.abstractmethod
+    def version(self) -> int:
+        """How many weight updates the engine(s) have taken."""
+
+    @abc.abstractmethod
+    def update_params(self, updated_weights: Any, filter_types: Any = None, **options: Any) -> UpdateReport:
+        """Serve ``updated_weights`` from the next request on."""
+
+    @abc.abstractmethod
+    def load_checkpoint(self, path_or_weights: Any, **options: Any) -> UpdateReport:
+        """Load an HF safetensors directory (or an in-memory tree) into the engine(s)."""
+
+    @abc.abstractmethod
+    def check_checkpoint(self, path: Any, *, strict: bool = True) -> None:
+        """Raise as ``load_checkpoint`` would, reading only the headers, changing nothing."""
+
+    @abc.abstractmethod
+    def verify_sharing(self, updated_weights: Any, filter_types: Any = None, **options: Any) -> Any: ...
+
+    @abc.abstractmethod
+    def fingerprint(self) -> str:
+        """Content hash of the served weights (``converters.fingerprint_params`` of the source)."""
+
+    @abc.abstractmethod
+    def engine_params(self) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def weight_paths(self) -> list[str]: ...
+
+    # ------------------------------------------------------------------ generation
+    @abc.abstractmethod
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling_params: Sequence[dict] | dict,
+        *,
+        return_logprob: bool = True,
+        logprob_start_len: int | list[int] | None = None,
+        timeout: float | None = None,
+    ) -> list[dict]:
+        """sglang-jax's raw results for token-id prompts, one dict per prompt, in order."""
+
+    @property
+    @abc.abstractmethod
+    def healthy(self) -> bool: ...
+
+    @abc.abstractmethod
+    def check_servable(self) -> None:
+        """Raise if generating now would crash the engine or use a mixed set of weights."""
+
+    @abc.abstractmethod
+    def shutdown(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------------ Tunix front end
+    @property
+    def architecture(self) -> str:
+        return self.spec.architecture
+
+    def tokenize(self, input_string: str) -> list[int]:
+        ids = list(self.tokenizer.encode(input_string))
+        bos = self.tokenizer.bos_id()
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        return ids
+
+    def score_completions(self, prompt_tokens: np.ndarray, completion_tokens: np.ndarray) -> np.ndarray:
+        """Logprob of each completion token given its prompt, computed by the engine.
+
+        ``prompt_tokens`` left-padded (B, P), ``completion_tokens`` right-padded (B, C), as
+        Tunix passes them; returns float32 (B, C) with 0 after each completion's end.
+        These are the engine's prompt logprobs: log-softmax of the raw logits.
+        """
+        pad = self.tokenizer.pad_id()
+        prompt_tokens = np.asarray(prompt_tokens)
+        completion_tokens = np.asarray(completion_tokens)
+        out = np.zeros(completion_tokens.shape, np.float32)
+        inputs, starts, lengths = [], [], []
+        for prompt, completion in zip(prompt_tokens, completion_tokens):
+            first = int(np.argmax(prompt != pad)) if (prompt != pad).any() else len(prompt)
+            p = prompt[first:].tolist()
+            ends = np.flatnonzero(completion == pad)
+            c = completion[: ends[0] if len(ends) else len(completion)].tolist()
+            if not p:
+                raise ValueError("a prompt row holds only padding")
+            inputs.append(p + c)
+            starts.append(len(p) - 1)  # the record at len(p)-1 is the prompt's last token (no logprob)
+            lengths.append(len(c))
+        todo = [i for i, n in enumerate(lengths) if n]
+        if not todo:
+            return out
+        results = self.generate_ids(
+            [inputs[i] for i in todo],
+            [{"max_new_tokens": 0, "temperature": 0.0} for _ in todo],
+            return_logprob=True,
+            logprob_start_len=[starts[i] for i in todo],
+        )
+        for i, res in zip(todo, results):
+            records = res["meta_info"]["input_token_logprobs"][1:]
+            out[i, : lengths[i]] = [lp for lp, *_ in records[: lengths[i]]]
+        return out
+
+    def __call__(
+        self,
+        input_strings: str | list[str],
+        max_generation_steps: int,
+        max_prompt_length: int | None = None,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        beam_size: int | None = None,
+        seed: int | list[int] | None = None,
+        multi_sampling: int = 1,
+        return_logits: bool = True,
+        echo: bool = False,
+        pad_output: bool = False,
+        **kwargs: Any,
+    ) -> SglangSamplerOutput:
+        """Tunix's sampler call: text, completion tokens, left-padded prompt tokens and
+        the per-token logprobs of every generated token."""
+        if beam_size is not None:
+            raise NotImplementedError("beam search is not supported by the sglang-jax engine")
+        if isinstance(input_strings, str):
+            input_strings = [input_strings]
+        input_strings = [str(s) for s in input_strings]  # numpy str_ from data pipelines
+        if max_generation_steps > self.config.context_length:
+            raise ValueError(
+                f"max_generation_steps={max_generation_steps} exceeds context_length={self.config.context_length}"
+            )
+        prompts = [self.tokenize(s) for s in input_strings]
+        prompts = [p for p in prompts for _ in range(multi_sampling)]
+        base = dict(
+            max_new_tokens=max_generation_steps,
+            temperature=temperature,
+            stop_token_ids=[self.tokenizer.eos_id()],
+            skip_special_tokens=True,
+        )
+        if top_p is not None:
+            base["top_p"] = top_p
+        if top_k is not None:
+            base["top_k"] = top_k
+        base.update(kwargs)
+        params = [dict(base) for _ in prompts]
+        if seed is not None and not self.config.deterministic_sampling:
+            logger.warning(
+                "seed=%s is ignored: per-request seeds need SamplerConfig(deterministic_sampling=True)", seed
+            )
+        elif seed is not None:
+            seeds = (
+                list(seed)
+                if isinstance(seed, (list, tuple, np.ndarray))
+                else [int(seed) + i for i in range(len(prompts))]
+            )
+            if len(seeds) != len(prompts):
+                raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+            for p, s in zip(params, seeds):
+                p["sampling_seed"] = int(s)
+        outputs = self.generate_ids(prompts, params, return_logprob=True)
+
+        longest = max(len(p) for p in prompts)
+        if max_prompt_length is None or max_prompt_length < longest:
+            max_prompt_length = next_power_of_2(longest)
+        pad = self.tokenizer.pad_id()
+        padded_prompts = np.full((len(prompts), max_prompt_length), pad, dtype=np.int32)
+        for i, p in enumerate(prompts):
+            padded_prompts[i, max_prompt_length - len(p) :] = p
+
+        tokens, logprobs, texts = [], [], []
+        for prompt, prompt_text, out in zip(
+            prompts, [s for s in input_strings for _ in range(multi_sampling)], outputs
+        ):
+            # output_ids drops special tokens (e.g. EOS) when skip_special_tokens; the
+            # logprob records hold every generated token id, aligned with its logprob.
+            records = out["meta_info"].get("output_token_logprobs") or []
+            ids = np.asarray([tid for _, tid, *_ in records], dtype=np.int32)
+            lps = np.asarray([lp for lp, *_ in records], dtype=np.float32)
+            text = out.get("text")
+            if text is None:
+                text = self.tokenizer.decode(ids.tolist())
+            if echo:
+                ids = np.concatenate([np.asarray(prompt, np.int32), ids])
+                text = prompt_text + text
+            if pad_output:
+                n = max_generation_steps + (len(prompt) if echo else 0)
+                ids = np.concatenate([ids, np.full(n - len(ids), pad, np.int32)])
+                lps = np.concatenate([lps, np.zeros(max_generation_steps - len(lps), np.float32)])
+            tokens.append(ids)
+            logprobs.append(lps)
+            texts.append(text)
+        return SglangSamplerOutput(
+            text=texts,
+            logits=None,
+            tokens=tokens,
+            padded_prompt_tokens=padded_prompts,
+            logprobs=logprobs,
+            meta=[o["meta_info"] for o in outputs],
+        )
+
+
+__all__ = ["RolloutEngine", "SglangSamplerOutput", "SharingReport", "as_tokenizer_adapter", "next_power_of_2"]

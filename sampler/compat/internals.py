@@ -1,0 +1,143 @@
+"""Every read or write of upstream state that is not a public API, in one place.
+
+sglang-jax 0.1.0rc0 exposes no weight-update, pause-for-swap or multi-server API, so the
+sampler reaches into a few internals: the model runner behind an in-process Engine, the
+tokenizer manager's pause flag and request table, the HTTP server's module-global state,
+and (for speed) flax's storage slot of an nnx Variable. Each accessor names what it
+relies on; ``tests/test_compat.py`` checks that these still exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable
+
+#: How often a waiter looks again at the tokenizer manager's request table (s).
+REQUEST_POLL_S = 0.002
+
+
+# --------------------------------------------------------------------------------------
+# the engine's scheduler and model runner (single-process mode)
+# --------------------------------------------------------------------------------------
+
+
+def scheduler_of(engine: Any) -> Any:
+    """The Scheduler object of an Engine started with ``enable_single_process=True``."""
+    return engine.scheduler_info["scheduler"]
+
+
+def model_runner_of(engine: Any) -> Any:
+    """The ModelRunner whose ``model`` and ``model_state_leaves`` every forward reads."""
+    return scheduler_of(engine).tp_worker.worker.model_runner
+
+
+def flush_prefix_cache(scheduler: Any) -> tuple[bool, str]:
+    """Drop the radix cache from the caller's thread (only while the scheduler is parked)."""
+    ok, message, _ = scheduler.flush_cache()
+    return ok, message
+
+
+def scheduler_idle(scheduler: Any) -> bool:
+    return scheduler.is_fully_idle()
+
+
+# --------------------------------------------------------------------------------------
+# the tokenizer manager: pause flag and request table (run these on the engine's loop)
+# --------------------------------------------------------------------------------------
+
+
+async def set_paused(tm: Any, paused: bool) -> None:
+    """Hold new requests at the tokenizer manager (upstream's pause flag), or let them go."""
+    async with tm.is_pause_cond:
+        tm.is_pause = paused
+        tm.is_pause_cond.notify_all()
+
+
+def requests_in_flight(tm: Any) -> int:
+    """Requests the tokenizer manager has sent and not yet finished."""
+    return len(tm.rid_to_state)
+
+
+async def wait_no_requests(tm: Any, timeout: float) -> bool:
+    """Wait until no request is in flight; False on timeout."""
+    deadline = time.monotonic() + timeout
+    while tm.rid_to_state:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(REQUEST_POLL_S)
+    return True
+
+
+def abort_pending(tm: Any, message: str) -> None:
+    """Finish every request in flight with an "abort" finish reason (what upstream returns
+    for aborted requests), so that clients, HTTP ones too, get an answer."""
+    for rid, state in list(tm.rid_to_state.items()):
+        state.out_list.append(
+            {
+                "text": "",
+                "output_ids": [],
+                "meta_info": {"id": rid, "finish_reason": {"type": "abort", "message": message}},
+            }
+        )
+        state.finished = True
+        state.event.set()
+        tm.rid_to_state.pop(rid, None)
+
+
+# --------------------------------------------------------------------------------------
+# the HTTP server's module-global state
+# --------------------------------------------------------------------------------------
+
+
+def upstream_http_app(engine: Any):
+    """A FastAPI app with sglang-jax's own routes, serving ``engine`` (in-process).
+
+    Upstream's routes read a module-global ``_GlobalState``; it is pointed at this
+    engine, so one process serves one engine through them.
+    """
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.routing import APIRoute
+    from sgl_jax.srt.entrypoints import http_server as upstream
+
+    upstream.set_global_state(
+        upstream._GlobalState(
+            tokenizer_manager=engine.tokenizer_manager,
+            template_manager=engine.template_manager,
+            scheduler_info={k: v for k, v in engine.scheduler_info.items() if k != "scheduler"},
+        )
+    )
+    app = FastAPI(lifespan=upstream.lifespan, openapi_url=None)
+    app.server_args = engine.server_args
+    app.add_exception_handler(RequestValidationError, upstream.validation_exception_handler)
+    for route in upstream.app.router.routes:
+        if isinstance(route, APIRoute):
+            app.router.routes.append(route)
+    return app
+
+
+# --------------------------------------------------------------------------------------
+# flax nnx Variables
+# --------------------------------------------------------------------------------------
+
+
+def fast_value_setter(var: Any) -> Callable[[Any], None]:
+    """``var.set_value`` without its per-call checks when they cannot matter (flax 0.12).
+
+    A swap writes hundreds of Variables from eager code; flax 0.12's set_value spends
+    ~15 us each on trace-level checks and a tree copy. For a plain mutable Variable
+    holding a jax.Array with no on_set_value hook, storing the new array in its
+    ``_raw_value`` slot is all it does; anything else goes through set_value.
+    """
+    import jax
+
+    plain = (
+        not getattr(var, "hijax", False)
+        and getattr(var, "mutable", True)
+        and "on_set_value" not in getattr(var, "_var_metadata", {"on_set_value": None})
+        and isinstance(getattr(var, "_raw_value", None), jax.Array)
+    )
+    if plain:
+        return lambda value: object.__setattr__(var, "_raw_value", value)
+    return var.set_value

@@ -1,0 +1,219 @@
+"""Patches to upstream sglang-jax behaviour (sglang-jax 0.1.0rc0), each idempotent, each
+with a test in ``tests/test_compat.py`` that runs unpatched upstream and fails once the
+patch is no longer needed, and a test that the patch works."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+
+logger = logging.getLogger(__name__)
+
+SGLANG_JAX_VERSION = "0.1.0rc0"
+
+
+def upstream_version() -> str:
+    from sgl_jax.version import __version__
+
+    return __version__
+
+
+def warn_if_untested_version() -> None:
+    version = upstream_version()
+    if version != SGLANG_JAX_VERSION:
+        logger.warning(
+            "sglang-jax %s is installed; the workarounds in sampler.compat were checked against %s",
+            version,
+            SGLANG_JAX_VERSION,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# merge_kv sharding (CPU native attention, Llama / Qwen2)
+# --------------------------------------------------------------------------------------
+
+_merge_kv_patched = False
+
+
+def patch_merge_kv_sharding() -> bool:
+    """Reshard v to k's sharding before ``memory_pool.merge_kv`` (idempotent).
+
+    The two differ only in how the size-1 "data" axis is named, so the reshard moves
+    no data; without it, jnp.stack raises ShardingTypeError inside the scheduler
+    thread and upstream kills the process. Returns True when the patch was applied now.
+    """
+    global _merge_kv_patched
+    if _merge_kv_patched:
+        return False
+    import jax
+    from sgl_jax.srt.mem_cache import memory_pool
+
+    original = memory_pool.merge_kv
+
+    def merge_kv(k, v):
+        k_sharding = jax.typeof(k).sharding
+        if getattr(k_sharding, "spec", None) is not None and jax.typeof(v).sharding.spec != k_sharding.spec:
+            v = jax.sharding.reshard(v, k_sharding.spec)
+        return original(k, v)
+
+    merge_kv.__wrapped__ = original  # type: ignore[attr-defined]
+    memory_pool.merge_kv = merge_kv
+    _merge_kv_patched = True
+    return True
+
+
+# --------------------------------------------------------------------------------------
+# zmq sockets that linger forever
+# --------------------------------------------------------------------------------------
+
+_ZMQ_MODULES = (
+    "sgl_jax.srt.utils",
+    "sgl_jax.srt.utils.common_utils",
+    "sgl_jax.srt.managers.scheduler",
+    "sgl_jax.srt.managers.tokenizer_manager",
+    "sgl_jax.srt.managers.detokenizer_manager",
+    "sgl_jax.srt.entrypoints.engine",
+)
+
+
+def patch_zmq_linger() -> bool:
+    """Create the engine's zmq sockets with LINGER 0 (idempotent).
+
+    Upstream sockets keep zmq's default infinite linger; once an engine is stopped,
+    messages queued for a peer that is gone make ``zmq_ctx_term`` block at
+    interpreter exit, so the process never ends. Returns True when applied now.
+    """
+    import zmq
+
+    common = importlib.import_module("sgl_jax.srt.utils.common_utils")
+    original = common.get_zmq_socket
+    if getattr(original, "_linger_patched", False):
+        return False
+
+    def get_zmq_socket(context, socket_type, endpoint, bind):
+        sock = original(context, socket_type, endpoint, bind)
+        sock.setsockopt(zmq.LINGER, 0)
+        with _contexts_lock:
+            _contexts_by_endpoint.setdefault(endpoint, []).append(context)
+        return sock
+
+    get_zmq_socket._linger_patched = True  # type: ignore[attr-defined]
+    get_zmq_socket.__wrapped__ = original  # type: ignore[attr-defined]
+    for name in _ZMQ_MODULES:
+        module = importlib.import_module(name)
+        if getattr(module, "get_zmq_socket", None) is original:
+            module.get_zmq_socket = get_zmq_socket
+    return True
+
+
+# endpoint -> zmq contexts whose sockets use it (recorded by the patched get_zmq_socket)
+_contexts_by_endpoint: dict[str, list] = {}
+_contexts_lock = threading.Lock()
+#: Contexts of stopped engines, kept referenced so that the garbage collector never
+#: runs ``Context.__del__`` (which terminates the context and can block) on some
+#: unrelated thread; closed ones cost nothing.
+_retired_contexts: list = []
+
+
+#: How long terminating a stopped engine's zmq contexts may take (s).
+ZMQ_TEARDOWN_TIMEOUT_S = 5.0
+
+
+def destroy_engine_contexts(endpoints: list[str], timeout: float = ZMQ_TEARDOWN_TIMEOUT_S) -> bool:
+    """Close every socket of the engine's zmq contexts and terminate them, off the caller's
+    thread with a timeout (a context term that blocks must not hang shutdown)."""
+    with _contexts_lock:
+        contexts = []
+        for endpoint in endpoints:
+            for ctx in _contexts_by_endpoint.pop(endpoint, []):
+                if all(ctx is not c for c in contexts):
+                    contexts.append(ctx)
+    _retired_contexts.extend(contexts)
+
+    def destroy():
+        for ctx in contexts:
+            ctx.destroy(linger=0)
+
+    t = threading.Thread(target=destroy, name="sampler-zmq-teardown", daemon=True)
+    try:
+        t.start()
+    except RuntimeError:  # at interpreter exit: pyzmq leaves contexts alone then
+        return True
+    t.join(timeout)
+    return not t.is_alive()
+
+
+# --------------------------------------------------------------------------------------
+# non-streamed outputs, mixed logprob batches
+# --------------------------------------------------------------------------------------
+
+#: Interval (tokens) of upstream's forced intermediate outputs of non-streamed requests.
+UPSTREAM_FORCE_STREAM_INTERVAL = 50
+
+
+def patch_non_stream_chunks() -> bool:
+    """Send a non-streamed request's output once, when it finishes (idempotent).
+
+    sglang-jax 0.1.0rc0 sends every non-streamed request an intermediate output each
+    50 tokens (``DEFAULT_FORCE_STREAM_INTERVAL``), and the tokenizer manager then adds
+    earlier tokens again: 120 generated tokens come back as 270 ``output_ids`` and 270
+    ``output_token_logprobs`` (50 + 100 + 120). Raising the interval beyond any
+    generation length leaves one, correct, final output. Returns True when applied now.
+    """
+    module = importlib.import_module("sgl_jax.srt.managers.scheduler_output_processor_mixin")
+    if module.DEFAULT_FORCE_STREAM_INTERVAL != UPSTREAM_FORCE_STREAM_INTERVAL:
+        return False
+    module.DEFAULT_FORCE_STREAM_INTERVAL = 1 << 40
+    return True
+
+
+def patch_mixed_logprob_batches() -> bool:
+    """Let requests with and without output logprobs share a batch (idempotent).
+
+    sglang-jax 0.1.0rc0 turns ``return_logprob=True`` (no start position, no top-k) into
+    "output logprobs only"; a batch computes those only if *all* its requests want them
+    (``ScheduleBatch.return_output_logprob_only = all(...)``), but then reads them for every
+    request that does: one such request batched with one that wants none raises TypeError
+    in the scheduler thread, which kills the process. Marking every generation request as
+    "output logprobs only" on the scheduler side (the tokenizer manager still returns them
+    only to those that asked) keeps the batch flag true. Cost: a log-softmax per token.
+    Returns True when applied now.
+    """
+    tm = importlib.import_module("sgl_jax.srt.managers.tokenizer_manager")
+    io = importlib.import_module("sgl_jax.srt.managers.io_struct")
+    original = tm.TokenizerManager._create_tokenized_object
+    if getattr(original, "_mixed_logprob_patched", False):
+        return False
+
+    def _create_tokenized_object(self, *args, **kwargs):
+        tokenized = original(self, *args, **kwargs)
+        if isinstance(tokenized, io.TokenizedGenerateReqInput) and not (
+            tokenized.return_logprob or tokenized.return_output_logprob_only
+        ):
+            tokenized.return_output_logprob_only = True
+        return tokenized
+
+    _create_tokenized_object._mixed_logprob_patched = True  # type: ignore[attr-defined]
+    _create_tokenized_object.__wrapped__ = original  # type: ignore[attr-defined]
+    tm.TokenizerManager._create_tokenized_object = _create_tokenized_object
+    return True
+
+
+# --------------------------------------------------------------------------------------
+# head_dim on CPU
+# --------------------------------------------------------------------------------------
+
+
+class UnsupportedModelError(ValueError):
+    """The engine cannot serve this model in this configuration."""
+
+
+def check_head_dim(head_dim: int, *, backend: str, attention_backend: str) -> None:
+    """Refuse, before the engine starts, a head_dim the CPU native backend cannot serve."""
+    if backend == "cpu" and attention_backend == "native" and head_dim % 128 != 0:
+        raise UnsupportedModelError(
+            f"head_dim={head_dim}: sglang-jax {SGLANG_JAX_VERSION} native attention on CPU pads "
+            "the KV head width to a multiple of 128 and then fails in o_proj; use a model whose "
+            "head_dim is a multiple of 128 on CPU (TPU has no such limit)"
+        )
