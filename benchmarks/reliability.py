@@ -57,9 +57,7 @@ def finite_check_cost(args) -> None:
         head_dim=128,
         tie_word_embeddings=True,
     )
-    sampler = SglangJaxSampler(
-        config=SamplerConfig(model_path=str(tmp), context_length=256, max_running_requests=2, track_memory=False)
-    )
+    sampler = SglangJaxSampler(config=SamplerConfig(model_path=str(tmp), context_length=256, max_running_requests=2))
     try:
         spec = sampler.spec
         engine_sets = []
@@ -99,9 +97,7 @@ def soak(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     path_a = write_tiny_model(tmp / "a", "Qwen3ForCausalLM", seed=args.seed)
     path_b = write_tiny_model(tmp / "b", "Qwen3ForCausalLM", seed=args.seed + 1)
-    sampler = SglangJaxSampler(
-        config=SamplerConfig(model_path=str(path_a), context_length=128, max_running_requests=4, track_memory=False)
-    )
+    sampler = SglangJaxSampler(config=SamplerConfig(model_path=str(path_a), context_length=128, max_running_requests=4))
     try:
         from safetensors.numpy import load_file
 

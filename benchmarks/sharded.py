@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import psutil  # noqa: E402
+from common import tunix_live_peak, tunix_peer, tunix_update  # noqa: E402
 from flax import nnx  # noqa: E402
-from update_params import tunix_peak, tunix_peer, tunix_update  # noqa: E402
 
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
 from sampler.testing import random_hf_weights, write_tiny_model, write_weights  # noqa: E402
@@ -99,9 +99,7 @@ def main() -> None:
     ckpt_bytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
 
     sampler = SglangJaxSampler(
-        config=SamplerConfig(
-            model_path=str(tmp), context_length=256, max_running_requests=2, tp_size=4, track_memory=False
-        )
+        config=SamplerConfig(model_path=str(tmp), context_length=256, max_running_requests=2, tp_size=4)
     )
     mesh = jax.make_mesh((4, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     with mesh:
@@ -134,7 +132,7 @@ def main() -> None:
     ours_peak = rep.peak_extra_bytes
     tunix_update(peer, state)
     before = live_device_bytes()
-    peak = tunix_peak(peer, state)
+    peak = tunix_live_peak(peer, state)
     tunix_extra = max(0, peak - max(before, live_device_bytes()))
 
     ckpt_times, rss = [], []

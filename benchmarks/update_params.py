@@ -2,7 +2,11 @@
 
 Same engine, same weights, alternating runs in one process, on a Qwen3-0.6B-shaped
 model (28 layers, hidden 1024, 16/8 heads, head_dim 128, vocab 151936, tied; random
-weights, config made locally). Prints medians and peak extra memory as a Markdown table.
+weights, config made locally). Everything runs on the default SamplerConfig (only the
+model path and the KV-cache sizing are given); one row shows what memory accounting
+(``track_memory=True``) adds. Prints Markdown tables: medians, bytes copied measured by
+buffer pointers for both libraries, transient memory two ways (see benchmarks/common.py),
+and the machine's memcpy time for one model's bytes in the same run.
 
     python benchmarks/update_params.py [--runs 7] [--layers 28] [--seed 0]
 """
@@ -19,68 +23,37 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from common import (  # noqa: E402
+    MiB,
+    copied_bytes,
+    memcpy_seconds,
+    rss_high_water,
+    tunix_live_peak,
+    tunix_peer,
+    tunix_update,
+)
 from flax import nnx  # noqa: E402
 
 import converters  # noqa: E402
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
 from sampler.testing import write_tiny_model  # noqa: E402
 from sampler.tunix_models import random_tunix_model  # noqa: E402
-from sampler.weights import buffer_pointers, live_device_bytes  # noqa: E402
-
-MiB = 1 << 20
+from sampler.weights import live_device_bytes  # noqa: E402
 
 
-def tunix_peer(sampler: SglangJaxSampler, model):
-    """Tunix 0.1.7's own SglangJaxSampler, driving the same engine (no second engine)."""
-    from tunix.generate import mappings
-    from tunix.generate import sglang_jax_sampler as tsj
-
-    peer = object.__new__(tsj.SglangJaxSampler)
-    peer.engine = sampler.engine
-    mc = mappings.MappingConfig.build(model=model, backend="sglang_jax")
-    peer.args = {"enable_static_lora": False, "lora_target_modules": None}
-    peer.to_hf_key_mappings = mc.to_hf_mappings
-    peer.to_hf_transpose_keys = mc.to_hf_transpose_keys
-    peer.to_hf_hook_fns = mc.to_hf_hook_fns
-    return peer
-
-
-def tunix_update(peer, state) -> float:
-    t0 = time.perf_counter()
-    peer.update_params(state)
-    jax.block_until_ready(peer._model_runner.model_state_leaves)
-    return time.perf_counter() - t0
-
-
-def tunix_peak(peer, state) -> int:
-    """Live bytes at Tunix's peak: its converted state built, old weights still alive."""
-    from tunix.generate import sglang_jax_sampler as tsj
-
-    original = tsj.utils.transfer_state_with_mappings
-    seen = []
-
-    def wrapped(*args, **kwargs):
-        out = original(*args, **kwargs)
-        jax.block_until_ready(out)
-        seen.append(live_device_bytes())
-        return out
-
-    tsj.utils.transfer_state_with_mappings = wrapped
-    try:
-        peer.update_params(state)
-    finally:
-        tsj.utils.transfer_state_with_mappings = original
-    return max(seen)
-
-
-def ours(sampler, tree, *, views=True) -> tuple[float, object]:
+def ours(sampler, tree, *, views=True, track_memory=False) -> tuple[float, object]:
     sampler.config.reshape_views = views
-    t0 = time.perf_counter()
-    report = sampler.update_params(tree)
-    return time.perf_counter() - t0, report
+    sampler.config.track_memory = track_memory
+    try:
+        t0 = time.perf_counter()
+        report = sampler.update_params(tree)
+        return time.perf_counter() - t0, report
+    finally:
+        sampler.config.reshape_views, sampler.config.track_memory = True, False
 
 
 def main() -> None:
@@ -104,9 +77,7 @@ def main() -> None:
         head_dim=128,
         tie_word_embeddings=True,
     )
-    sampler = SglangJaxSampler(
-        config=SamplerConfig(model_path=str(tmp), context_length=256, max_running_requests=2, track_memory=False)
-    )
+    sampler = SglangJaxSampler(config=SamplerConfig(model_path=str(tmp), context_length=256, max_running_requests=2))
     model = random_tunix_model(tmp, seed=args.seed, dtype=jnp.bfloat16)
     tunix_bf16 = nnx.state(model, nnx.Param)
     model32 = random_tunix_model(tmp, seed=args.seed + 1, dtype=jnp.float32)
@@ -124,79 +95,75 @@ def main() -> None:
     tunix_update(peer, tunix_fp32)
     model_bytes = sum(x.nbytes for x in engine_layout.values())
 
-    cases = {
-        "ours, Tunix layout bf16": (tunix_bf16, True),
-        "ours, Tunix layout bf16, no views (as on TPU)": (tunix_bf16, False),
-        "ours, engine layout bf16": (engine_layout, True),
-        "ours, Tunix layout fp32": (tunix_fp32, True),
-        "Tunix, Tunix layout bf16": (tunix_bf16, None),
-        "Tunix, Tunix layout fp32": (tunix_fp32, None),
-    }
-
-    def run(name):
-        tree, views = cases[name]
-        if views is None:
-            return tunix_update(peer, tree), None
-        return ours(sampler, tree, views=views)
+    track = dict(track_memory=True)
+    # (who, source, tree, push): ours on the default SamplerConfig unless "who" says otherwise
+    cases = [
+        ("ours", "Tunix layout bf16", tunix_bf16, lambda t: ours(sampler, t)),
+        ("ours, no views (as on TPU)", "Tunix layout bf16", tunix_bf16, lambda t: ours(sampler, t, views=False)),
+        ("Tunix", "Tunix layout bf16", tunix_bf16, lambda t: (tunix_update(peer, t), None)),
+        ("ours", "Tunix layout fp32", tunix_fp32, lambda t: ours(sampler, t)),
+        ("Tunix", "Tunix layout fp32", tunix_fp32, lambda t: (tunix_update(peer, t), None)),
+        ("ours", "engine layout bf16", engine_layout, lambda t: ours(sampler, t)),
+        ("ours, track_memory=True", "Tunix layout bf16", tunix_bf16, lambda t: ours(sampler, t, **track)),
+        ("ours, track_memory=True", "engine layout bf16", engine_layout, lambda t: ours(sampler, t, **track)),
+    ]
 
     # Each timed push follows an untimed push of the same kind, so every case is timed in
     # its steady state (what a training loop repeats), not paying for freeing what the
     # previous case left in the engine.
-    names = list(cases)
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    reports = {}
+    times: list[list[float]] = [[] for _ in cases]
+    order = list(range(len(cases)))
     for r in range(args.runs):
-        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
-            run(name)
-            seconds, report = run(name)
-            times[name].append(seconds)
-            if report is not None:
-                reports[name] = report
+        for k in order[r % len(order) :] + order[: r % len(order)]:  # rotate the order
+            _, _, tree, push = cases[k]
+            push(tree)
+            times[k].append(push(tree)[0])
+    limit = memcpy_seconds(model_bytes)
 
-    # memory, in separate runs (measuring costs time): steady state, then one tracked push
-    peaks = {}
-    for name, (tree, views) in cases.items():
-        run(name)
+    # bytes and memory, in separate runs (measuring costs time), each after a steady-state push
+    copied, live_peak, rss_peak = [], [], []
+    for who, _, tree, push in cases:
+        push(tree)
+        copied.append(copied_bytes(sampler._handle.model_runner.model_state_leaves, tree))
+        push(tree)
         before = live_device_bytes()
-        if views is None:
-            peak = tunix_peak(peer, tree)
+        if who == "Tunix":
+            peak = tunix_live_peak(peer, tree)
         else:
-            sampler.config.reshape_views = views
             rep = sampler.update_params(tree, track_peak_memory=True)
             peak = before + rep.peak_extra_bytes + max(0, rep.live_bytes_after - rep.live_bytes_before)
-        after = live_device_bytes()
-        peaks[name] = max(0, peak - max(before, after))
-    sampler.config.reshape_views = True
+        live_peak.append(max(0, peak - max(before, live_device_bytes())))
+        push(tree)
+        rss_peak.append(rss_high_water(lambda push=push, tree=tree: push(tree))[1])
 
+    med = [statistics.median(t) for t in times]
+    peer_ms = {source: m for (who, source, _, _), m in zip(cases, med) if who == "Tunix"}
     print(
         f"\nQwen3-0.6B-shaped ({args.layers} layers, {model_bytes / MiB:.0f} MiB bf16), JAX {jax.__version__} "
-        f"on {jax.devices()[0].platform} ({os.cpu_count()} cores), {args.runs} alternating rounds, seed {args.seed}\n"
+        f"on {jax.devices()[0].platform} ({os.cpu_count()} cores), default SamplerConfig, {args.runs} alternating "
+        f"rounds, seed {args.seed}; memcpy of {model_bytes / MiB:.0f} MiB on this machine: {limit * 1e3:.1f} ms\n"
     )
-    print("| update | median ms | speed-up vs Tunix (same source) | bytes copied | transient extra memory |")
-    print("|---|---:|---:|---:|---:|")
-    tunix_ref = {
-        "bf16": statistics.median(times["Tunix, Tunix layout bf16"]),
-        "fp32": statistics.median(times["Tunix, Tunix layout fp32"]),
-    }
-    for name in names:
-        med = statistics.median(times[name])
-        ref = tunix_ref["fp32" if "fp32" in name else "bf16"]
-        rep = reports.get(name)
-        copied = rep.copied_bytes if rep is not None else _copied_by_leaves(sampler, cases[name][0], peer=peer)
-        print(f"| {name} | {med * 1e3:.1f} | {ref / med:.1f}x | {copied / MiB:.0f} MiB | {peaks[name] / MiB:.0f} MiB |")
-    largest = max((r.largest_copied_leaf_bytes for r in reports.values()), default=0)
     print(
-        f"\nlargest single engine leaf copied by ours: {largest / MiB:.0f} MiB; one model: {model_bytes / MiB:.0f} MiB"
+        "| update | source | median ms | vs Tunix, same source | vs memcpy of one model | bytes copied "
+        "(buffer pointers) | extra memory: live arrays | extra memory: RSS high-water |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for k, (who, source, _, _) in enumerate(cases):
+        vs = f"{peer_ms[source] / med[k]:.1f}x" if source in peer_ms else "n/a (Tunix has no such path)"
+        print(
+            f"| {who} | {source} | {med[k] * 1e3:.1f} | {vs} | {med[k] / limit:.2f}x "
+            f"| {copied[k] / MiB:.0f} MiB | {live_peak[k] / MiB:.0f} MiB | {rss_peak[k] / MiB:.0f} MiB |"
+        )
+    print(
+        "\nours on the engine layout vs Tunix on the Tunix layout bf16 (different sources: Tunix cannot take "
+        f"the engine's layout): {peer_ms['Tunix layout bf16'] / med[5]:.0f}x"
+    )
+    print(
+        f"memory accounting (track_memory=True) adds {1e3 * (med[6] - med[0]):.1f} ms (Tunix layout bf16) and "
+        f"{1e3 * (med[7] - med[5]):.1f} ms (engine layout) per update here; it grows with the live arrays "
+        "in the process"
     )
     sampler.shutdown()
-
-
-def _copied_by_leaves(sampler, tree, peer=None) -> int:
-    """Bytes of engine leaves that do not share the source's buffers (after a Tunix push)."""
-    if peer is not None:
-        tunix_update(peer, tree)
-    src = {p for x in jax.tree_util.tree_leaves(tree) for p in buffer_pointers(x)}
-    return sum(a.nbytes for a in sampler._handle.model_runner.model_state_leaves if not set(buffer_pointers(a)) & src)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,10 @@ class SamplerConfig:
     #: On CPU, let reshape-only leaves (Tunix q/k/v/o layouts) alias the trainer's memory
     #: through reshaped host views instead of copying. Has no effect on TPU.
     reshape_views: bool = True
-    #: Measure live device bytes before and after each update (costs a walk over jax.live_arrays()).
-    track_memory: bool = True
+    #: Measure live device bytes before and after each update. Off by default: it walks every
+    #: live array of the process twice per update (``update_params(track_peak_memory=True)``
+    #: measures them for one call).
+    track_memory: bool = False
     #: How long update_params waits for in-flight generation before raising.
     update_timeout_s: float = 600.0
     #: Progress bars for checkpoint loads and engine start-up: None shows them only on a terminal.

@@ -107,6 +107,20 @@ def check_finite_leaves(paths: Sequence[str], leaves: Sequence[Any]) -> None:
         )
 
 
+@dataclasses.dataclass
+class Push:
+    """A validated update, ready to be written into one engine (``WeightSync.apply``)."""
+
+    plan: ConversionPlan
+    leaves: Sequence[Any]
+    #: When the caller asked for the update (the report's seconds count from here).
+    t0: float
+    plan_reused: bool = False
+    track_peak_memory: bool = False
+    alias: bool = True
+    show_progress: bool = False
+
+
 def is_path(x: Any) -> bool:
     """Whether ``x`` names a checkpoint directory (rather than being an in-memory tree)."""
     return isinstance(x, (str, bytes)) or hasattr(x, "__fspath__")
@@ -229,7 +243,7 @@ class WeightSync:
         return ckpt, plan
 
     # ------------------------------------------------------------------ updates
-    def update_params(
+    def prepare(
         self,
         updated_weights: Any,
         filter_types: Sequence[type] | type | None = None,
@@ -239,8 +253,8 @@ class WeightSync:
         track_peak_memory: bool = False,
         alias: bool = True,
         check_finite: bool = False,
-    ) -> UpdateReport:
-        """Serve ``updated_weights`` from the next request on (see ``SglangJaxSampler.update_params``)."""
+    ) -> Push:
+        """Validate a trainer tree against the engine (nothing changes yet): the Push to apply."""
         t0 = time.perf_counter()
         tree = as_param_tree(updated_weights, filter_types)
         leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -248,58 +262,67 @@ class WeightSync:
         plan.check_live(leaves)
         if check_finite:
             check_finite_leaves(key_paths(tree), leaves)
-        return self.swap(plan, leaves, t0=t0, plan_reused=reused, track_peak_memory=track_peak_memory, alias=alias)
+        return Push(plan, leaves, t0, plan_reused=reused, track_peak_memory=track_peak_memory, alias=alias)
 
-    def load_checkpoint(self, path: Any, *, strict: bool = True, track_peak_memory: bool = False) -> UpdateReport:
-        """Load an HF safetensors directory tensor by tensor (host memory near one tensor)."""
+    def prepare_checkpoint(self, path: Any, *, strict: bool = True, track_peak_memory: bool = False) -> Push:
+        """Validate a safetensors directory from its headers: the Push that streams it in."""
         t0 = time.perf_counter()
         ckpt, plan = self.check_checkpoint(path, strict=strict)
         logger.info("loading %s (%d tensors, %.1f MiB)", ckpt.path, len(ckpt.names), ckpt.nbytes / 2**20)
-        return self.swap(plan, ckpt.leaves(), t0=t0, track_peak_memory=track_peak_memory, show_progress=True)
+        return Push(plan, ckpt.leaves(), t0, track_peak_memory=track_peak_memory, show_progress=True)
 
-    def swap(
-        self,
-        plan: ConversionPlan,
-        leaves: Sequence[Any],
-        *,
-        t0: float | None = None,
-        plan_reused: bool = False,
-        track_peak_memory: bool = False,
-        alias: bool = True,
-        show_progress: bool = False,
-    ) -> UpdateReport:
-        """Put ``plan``'s leaves into the engine once no request runs; returns the report."""
-        t0 = time.perf_counter() if t0 is None else t0
+    def update_params(self, updated_weights: Any, filter_types: Any = None, **options: Any) -> UpdateReport:
+        """Serve ``updated_weights`` from the next request on (see ``SglangJaxSampler.update_params``)."""
+        return self.swap(self.prepare(updated_weights, filter_types, **options))
+
+    def load_checkpoint(self, path: Any, *, strict: bool = True, track_peak_memory: bool = False) -> UpdateReport:
+        """Load an HF safetensors directory tensor by tensor (host memory near one tensor)."""
+        return self.swap(self.prepare_checkpoint(path, strict=strict, track_peak_memory=track_peak_memory))
+
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float | None = None):
+        """Hold the engine with no generation running, for anyone (UpdateTimeoutError if
+        requests still run after ``timeout``, default ``update_timeout_s``)."""
+        timeout = self.config.update_timeout_s if timeout is None else timeout
         self.handle.raise_if_faulted()
-        track = self.config.track_memory or track_peak_memory
+        with self.gate.updating(timeout), self.handle.quiesced(timeout):
+            yield
+
+    def swap(self, push: Push) -> UpdateReport:
+        """Apply ``push`` once no request runs; returns the report."""
+        with self.exclusive():
+            return self.apply(push)
+
+    def apply(self, push: Push) -> UpdateReport:
+        """Write ``push`` into the engine; only inside ``exclusive()``."""
+        plan, alias, track_peak = push.plan, push.alias, push.track_peak_memory
+        track = self.config.track_memory or track_peak
         before = live_device_bytes() if track else None
         peak = [before or 0]
-        bar = progress(len(plan.entries), "loading weights", self.config.progress) if show_progress else None
+        bar = progress(len(plan.entries), "loading weights", self.config.progress) if push.show_progress else None
 
         def on_leaf(_index, new):
-            if track_peak_memory:
+            if track_peak:
                 new.block_until_ready()
                 peak[0] = max(peak[0], live_device_bytes())
             if bar is not None:
                 bar.update(1)
 
-        timeout = self.config.update_timeout_s
         try:
-            with self.gate.updating(timeout), self.handle.quiesced(timeout):
-                written = self.weights.swap(plan, leaves, on_leaf if track_peak_memory or bar else None, alias=alias)
-                jax.block_until_ready(written)
-                self.handle.flush_cache_parked()
-                self.version += 1
+            written = self.weights.swap(plan, push.leaves, on_leaf if track_peak or bar else None, alias=alias)
+            jax.block_until_ready(written)
+            del written
+            self.handle.flush_cache_parked()
+            self.version += 1
         finally:
             if bar is not None:
                 bar.close()
-        del written
         after = live_device_bytes() if track else None
         copied = plan.copied if alias else plan.entries
         aliased = plan.aliased if alias else []
         return UpdateReport(
             version=self.version,
-            seconds=time.perf_counter() - t0,
+            seconds=time.perf_counter() - push.t0,
             source_format=plan.source_format,
             aliased=[e.engine_path for e in aliased],
             copied=[e.engine_path for e in copied],
@@ -307,10 +330,10 @@ class WeightSync:
             copied_bytes=sum(e.nbytes for e in copied),
             live_bytes_before=before,
             live_bytes_after=after,
-            peak_extra_bytes=max(0, peak[0] - max(before, after)) if track_peak_memory and before is not None else None,
+            peak_extra_bytes=max(0, peak[0] - max(before, after)) if track_peak and before is not None else None,
             largest_copied_leaf_bytes=max((e.nbytes for e in copied), default=0),
             untouched=list(plan.missing),
-            plan_reused=plan_reused,
+            plan_reused=push.plan_reused,
         )
 
     def verify_sharing(

@@ -10,6 +10,7 @@ ever sees engines on different versions.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import threading
 import time
@@ -21,7 +22,7 @@ import jax
 from converters import ModelSpec
 from sampler.base import RolloutEngine, as_tokenizer_adapter
 from sampler.config import SamplerConfig
-from sampler.core import UpdateGate, is_path
+from sampler.core import Push, UpdateGate, is_path
 from sampler.reports import SharingReport, UpdateReport
 from sampler.sampler import SglangJaxSampler
 
@@ -91,6 +92,9 @@ class DataParallelSampler(RolloutEngine):
             raise
         self._pool = concurrent.futures.ThreadPoolExecutor(len(self.samplers), thread_name_prefix="dp-sampler")
         self._gate = UpdateGate()
+        #: True from the first engine write of an update until the last; stays True when an
+        #: update failed midway, until a complete push (then engines may hold different versions).
+        self._mixed = False
         self._closed = False
         self._lock = threading.Lock()
 
@@ -161,40 +165,44 @@ class DataParallelSampler(RolloutEngine):
         alias: bool = True,
         check_finite: bool = False,
     ) -> UpdateReport:
-        """Push the weights to every engine: aliased where an engine's devices and sharding
-        already hold them, copied to the others. The tree is validated against every engine
-        before any engine changes; generation calls wait until all engines are updated."""
-        t0 = time.perf_counter()
-        for s in self.samplers:
-            s.plan_for(updated_weights, filter_types, source_format=source_format, strict=strict)
-        with self._gate.updating(self.config.update_timeout_s):
-            reports = [
-                s.update_params(
-                    updated_weights,
-                    filter_types,
-                    source_format=source_format,
-                    strict=strict,
-                    track_peak_memory=track_peak_memory,
-                    alias=alias,
-                    check_finite=check_finite and i == 0,
-                )
-                for i, s in enumerate(self.samplers)
-            ]
-        return UpdateReport.combine(reports, time.perf_counter() - t0)
+        """Push the weights to every engine or to none: aliased where an engine's devices and
+        sharding already hold them, copied to the others.
+
+        The tree is validated against every engine, then every engine is quiesced (no request
+        runs on any of them), and only then are the weights written. If an engine cannot be
+        quiesced in time, ``UpdateTimeoutError`` and no engine changed. If a write fails
+        midway, generation is refused until a complete push (no call sees mixed versions).
+        """
+        pushes = [
+            s.sync.prepare(
+                updated_weights, filter_types, source_format=source_format, strict=strict,
+                track_peak_memory=track_peak_memory, alias=alias, check_finite=check_finite and i == 0,
+            )
+            for i, s in enumerate(self.samplers)
+        ]  # fmt: skip
+        return self._apply_all(pushes, complete=strict)
 
     def load_checkpoint(
         self, path_or_weights: Any, *, strict: bool = True, track_peak_memory: bool = False
     ) -> UpdateReport:
-        """``SglangJaxSampler.load_checkpoint`` on every engine (validated on all first)."""
+        """``SglangJaxSampler.load_checkpoint`` on every engine or on none (as ``update_params``)."""
         if not is_path(path_or_weights):
             return self.update_params(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
-        t0 = time.perf_counter()
-        self.check_checkpoint(path_or_weights, strict=strict)
-        with self._gate.updating(self.config.update_timeout_s):
-            reports = [
-                s.load_checkpoint(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
-                for s in self.samplers
-            ]
+        pushes = [
+            s.sync.prepare_checkpoint(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
+            for s in self.samplers
+        ]
+        return self._apply_all(pushes, complete=strict)
+
+    def _apply_all(self, pushes: list[Push], *, complete: bool) -> UpdateReport:
+        t0 = min(p.t0 for p in pushes)
+        timeout = self.config.update_timeout_s
+        with self._gate.updating(timeout), contextlib.ExitStack() as quiet:
+            for s in self.samplers:  # every engine idle before any engine changes
+                quiet.enter_context(s.sync.exclusive(timeout))
+            was_mixed, self._mixed = self._mixed, True  # until every engine holds the new version
+            reports = [s.sync.apply(push) for s, push in zip(self.samplers, pushes)]
+            self._mixed = was_mixed and not complete
         return UpdateReport.combine(reports, time.perf_counter() - t0)
 
     def check_checkpoint(self, path: Any, *, strict: bool = True) -> None:
@@ -208,6 +216,14 @@ class DataParallelSampler(RolloutEngine):
         return [s.verify_sharing(updated_weights, filter_types, source_format=source_format) for s in self.samplers]
 
     def check_servable(self) -> None:
+        if self._closed:
+            raise RuntimeError("this sampler has been shut down")
+        if self._mixed:
+            versions = [s.version for s in self.samplers]
+            raise RuntimeError(
+                f"a weight update failed midway across the data-parallel engines (versions {versions}); "
+                "push a complete set with update_params before generating"
+            )
         for s in self.samplers:
             s.check_servable()
 
@@ -216,10 +232,9 @@ class DataParallelSampler(RolloutEngine):
         self, costs: Sequence[int], call: Callable[[SglangJaxSampler, list[int]], Any]
     ) -> list[tuple[list[int], Any]]:
         """Run ``call(engine, indexes)`` on every engine with a non-empty share, concurrently."""
-        if self._closed:
-            raise RuntimeError("this sampler has been shut down")
         groups = split_balanced(costs, len(self.samplers))
         with self._gate.generating():
+            self.check_servable()
             futures = [
                 (idx, self._pool.submit(call, sampler, idx)) for sampler, idx in zip(self.samplers, groups) if idx
             ]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 import types
 from pathlib import Path
 
@@ -174,3 +177,38 @@ def flax_params(hf: dict[str, np.ndarray], *, linen_layers: bool = False, wrap: 
             node = node.setdefault(p, {})
         node[parts[-1]] = np.ascontiguousarray(w)
     return {"params": tree} if wrap else tree
+
+
+def raw_generate(sampler, ids, n=8):
+    """Greedy output ids of a request straight to the engine's tokenizer manager, as the
+    HTTP server or any other client sends it: not through the sampler's generate gate."""
+    out = sampler._handle.run(
+        sampler.engine.async_generate(
+            input_ids=list(ids), sampling_params={"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}
+        ),
+        timeout=120,
+    )
+    return out["output_ids"]
+
+
+@contextlib.contextmanager
+def held_in_flight(sampler, ids, n=8):
+    """A raw request that is in flight and cannot finish until the block ends, whatever the
+    machine's speed: the scheduler thread is parked between iterations before the request
+    is sent, so the request sits in the engine, sent and unanswered. Yields a dict that
+    holds the request's output ids once the block has ended."""
+    handle = sampler._handle
+    assert handle._park.park(60), "the scheduler did not park"
+    result = {}
+    request = threading.Thread(target=lambda: result.setdefault("ids", raw_generate(sampler, ids, n)))
+    try:
+        request.start()
+        deadline = time.monotonic() + 60
+        while not sampler.engine.tokenizer_manager.rid_to_state:
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            time.sleep(0.005)
+        yield result
+    finally:
+        handle._park.release()
+        request.join(120)
+    assert "ids" in result, "the held request never finished"

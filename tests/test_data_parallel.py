@@ -94,7 +94,10 @@ def test_update_aliases_on_the_trainers_devices_and_copies_to_the_others(dp, mod
     assert report.version == min(s.version for s in dp.samplers)
     expected = converters.fingerprint_params(helpers.hf_tensors(path), path)
     assert dp.fingerprints() == [expected] * 4
-    assert [all(s.verify_sharing(params).shared) for s in dp.samplers][0]
+    sharing = dp.verify_sharing(params)
+    assert sharing[0].all_shared and len(sharing[0].shared) == len(params)  # engine 0: the trainer's buffers
+    for other in sharing[1:]:
+        assert not other.shared and len(other.copies) == len(params)
     for i, s in enumerate(dp.samplers[1:], start=1):
         for p, x in s.engine_params().items():
             assert x.devices() == {jax.devices()[i]}, p
@@ -119,10 +122,6 @@ def test_concurrent_generation_matches_one_engine(dp, model_dir, engines):
     np.testing.assert_array_equal(out.padded_prompt_tokens, expected.padded_prompt_tokens)
     for a, b in zip(out.logprobs, expected.logprobs):
         np.testing.assert_allclose(a, b, atol=1e-5)
-
-    # every engine took part, in parallel threads
-    served = [s for s in dp.samplers if s.engine.tokenizer_manager.last_receive_tstamp > 0]
-    assert len(served) == 4
 
     ids = [dp.tokenize(p) for p in PROMPTS]
     raw = dp.generate_ids(ids, {"max_new_tokens": 4, "temperature": 0.0})
@@ -149,6 +148,76 @@ def test_update_reaches_every_engine_and_bad_input_changes_none(dp, model_dir):
     assert dp.fingerprints() == [converters.fingerprint_params(helpers.hf_tensors(new), new)] * 4
     tokens = dp(PROMPTS[:4], max_generation_steps=6, temperature=0.0).tokens
     assert all(len(t) > 0 for t in tokens)
+
+
+def test_every_engine_serves_its_share_at_the_same_time(dp, model_dir, monkeypatch):
+    """The engines generate concurrently: each engine's call waits at a barrier that only opens
+    when all four are inside it (serial calls would never meet), and each serves its share."""
+    dp.load_checkpoint(model_dir("qwen3-tied"))
+    barrier = threading.Barrier(len(dp.samplers), timeout=60)
+    shares = {}
+    for i, s in enumerate(dp.samplers):
+        inner = s.generate_ids
+
+        def met(prompts, *args, i=i, inner=inner, **kwargs):
+            shares[i] = len(prompts)
+            barrier.wait()  # BrokenBarrierError unless all engines are called at once
+            return inner(prompts, *args, **kwargs)
+
+        monkeypatch.setattr(s, "generate_ids", met)
+    out = dp(PROMPTS, max_generation_steps=4, temperature=0.0)
+    assert len(out.tokens) == len(PROMPTS) and all(len(t) for t in out.tokens)
+    assert shares == {0: 3, 1: 3, 2: 3, 3: 3}
+
+
+def test_update_is_all_or_nothing(dp, model_dir):
+    """A request held in flight on engine 2 only: that engine cannot be quiesced, so the update
+    times out and no engine changed (none serves the new version); once released, a push
+    reaches all four."""
+    from sampler import UpdateTimeoutError
+
+    a, b = model_dir("qwen3-tied"), model_dir("qwen3-tied", 1)
+    dp.load_checkpoint(a)
+    before, versions = dp.fingerprints(), [s.version for s in dp.samplers]
+    saved = dp.config.update_timeout_s
+    dp.config.update_timeout_s = 1.0
+    try:
+        with helpers.held_in_flight(dp.samplers[2], [5, 6, 7]) as held:
+            with pytest.raises(UpdateTimeoutError):
+                dp.load_checkpoint(b)
+            assert dp.fingerprints() == before and [s.version for s in dp.samplers] == versions
+    finally:
+        dp.config.update_timeout_s = saved
+    assert held["ids"]  # the held request finished, on the old weights
+    dp.load_checkpoint(b)
+    expected = converters.fingerprint_params(helpers.hf_tensors(b), b)
+    assert dp.fingerprints() == [expected] * 4
+
+
+def test_a_push_failing_midway_blocks_generation_until_a_complete_push(dp, model_dir, monkeypatch):
+    """A device error while writing engine 2 (injected: it cannot be caused on demand) leaves
+    engines 0-1 on the new weights and 2-3 on the old: generation is refused until a full push."""
+    a, b = model_dir("qwen3-tied"), model_dir("qwen3-tied", 1)
+    dp.load_checkpoint(a)
+    target = dp.samplers[2].sync
+    original = target.apply
+
+    def failing(push):
+        raise RuntimeError("injected device failure")
+
+    monkeypatch.setattr(target, "apply", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        dp.load_checkpoint(b)
+    monkeypatch.setattr(target, "apply", original)
+    prints = dp.fingerprints()
+    assert prints[0] == prints[1] != prints[2] == prints[3]
+    with pytest.raises(RuntimeError, match="failed midway across the data-parallel engines"):
+        dp(PROMPTS[:2], max_generation_steps=2)
+    with pytest.raises(RuntimeError, match="failed midway"):
+        dp.generate_ids([[5, 6, 7]], {"max_new_tokens": 2})
+    dp.load_checkpoint(b)
+    assert len(set(dp.fingerprints())) == 1
+    assert all(len(t) for t in dp(PROMPTS[:2], max_generation_steps=2).tokens)
 
 
 def test_sampled_duplicates_differ_across_engines(dp):

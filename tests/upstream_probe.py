@@ -90,7 +90,10 @@ def main(mode: str, model_dir: str) -> None:
             generate = lambda: sampler.generate_ids([[5, 6, 7]], {"max_new_tokens": 3, "temperature": 0}, timeout=120)
         generate()
         inflight = {}
-        if mode == "fault_contained":  # a request from another client, in flight when the fault hits
+        if mode == "fault_contained":
+            # A request from another client, in flight when the fault hits whatever the machine's
+            # speed: the scheduler is parked before it is sent and released after the weight moved.
+            assert sampler._handle._park.park(60)
             raw = lambda: sampler._handle.run(
                 sampler.engine.async_generate(
                     input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 100, "temperature": 0, "ignore_eos": True}
@@ -103,6 +106,8 @@ def main(mode: str, model_dir: str) -> None:
         leaves = list(runner.model_state_leaves)
         leaves[0] = jax.device_put(leaves[0], jax.devices()[1])
         runner.model_state_leaves = leaves
+        if mode == "fault_contained":
+            sampler._handle._park.release()
         try:
             generate()
             result["raised"] = None

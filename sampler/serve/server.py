@@ -189,6 +189,7 @@ class WeightServer:
             "version": self.sampler.version,
             "accepting": not self.gating,
             "in_flight": self.in_flight,
+            "engine_requests": compat.requests_in_flight(self.sampler.engine.tokenizer_manager),
             "last_report": self.last_report,
             "last_error": self.last_error,
             "last_started": self.last_started,
