@@ -129,6 +129,10 @@ class SglangJaxRollout(base_rollout.BaseRollout):
     def generate(
         self, prompts: list[str], rollout_config: base_rollout.RolloutConfig, **kwargs
     ) -> base_rollout.RolloutOutput:
+        """Completions at their real length (the stop token kept, no padding) with their
+        logprobs, and left-padded prompts, as Tunix's own rollouts return them: Tunix's
+        learners pad completions themselves, and its agentic learner counts every returned
+        token as part of the response."""
         out = self._sampler(
             input_strings=prompts,
             max_generation_steps=rollout_config.max_tokens_to_generate,
@@ -140,7 +144,7 @@ class SglangJaxRollout(base_rollout.BaseRollout):
             if rollout_config.seed is None or not self._sampler.config.deterministic_sampling
             else int(np.asarray(rollout_config.seed).ravel()[0]),
             echo=False,
-            pad_output=True,
+            pad_output=False,
             **kwargs,
         )
         return base_rollout.RolloutOutput(

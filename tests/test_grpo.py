@@ -61,7 +61,7 @@ def test_grpo_steps_sync_fresh_weights_and_logprobs_agree(tmp_path):
     rollout, actor, config = state["rollout"], state["actor"], state["rollout_config"]
     out = rollout.generate(grpo_tiny.PROMPTS[:4], config)
     prompt_tokens = np.asarray(out.left_padded_prompt_tokens)
-    completion_tokens = np.stack(out.tokens)
+    completion_tokens = _right_padded(out.tokens, rollout.pad_id())
     mask = completion_tokens != rollout.pad_id()
     trainer = _trainer_logps(actor, prompt_tokens, completion_tokens, rollout.pad_id(), rollout.eos_id())
     engine_sampled = np.stack(out.logprobs)
@@ -72,6 +72,38 @@ def test_grpo_steps_sync_fresh_weights_and_logprobs_agree(tmp_path):
     diff = np.abs(engine_scored[mask] - trainer[mask])
     assert diff.mean() < 0.05 and diff.max() < 0.2, diff
     rollout.shutdown()
+
+
+def _right_padded(tokens, pad_id):
+    width = max(len(t) for t in tokens)
+    return np.stack([np.pad(t, (0, width - len(t)), constant_values=pad_id) for t in tokens])
+
+
+def test_rollout_returns_completions_at_their_real_length(model_dir):
+    """A completion that stops early comes back with its stop token and nothing after it:
+    Tunix's agentic learner counts every returned token, and padded completions made it drop
+    every trajectory as too long (it trained on nothing)."""
+    from tunix.rl.rollout import base_rollout
+
+    from sampler.tunix_models import load_tunix_model
+
+    path = model_dir("qwen3-tied")
+    config = base_rollout.RolloutConfig(
+        max_tokens_to_generate=8, max_prompt_length=16, temperature=0.0,
+        rollout_sglang_jax_model_version=str(path), rollout_sglang_jax_context_length=64,
+        rollout_sglang_jax_max_running_requests=2, rollout_sglang_jax_log_level="error",
+    )  # fmt: skip
+    rollout = SglangJaxRollout(rollout_actor=load_tunix_model(path), mesh=None, rollout_config=config)
+    try:
+        greedy = rollout.generate(["1+1="], config).tokens[0]
+        assert len(greedy) == 8  # no stop token met: the whole budget
+        stop = int(greedy[2])
+        out = rollout.generate(["1+1="], config, stop_token_ids=[stop])
+        first = list(greedy).index(stop)
+        assert out.tokens[0].tolist() == greedy[: first + 1].tolist()  # ends at the stop token, unpadded
+        assert len(out.logprobs[0]) == first + 1
+    finally:
+        rollout.shutdown()
 
 
 def test_reward_rises(tmp_path):

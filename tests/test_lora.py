@@ -67,7 +67,9 @@ def test_lora_only_updates_follow_the_trainer(model_dir, engines):
         full = rollout.last_report
         assert full.copied and "model.layers.0.self_attn.q_proj.base_layer.weight" in full.copied
         out = rollout.generate(helpers.PROMPTS, config)
-        prompts, completions = np.asarray(out.left_padded_prompt_tokens), np.stack(out.tokens)
+        width = max(len(t) for t in out.tokens)
+        completions = np.stack([np.pad(t, (0, width - len(t)), constant_values=rollout.pad_id()) for t in out.tokens])
+        prompts = np.asarray(out.left_padded_prompt_tokens)
         mask = completions != rollout.pad_id()
         before = np.asarray(rollout.get_per_token_logps(prompts, completions))
 
