@@ -162,6 +162,11 @@ class ConversionPlan:
     def copied(self) -> list[PlanEntry]:
         return [e for e in self.entries if not e.aliased]
 
+    @property
+    def complete(self) -> bool:
+        """Whether the plan writes every engine weight leaf a push must provide."""
+        return all(self.converter.rule_for(p).optional for p in self.missing)
+
     def check_live(self, leaves: Sequence[Any]) -> None:
         """Refuse deleted (donated) source arrays before anything changes."""
         dead = [
@@ -400,7 +405,7 @@ def build_plan(
 
     missing = [leaf.path for leaf in engine_leaves if converter.feeds(leaf.path) and leaf.path not in targets]
     if missing and strict:
-        for path in missing:
+        for path in (p for p in missing if not converter.rule_for(p).optional):
             src = converter.source_for(path)
             problems.append(
                 f"missing parameter for engine leaf {path} {tuple(engine_leaves[index[path]].shape)}"

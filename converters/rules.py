@@ -27,6 +27,9 @@ class LeafRule:
     #: For N -> 1 rules: the ModelSpec attribute that says how many source leaves are
     #: stacked (e.g. "num_experts"); the source pattern holds one ``{*}``.
     stack: str | None = None
+    #: A complete push may leave this engine leaf out (LoRA buffers of modules the trainer
+    #: has no adapter for keep their values: zeros, so no effect).
+    optional: bool = False
 
     def __post_init__(self):
         if (self.stack is None) != (STACKED not in self.source):
@@ -60,5 +63,5 @@ def engine_layout(table: Table) -> Table:
     """The ``"sglang"`` format of an architecture: engine paths mapped to themselves."""
     seen: dict[str, LeafRule] = {}
     for rule in table:
-        seen.setdefault(rule.target, LeafRule(rule.target, rule.target))
+        seen.setdefault(rule.target, LeafRule(rule.target, rule.target, optional=rule.optional))
     return tuple(seen.values())

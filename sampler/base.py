@@ -131,11 +131,14 @@ class RolloutEngine(base_sampler.BaseSampler, abc.ABC):
             ids = [bos] + ids
         return ids
 
-    def score_completions(self, prompt_tokens: np.ndarray, completion_tokens: np.ndarray) -> np.ndarray:
+    def score_completions(
+        self, prompt_tokens: np.ndarray, completion_tokens: np.ndarray, completion_mask: np.ndarray | None = None
+    ) -> np.ndarray:
         """Logprob of each completion token given its prompt, computed by the engine.
 
         ``prompt_tokens`` left-padded (B, P), ``completion_tokens`` right-padded (B, C), as
-        Tunix passes them; returns float32 (B, C) with 0 after each completion's end.
+        Tunix passes them; a completion ends at its first pad, or where ``completion_mask``
+        (B, C) first is 0. Returns float32 (B, C) with 0 after each completion's end.
         These are the engine's prompt logprobs: log-softmax of the raw logits.
         """
         pad = self.tokenizer.pad_id()
@@ -143,10 +146,14 @@ class RolloutEngine(base_sampler.BaseSampler, abc.ABC):
         completion_tokens = np.asarray(completion_tokens)
         out = np.zeros(completion_tokens.shape, np.float32)
         inputs, starts, lengths = [], [], []
-        for prompt, completion in zip(prompt_tokens, completion_tokens):
+        if completion_mask is not None and np.shape(completion_mask) != completion_tokens.shape:
+            raise ValueError(
+                f"completion_mask has shape {np.shape(completion_mask)}, completion_tokens {completion_tokens.shape}"
+            )
+        for row, (prompt, completion) in enumerate(zip(prompt_tokens, completion_tokens)):
             first = int(np.argmax(prompt != pad)) if (prompt != pad).any() else len(prompt)
             p = prompt[first:].tolist()
-            ends = np.flatnonzero(completion == pad)
+            ends = np.flatnonzero(completion == pad if completion_mask is None else completion_mask[row] == 0)
             c = completion[: ends[0] if len(ends) else len(completion)].tolist()
             if not p:
                 raise ValueError("a prompt row holds only padding")

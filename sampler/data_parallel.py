@@ -25,6 +25,7 @@ from sampler.config import SamplerConfig
 from sampler.core import Push, UpdateGate, is_path
 from sampler.reports import SharingReport, UpdateReport
 from sampler.sampler import SglangJaxSampler
+from sampler.tunix_config import as_sampler_config, is_tunix_config
 
 #: The warm-up request that compiles an engine's forward passes before the next one starts.
 WARMUP_PROMPT = [1, 2, 3]
@@ -70,9 +71,8 @@ class DataParallelSampler(RolloutEngine):
     sampled completions of duplicated prompts differ across engines.
     """
 
-    def __init__(self, tokenizer: Any = None, config: SamplerConfig | None = None):
-        if config is None:
-            raise TypeError("DataParallelSampler needs config=SamplerConfig(model_path=..., data_parallel_size=N)")
+    def __init__(self, tokenizer: Any = None, config: Any = None, **engine_kwargs: Any):
+        config = as_sampler_config(config, **engine_kwargs)
         self.config = config
         groups = device_groups(config)
         self.tokenizer = as_tokenizer_adapter(tokenizer, config.model_path)
@@ -180,7 +180,7 @@ class DataParallelSampler(RolloutEngine):
             )
             for i, s in enumerate(self.samplers)
         ]  # fmt: skip
-        return self._apply_all(pushes, complete=strict)
+        return self._apply_all(pushes)
 
     def load_checkpoint(
         self, path_or_weights: Any, *, strict: bool = True, track_peak_memory: bool = False
@@ -192,9 +192,9 @@ class DataParallelSampler(RolloutEngine):
             s.sync.prepare_checkpoint(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
             for s in self.samplers
         ]
-        return self._apply_all(pushes, complete=strict)
+        return self._apply_all(pushes)
 
-    def _apply_all(self, pushes: list[Push], *, complete: bool) -> UpdateReport:
+    def _apply_all(self, pushes: list[Push]) -> UpdateReport:
         t0 = min(p.t0 for p in pushes)
         timeout = self.config.update_timeout_s
         with self._gate.updating(timeout), contextlib.ExitStack() as quiet:
@@ -202,7 +202,7 @@ class DataParallelSampler(RolloutEngine):
                 quiet.enter_context(s.sync.exclusive(timeout))
             was_mixed, self._mixed = self._mixed, True  # until every engine holds the new version
             reports = [s.sync.apply(push) for s, push in zip(self.samplers, pushes)]
-            self._mixed = was_mixed and not complete
+            self._mixed = was_mixed and not all(p.plan.complete for p in pushes)
         return UpdateReport.combine(reports, time.perf_counter() - t0)
 
     def check_checkpoint(self, path: Any, *, strict: bool = True) -> None:
@@ -283,8 +283,12 @@ class DataParallelSampler(RolloutEngine):
             s.shutdown()
 
 
-def create_sampler(config: SamplerConfig, tokenizer: Any = None) -> SglangJaxSampler | DataParallelSampler:
-    """A ``SglangJaxSampler``, or a ``DataParallelSampler`` when ``data_parallel_size > 1``."""
+def create_sampler(config: Any, tokenizer: Any = None, **engine_kwargs: Any) -> SglangJaxSampler | DataParallelSampler:
+    """A ``SglangJaxSampler``, or a ``DataParallelSampler`` when ``data_parallel_size > 1``
+    (``config``: a SamplerConfig or Tunix's SglangJaxConfig)."""
+    if is_tunix_config(config):
+        return SglangJaxSampler(tokenizer=tokenizer, config=config, **engine_kwargs)
+    config = as_sampler_config(config, **engine_kwargs)
     if config.data_parallel_size > 1:
         return DataParallelSampler(tokenizer=tokenizer, config=config)
     return SglangJaxSampler(tokenizer=tokenizer, config=config)

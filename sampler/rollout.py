@@ -20,6 +20,7 @@ from sampler.base import RolloutEngine
 from sampler.config import SamplerConfig
 from sampler.data_parallel import create_sampler
 from sampler.reports import UpdateReport
+from sampler.tunix_config import from_rollout_config, mapping_format
 
 #: How many weight syncs ``SglangJaxRollout.history`` remembers.
 SYNC_HISTORY = 10_000
@@ -32,59 +33,6 @@ class SyncRecord(NamedTuple):
     seconds: float
     aliased_bytes: int
     copied_bytes: int
-
-
-def sampler_config_from_rollout(
-    rollout_config: base_rollout.RolloutConfig, mesh: jax.sharding.Mesh | None
-) -> SamplerConfig:
-    """Map Tunix's ``rollout_sglang_jax_*`` fields onto a SamplerConfig."""
-    rc = rollout_config
-    if not rc.rollout_sglang_jax_model_version:
-        raise ValueError("RolloutConfig.rollout_sglang_jax_model_version must name the model directory")
-    devices = [] if mesh is None else [int(d.id) for d in np.asarray(mesh.devices).flat]
-    dp = rc.data_parallel_size if rc.data_parallel_size and rc.data_parallel_size > 0 else 1
-    tp = (
-        rc.tensor_parallel_size
-        if rc.tensor_parallel_size and rc.tensor_parallel_size > 0
-        else max(1, len(devices) // dp)
-    )
-    context = rc.rollout_sglang_jax_context_length or (rc.max_prompt_length + rc.max_tokens_to_generate)
-    engine_kwargs: dict[str, Any] = {
-        "use_sort_for_toppk_minp": rc.rollout_sglang_jax_use_sort_for_toppk_minp,
-    }
-    if jax.default_backend() != "cpu":  # on CPU the sampler's own defaults apply
-        engine_kwargs.update(
-            page_size=rc.rollout_sglang_jax_page_size,
-            chunked_prefill_size=rc.rollout_sglang_jax_chunked_prefill_size,
-            precompile_bs_paddings=rc.rollout_sglang_jax_precompile_bs_paddings,
-            precompile_token_paddings=rc.rollout_sglang_jax_precompile_token_paddings,
-        )
-    if rc.rollout_sglang_jax_enable_static_lora:
-        engine_kwargs.update(
-            enable_static_lora=True,
-            lora_target_modules=rc.rollout_sglang_jax_lora_target_modules,
-            max_lora_rank=rc.rollout_sglang_jax_max_lora_rank,
-            lora_scaling=rc.rollout_sglang_jax_lora_scaling,
-            max_loras_per_batch=1,
-        )
-    engine_kwargs.update(rc.rollout_sglang_jax_kwargs or {})
-    load_format = "dummy" if rc.rollout_sglang_jax_init_with_random_weights else rc.rollout_sglang_jax_load_format
-    if load_format == "auto":
-        load_format = "safetensors"
-    return SamplerConfig(
-        model_path=rc.rollout_sglang_jax_model_version,
-        context_length=context,
-        max_running_requests=rc.rollout_sglang_jax_max_running_requests or 64,
-        load_format=load_format,
-        tp_size=tp,
-        data_parallel_size=dp,
-        device_indexes=devices[: dp * tp] if devices else None,
-        mem_fraction_static=rc.rollout_sglang_jax_mem_fraction_static if jax.default_backend() != "cpu" else None,
-        deterministic_sampling=rc.rollout_sglang_jax_enable_deterministic_sampling,
-        disable_radix_cache=rc.rollout_sglang_jax_disable_radix_cache,
-        log_level=rc.rollout_sglang_jax_log_level or "error",
-        engine_kwargs=engine_kwargs,
-    )
 
 
 class SglangJaxRollout(base_rollout.BaseRollout):
@@ -108,8 +56,11 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         actor = rollout_actor if rollout_actor is not None else model
         if rollout_config is None:
             raise TypeError("SglangJaxRollout needs rollout_config=RolloutConfig(...)")
-        config = sampler_config or sampler_config_from_rollout(rollout_config, mesh)
+        config = sampler_config or from_rollout_config(rollout_config, mesh)
         self._sampler = create_sampler(config, tokenizer)
+        mapping = getattr(rollout_config, "rollout_mapping_config", None)
+        if mapping is not None:
+            mapping_format(self._sampler.architecture, mapping)
         self.last_report: UpdateReport | None = None
         #: The latest syncs, oldest first (bounded: a long run does not grow it without end).
         self.history: collections.deque[SyncRecord] = collections.deque(maxlen=SYNC_HISTORY)
@@ -155,13 +106,19 @@ class SglangJaxRollout(base_rollout.BaseRollout):
             logprobs=out.logprobs,
         )
 
-    def get_per_token_logps(self, prompt_tokens: jax.Array, completion_tokens: jax.Array) -> jax.Array:
+    def get_per_token_logps(
+        self, prompt_tokens: jax.Array, completion_tokens: jax.Array, completion_mask: jax.Array | None = None
+    ) -> jax.Array:
         """Logprob of every completion token under the served weights, computed by the engine
         (prompt logprobs of prompt + completion), shape ``completion_tokens.shape``; 0 at pads.
 
-        The engine returns log-softmax of the raw logits (temperature 1).
+        ``completion_mask`` (Tunix main's signature) marks the real completion tokens; without
+        it a completion ends at its first pad. The engine returns log-softmax of the raw
+        logits (temperature 1).
         """
-        return jnp.asarray(self._sampler.score_completions(np.asarray(prompt_tokens), np.asarray(completion_tokens)))
+        mask = None if completion_mask is None else np.asarray(completion_mask)
+        scores = self._sampler.score_completions(np.asarray(prompt_tokens), np.asarray(completion_tokens), mask)
+        return jnp.asarray(scores)
 
     def update_params(self, params: Any, filter_types: Optional[Tuple[Any, ...]] = None) -> UpdateReport:
         # RLCluster guards host<->device transfers on CPU; an update moves data on purpose.
@@ -181,8 +138,12 @@ class SglangJaxRollout(base_rollout.BaseRollout):
     def eos_id(self) -> int:
         return self._sampler.tokenizer.eos_id()
 
-    def model(self) -> nnx.Module:
-        return self._sampler.transformer
+    def model(self) -> None:
+        """None, as Tunix's own sglang-jax and vLLM rollouts return: the engine's model is not a
+        Tunix model. (Tunix's learner compares this model's leaves with the actor's to decide
+        whether to sync at all; the engine's leaves are no such pair, and a LoRA engine has more
+        of them, which made that comparison raise.) ``sampler.transformer`` is the engine's model."""
+        return None
 
     def model_state(self) -> nnx.State:
         return self._sampler.transformer_state

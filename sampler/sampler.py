@@ -11,10 +11,10 @@ from flax import nnx
 
 from converters import ConversionPlan, ModelSpec
 from sampler.base import RolloutEngine, SglangSamplerOutput, as_tokenizer_adapter
-from sampler.config import SamplerConfig
 from sampler.core import WeightSync, is_path
 from sampler.engine import EngineFaultError, EngineHandle, UpdateTimeoutError
 from sampler.reports import SharingReport, UpdateReport
+from sampler.tunix_config import as_sampler_config, is_tunix_config, mapping_format
 
 
 class SglangJaxSampler(RolloutEngine):
@@ -26,9 +26,11 @@ class SglangJaxSampler(RolloutEngine):
     (``__call__``, ``generate_ids``, ``score_completions``) never sees a mix of weights.
     """
 
-    def __init__(self, tokenizer: Any = None, config: SamplerConfig | None = None):
-        if config is None:
-            raise TypeError("SglangJaxSampler needs config=SamplerConfig(model_path=...)")
+    def __init__(self, tokenizer: Any = None, config: Any = None, **engine_kwargs: Any):
+        """``config``: a SamplerConfig, or Tunix's ``SglangJaxConfig`` (every field mapped, see
+        ``sampler.tunix_config``); extra keyword arguments go to the engine, as in Tunix."""
+        tunix_mapping = getattr(config, "mapping_config", None) if is_tunix_config(config) else None
+        config = as_sampler_config(config, **engine_kwargs)
         if config.data_parallel_size != 1:
             raise ValueError(
                 f"data_parallel_size={config.data_parallel_size}: build it with sampler.create_sampler(config) "
@@ -43,6 +45,8 @@ class SglangJaxSampler(RolloutEngine):
             self._handle.shutdown()
             raise
         self.engine = self._handle.engine
+        if tunix_mapping is not None:
+            mapping_format(self.architecture, tunix_mapping)
 
     # ------------------------------------------------------------------ properties
     @property

@@ -121,5 +121,5 @@ class EngineWeights:
             written.append(new)
         self._runner.model_state_leaves = list(work)
         # A partial update cannot repair what an earlier failed swap left half-replaced.
-        self.broken = was_broken and bool(plan.missing)
+        self.broken = was_broken and not plan.complete
         return written

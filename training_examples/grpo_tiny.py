@@ -55,11 +55,11 @@ def digit_reward(prompts, completions, **kwargs) -> list[float]:
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def apply_lora(model, rank: int, alpha: float):
-    """qwix LoRA adapters on every attention and MLP projection of a Tunix model."""
+def apply_lora(model, rank: int, alpha: float, modules: tuple[str, ...] = LORA_MODULES):
+    """qwix LoRA adapters on the given projections (default: every attention and MLP one)."""
     import qwix
 
-    provider = qwix.LoraProvider(module_path="|".join(f".*{m}" for m in LORA_MODULES), rank=rank, alpha=alpha)
+    provider = qwix.LoraProvider(module_path="|".join(f".*{m}" for m in modules), rank=rank, alpha=alpha)
     ids = jnp.ones((1, 4), jnp.int32)
     return qwix.apply_lora_to_model(
         model, provider, ids, positions=jnp.arange(4)[None], cache=None, attention_mask=jnp.ones((1, 4, 4), bool)
@@ -91,6 +91,7 @@ def run(
     keep: dict | None = None,
     lora_rank: int | None = None,
     lora_alpha: float = 16.0,
+    lora_modules: tuple[str, ...] = LORA_MODULES,
     rollout_devices: int = 1,
     rollout_overrides: dict | None = None,
 ) -> list[StepLog]:
@@ -130,10 +131,10 @@ def run(
     )
     lora_fields = {}
     if lora_rank:
-        actor = apply_lora(actor, lora_rank, lora_alpha)
+        actor = apply_lora(actor, lora_rank, lora_alpha, lora_modules)
         lora_fields = dict(
             rollout_sglang_jax_enable_static_lora=True,
-            rollout_sglang_jax_lora_target_modules=list(LORA_MODULES),
+            rollout_sglang_jax_lora_target_modules=list(lora_modules),
             rollout_sglang_jax_max_lora_rank=lora_rank,
             rollout_sglang_jax_lora_scaling=lora_alpha / lora_rank,
         )
@@ -167,9 +168,7 @@ def run(
             rollout_sglang_jax_model_version=str(model_dir),
             rollout_sglang_jax_context_length=64,
             rollout_sglang_jax_max_running_requests=batch_size * num_generations,
-            rollout_sglang_jax_log_level="error",
-            **lora_fields,
-            **(rollout_overrides or {}),
+            **{"rollout_sglang_jax_log_level": "error", **lora_fields, **(rollout_overrides or {})},
         ),
     )
     cluster = rl_cluster_lib.RLCluster(actor=actor, reference=None, tokenizer=tokenizer, cluster_config=cluster_config)

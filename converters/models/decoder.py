@@ -50,24 +50,29 @@ TUNIX_QK_NORM: Table = (
 
 # LoRA adapters (qwix on Tunix models; scale alpha/rank is the engine's lora_scaling) into
 # sglang-jax static LoRA buffers: A (1, r, in), B (1, out, r). Tunix: a (in, r) / b (r, out),
-# attention b (r, N, H), o_proj a (N, H, r).
+# attention b (r, N, H), o_proj a (N, H, r). Optional: an engine built with LoRA on more
+# modules than the trainer adapts keeps zeros in the others.
 _TE = (Transpose((1, 0)), ExpandDims(0))
 _KV = (ReplicateKVHeads(1), MergeAxes(1, 3))
 TUNIX_LORA: Table = (
-    LeafRule("layers.{}.attn.q_proj.w_lora_a", f"{L}.self_attn.q_proj.A_buffer", _TE),
-    LeafRule("layers.{}.attn.q_proj.w_lora_b", f"{L}.self_attn.q_proj.B_buffer", (MergeAxes(1, 3),) + _TE),
-    LeafRule("layers.{}.attn.k_proj.w_lora_a", f"{L}.self_attn.k_proj.A_buffer", _TE),
-    LeafRule("layers.{}.attn.k_proj.w_lora_b", f"{L}.self_attn.k_proj.B_buffer", _KV + _TE),
-    LeafRule("layers.{}.attn.v_proj.w_lora_a", f"{L}.self_attn.v_proj.A_buffer", _TE),
-    LeafRule("layers.{}.attn.v_proj.w_lora_b", f"{L}.self_attn.v_proj.B_buffer", _KV + _TE),
-    LeafRule("layers.{}.attn.o_proj.w_lora_a", f"{L}.self_attn.o_proj.A_buffer", (MergeAxes(0, 2),) + _TE),
-    LeafRule("layers.{}.attn.o_proj.w_lora_b", f"{L}.self_attn.o_proj.B_buffer", _TE),
-    LeafRule("layers.{}.mlp.gate_proj.kernel_lora_a", f"{L}.mlp.gate_proj.A_buffer", _TE),
-    LeafRule("layers.{}.mlp.gate_proj.kernel_lora_b", f"{L}.mlp.gate_proj.B_buffer", _TE),
-    LeafRule("layers.{}.mlp.up_proj.kernel_lora_a", f"{L}.mlp.up_proj.A_buffer", _TE),
-    LeafRule("layers.{}.mlp.up_proj.kernel_lora_b", f"{L}.mlp.up_proj.B_buffer", _TE),
-    LeafRule("layers.{}.mlp.down_proj.kernel_lora_a", f"{L}.mlp.down_proj.A_buffer", _TE),
-    LeafRule("layers.{}.mlp.down_proj.kernel_lora_b", f"{L}.mlp.down_proj.B_buffer", _TE),
+    LeafRule("layers.{}.attn.q_proj.w_lora_a", f"{L}.self_attn.q_proj.A_buffer", _TE, optional=True),
+    LeafRule(
+        "layers.{}.attn.q_proj.w_lora_b", f"{L}.self_attn.q_proj.B_buffer", (MergeAxes(1, 3),) + _TE, optional=True
+    ),
+    LeafRule("layers.{}.attn.k_proj.w_lora_a", f"{L}.self_attn.k_proj.A_buffer", _TE, optional=True),
+    LeafRule("layers.{}.attn.k_proj.w_lora_b", f"{L}.self_attn.k_proj.B_buffer", _KV + _TE, optional=True),
+    LeafRule("layers.{}.attn.v_proj.w_lora_a", f"{L}.self_attn.v_proj.A_buffer", _TE, optional=True),
+    LeafRule("layers.{}.attn.v_proj.w_lora_b", f"{L}.self_attn.v_proj.B_buffer", _KV + _TE, optional=True),
+    LeafRule(
+        "layers.{}.attn.o_proj.w_lora_a", f"{L}.self_attn.o_proj.A_buffer", (MergeAxes(0, 2),) + _TE, optional=True
+    ),
+    LeafRule("layers.{}.attn.o_proj.w_lora_b", f"{L}.self_attn.o_proj.B_buffer", _TE, optional=True),
+    LeafRule("layers.{}.mlp.gate_proj.kernel_lora_a", f"{L}.mlp.gate_proj.A_buffer", _TE, optional=True),
+    LeafRule("layers.{}.mlp.gate_proj.kernel_lora_b", f"{L}.mlp.gate_proj.B_buffer", _TE, optional=True),
+    LeafRule("layers.{}.mlp.up_proj.kernel_lora_a", f"{L}.mlp.up_proj.A_buffer", _TE, optional=True),
+    LeafRule("layers.{}.mlp.up_proj.kernel_lora_b", f"{L}.mlp.up_proj.B_buffer", _TE, optional=True),
+    LeafRule("layers.{}.mlp.down_proj.kernel_lora_a", f"{L}.mlp.down_proj.A_buffer", _TE, optional=True),
+    LeafRule("layers.{}.mlp.down_proj.kernel_lora_b", f"{L}.mlp.down_proj.B_buffer", _TE, optional=True),
 )
 
 # ---------------------------------------------------------------------- HF (torch layout)
