@@ -16,6 +16,7 @@ import jax
 from converters.spec import config_getter, head_dim_of, read_hf_config
 from sampler import compat
 from sampler.config import SamplerConfig
+from sampler.progress import progress
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -28,6 +29,8 @@ PAUSE_TIMEOUT_S = 60.0
 PARK_RETRY_S = 0.002
 #: A park attempt is given at least this long (s).
 MIN_PARK_WAIT_S = 0.1
+#: What engine start-up shows on its progress bar.
+START_STAGES = ("loading model and compiling", "taking over the scheduler")
 
 
 def engine_kwargs(config: SamplerConfig) -> dict[str, Any]:
@@ -110,10 +113,14 @@ class EngineHandle:
         saved = compat.save_signal_handlers()
         before = set(threading.enumerate())
         logger.info("starting the sglang-jax engine for %s (tp=%d)", config.model_path, config.tp_size)
+        bar = progress(len(START_STAGES), "starting sglang-jax", config.progress, unit="stage")
+        bar.set_postfix_str(START_STAGES[0])
         try:
             self.engine = Engine(**kwargs)
         finally:
             compat.restore_signal_handlers(saved)
+        bar.update(1)
+        bar.set_postfix_str(START_STAGES[1])
         self.threads = compat.started_threads(before)
         # Upstream registered Engine.shutdown at exit (it kills the host's child processes).
         atexit.unregister(self.engine.shutdown)
@@ -125,6 +132,9 @@ class EngineHandle:
         compat.watch_thread_faults(self.threads, self._on_fault)
         self.loop: asyncio.AbstractEventLoop = self.engine.loop
         self.closed = False
+        bar.update(1)
+        bar.close()
+        logger.info("engine ready: %d threads, mesh %s", len(self.threads), dict(self.mesh.shape))
 
     @property
     def mesh(self) -> jax.sharding.Mesh:

@@ -7,14 +7,19 @@ from typing import Any
 
 
 class _Quiet:
+    """The no-op bar (not a terminal, or asked to be quiet)."""
+
     def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
         pass
 
     def close(self) -> None:
         pass
 
 
-def progress(total: int, description: str, enabled: bool | None = None) -> Any:
+def progress(total: int, description: str, enabled: bool | None = None, *, unit: str = "leaf") -> Any:
     """A tqdm bar when ``enabled`` (None: only when stderr is a terminal), else a no-op."""
     if enabled is None:
         enabled = sys.stderr.isatty()
@@ -22,4 +27,4 @@ def progress(total: int, description: str, enabled: bool | None = None) -> Any:
         return _Quiet()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit="leaf", leave=False)
+    return tqdm(total=total, desc=description, unit=unit, leave=False)

@@ -238,3 +238,16 @@ def test_swap_failing_midway_blocks_generation_until_a_full_push(setup, monkeypa
         helpers.greedy(sampler)
     sampler.update_params(state_a)
     assert helpers.greedy(sampler)[0] == refs["a"]
+
+
+def test_checkpoint_load_shows_progress_only_when_asked_or_on_a_terminal(setup, capfd):
+    sampler, path_a, *_ = setup
+    sampler.load_checkpoint(str(path_a))  # stderr is not a terminal under pytest: quiet
+    assert "loading weights" not in capfd.readouterr().err
+    sampler.config.progress = True
+    try:
+        sampler.load_checkpoint(str(path_a))
+    finally:
+        sampler.config.progress = None
+    err = capfd.readouterr().err
+    assert "loading weights" in err and "leaf" in err
