@@ -1,11 +1,18 @@
-"""Sharded updates: a tp=4 engine fed by an FSDP trainer, and load_checkpoint throughput.
+"""Resharded and multi-engine updates, and load_checkpoint throughput.
 
-On 4 simulated CPU devices, Qwen3-0.6B-shaped model (random weights, config made locally):
-- our update_params vs Tunix's SglangJaxSampler.update_params, same tp=4 engine, Tunix-layout
-  bf16 params FSDP-sharded over the same 4 devices (every leaf needs a reshard);
-- load_checkpoint of an HF safetensors directory (sharded, with an index): time, MB/s and the
-  growth of host memory (RSS) while it streams. Tunix 0.1.7 has no checkpoint path
-  (SglangJaxSampler.load_checkpoint raises NotImplementedError for a path), so there is no peer.
+On 4 simulated CPU devices, Qwen3-0.6B-shaped model (random weights, config made locally),
+default SamplerConfig unless a row names a setting:
+- a tp=4 engine fed by Tunix-layout bf16 params of an FSDP trainer over the same 4 devices,
+  and of a tp=2 trainer on devices 0-1 (every leaf needs a reshard): ours with each reshard
+  strategy ("auto": host placement on CPU; "bucket": one XLA program per bucket; "leaf": one
+  per leaf) vs Tunix's SglangJaxSampler.update_params on the same engine, vs the memcpy time
+  of the bytes ours moves (the machine's limit for them, measured in the same run); extra
+  memory by live arrays and by RSS high-water, vs the bucket budget;
+- data-parallel pushes: engine-layout params on device 0 into four tp=1 engines (engine 0
+  aliases, 1-3 copy, overlapped) vs into one engine, vs the memcpy of three model copies;
+- load_checkpoint of an HF safetensors directory (sharded, with an index): time, MB/s and
+  the growth of anonymous RSS while it streams. Tunix 0.1.7 has no checkpoint path
+  (SglangJaxSampler.load_checkpoint raises NotImplementedError for a path): no peer.
 
     python benchmarks/sharded.py [--runs 5] [--layers 28]
 """
@@ -13,6 +20,7 @@ On 4 simulated CPU devices, Qwen3-0.6B-shaped model (random weights, config made
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -29,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import psutil  # noqa: E402
-from common import tunix_live_peak, tunix_peer, tunix_update  # noqa: E402
+from common import memcpy_seconds, rss_high_water, tunix_live_peak, tunix_peer, tunix_update  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
@@ -70,6 +78,49 @@ def rss_peak_during(fn):
     return out, peak[0] - base
 
 
+def _median_push(push, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        push()  # untimed push of the same kind first: steady state
+        t0 = time.perf_counter()
+        push()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _trainer(tmp, seed, mesh):
+    with mesh:
+        model = random_tunix_model(tmp, seed=seed, dtype=jnp.bfloat16, mesh=mesh)
+    state = nnx.state(model, nnx.Param)
+    jax.block_until_ready(state)
+    return model, state
+
+
+def _bench_trainer(sampler, tmp, seed: int, mesh, trainer_name: str, runs: int) -> list[tuple]:
+    """Rows for one trainer placement: ours with each reshard strategy, then Tunix."""
+    model, state = _trainer(tmp, seed, mesh)
+    peer = tunix_peer(sampler, model)
+    push = functools.partial(sampler.update_params, state)
+    rows = []
+    for strategy in ("auto", "bucket", "leaf"):
+        sampler.config.reshard = strategy
+        moved = push().copied_bytes
+        seconds = _median_push(push, runs)
+        live = sampler.update_params(state, track_peak_memory=True).peak_extra_bytes
+        _, rss = rss_high_water(push)
+        limit = memcpy_seconds(moved) if moved else 0.0
+        rows.append((trainer_name, f"ours, reshard={strategy!r}", seconds, moved, limit, live, rss))
+    sampler.config.reshard = "auto"
+    tunix = functools.partial(tunix_update, peer, state)
+    seconds = _median_push(tunix, runs)
+    tunix()
+    before = live_device_bytes()
+    live = max(0, tunix_live_peak(peer, state) - max(before, live_device_bytes()))
+    _, rss = rss_high_water(tunix)
+    rows.append((trainer_name, "Tunix SglangJaxSampler.update_params", seconds, None, None, live, rss))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
@@ -97,80 +148,91 @@ def main() -> None:
         tmp, random_hf_weights(transformers.AutoConfig.from_pretrained(tmp), seed=args.seed), max_shard_bytes=400 * MiB
     )
     ckpt_bytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+    auto = jax.sharding.AxisType.Auto
+    trainers = {
+        "FSDP over devices 0-3": jax.make_mesh((4, 1), ("fsdp", "tp"), axis_types=(auto,) * 2),
+        "tp=2 on devices 0-1": jax.make_mesh((1, 2), ("fsdp", "tp"), axis_types=(auto,) * 2, devices=jax.devices()[:2]),
+    }
 
     sampler = SglangJaxSampler(
         config=SamplerConfig(model_path=str(tmp), context_length=256, max_running_requests=2, tp_size=4)
     )
-    mesh = jax.make_mesh((4, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    with mesh:
-        model = random_tunix_model(tmp, seed=args.seed, dtype=jnp.bfloat16, mesh=mesh)
-    state = nnx.state(model, nnx.Param)
-    jax.block_until_ready(state)
-    peer = tunix_peer(sampler, model)
-
-    def ours():
-        t0 = time.perf_counter()
-        report = sampler.update_params(state)
-        return time.perf_counter() - t0, report
-
-    cases = {"ours": ours, "Tunix": lambda: (tunix_update(peer, state), None)}
-    for fn in cases.values():
-        fn()
-        fn()
-    times = {k: [] for k in cases}
-    report = None
-    for r in range(args.runs):
-        for name in list(cases) if r % 2 == 0 else list(cases)[::-1]:
-            cases[name]()  # untimed push of the same kind first: steady state
-            seconds, rep = cases[name]()
-            times[name].append(seconds)
-            report = rep or report
-    # transient memory
-    ours()
-    before = live_device_bytes()
-    rep = sampler.update_params(state, track_peak_memory=True)
-    ours_peak = rep.peak_extra_bytes
-    tunix_update(peer, state)
-    before = live_device_bytes()
-    peak = tunix_live_peak(peer, state)
-    tunix_extra = max(0, peak - max(before, live_device_bytes()))
-
-    ckpt_times, rss = [], []
+    budget = sampler.config.reshard_bucket_bytes
+    rows = []
+    for trainer_name, mesh in trainers.items():
+        rows += _bench_trainer(sampler, tmp, args.seed, mesh, trainer_name, args.runs)
+    ckpt_times, rss_growth = [], []
     for _ in range(args.runs):
         (rep, grow) = rss_peak_during(lambda: sampler.load_checkpoint(str(tmp)))
         ckpt_times.append(rep.seconds)
-        rss.append(grow)
+        rss_growth.append(grow)
     largest_tensor = max(int(x.nbytes) for x in sampler.engine_params().values())
+    sampler.shutdown()
 
-    t_ours, t_tunix = statistics.median(times["ours"]), statistics.median(times["Tunix"])
+    # data-parallel pushes: one engine vs four, the source in engine 0's layout on device 0
+    from sampler import DataParallelSampler
+
+    single = SglangJaxSampler(config=SamplerConfig(model_path=str(tmp), context_length=256, max_running_requests=2))
+    shardings = single.engine_shardings()
+    _, state = _trainer(
+        tmp, args.seed, jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(auto,) * 2, devices=jax.devices()[:1])
+    )
+    import converters
+
+    layout = {k: jax.device_put(v, shardings[k]) for k, v in converters.to_engine_layout(state, single.spec).items()}
+    del state
+    one = _median_push(functools.partial(single.update_params, layout), args.runs)
+    single.shutdown()
+    dp = DataParallelSampler(
+        config=SamplerConfig(model_path=str(tmp), context_length=256, max_running_requests=2, data_parallel_size=4)
+    )
+    report = dp.update_params(layout)
+    four = _median_push(functools.partial(dp.update_params, layout), args.runs)
+    _, dp_rss = rss_high_water(functools.partial(dp.update_params, layout))
+    copies = report.copied_bytes
+    dp_limit = memcpy_seconds(copies)
+    dp.shutdown()
+
     print(
-        f"\nQwen3-0.6B-shaped ({args.layers} layers), engine tp=4 on 4 simulated CPU devices, trainer FSDP over the "
-        f"same devices, bf16 Tunix layout; JAX {jax.__version__}, {os.cpu_count()} cores, {args.runs} rounds, "
-        f"seed {args.seed}\n"
+        f"\nQwen3-0.6B-shaped ({args.layers} layers), bf16 Tunix layout into a tp=4 engine on 4 simulated CPU "
+        f"devices; JAX {jax.__version__}, {os.cpu_count()} cores, default SamplerConfig, {args.runs} rounds, "
+        f"seed {args.seed}; bucket budget {budget / MiB:.0f} MiB\n"
     )
     print(
-        "| update (FSDP trainer -> tp=4 engine) | median ms | speed-up vs Tunix | bytes copied "
-        "| transient extra memory |"
+        "| trainer | update | median ms | vs Tunix | bytes moved | memcpy of those bytes (limit) | vs limit "
+        "| extra memory: live arrays | extra memory: RSS high-water |"
     )
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for trainer_name, who, seconds, moved, limit, live, rss in rows:
+        tunix = next(r[2] for r in rows if r[0] == trainer_name and r[1].startswith("Tunix"))
+        moved_s = f"{moved / MiB:.0f} MiB" if moved is not None else "-"
+        limit_s = f"{limit * 1e3:.1f} ms" if limit else "-"
+        vs_limit = f"{seconds / limit:.1f}x" if limit else "-"
+        print(
+            f"| {trainer_name} | {who} | {seconds * 1e3:.1f} | {tunix / seconds:.1f}x | {moved_s} | {limit_s} "
+            f"| {vs_limit} | {live / MiB:.0f} MiB | {rss / MiB:.0f} MiB |"
+        )
     print(
-        f"| ours | {t_ours * 1e3:.1f} | {t_tunix / t_ours:.1f}x | {report.copied_bytes / MiB:.0f} MiB "
-        f"| {ours_peak / MiB:.0f} MiB |"
+        "\n| data-parallel push (engine-layout bf16 on device 0) | median ms | bytes copied "
+        "| memcpy of those bytes | vs limit | RSS high-water |"
     )
-    print(f"| Tunix SglangJaxSampler.update_params | {t_tunix * 1e3:.1f} | 1.0x | - | {tunix_extra / MiB:.0f} MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| one tp=1 engine (aliased) | {one * 1e3:.1f} | 0 MiB | - | - | - |")
+    print(
+        f"| 4 tp=1 engines (DataParallelSampler: engine 0 aliases, 1-3 copy, overlapped) | {four * 1e3:.1f} "
+        f"| {copies / MiB:.0f} MiB | {dp_limit * 1e3:.1f} ms | {four / dp_limit:.1f}x | {dp_rss / MiB:.0f} MiB |"
+    )
     med = statistics.median(ckpt_times)
     print(
         f"\n| load_checkpoint (HF safetensors, {len(list(tmp.glob('*.safetensors')))} shards, "
-        f"{ckpt_bytes / MiB:.0f} MiB) "
-        f"| median s | MB/s | peak host memory growth (anonymous RSS) | largest tensor |"
+        f"{ckpt_bytes / MiB:.0f} MiB) | median s | MB/s | peak host memory growth (anonymous RSS) | largest tensor |"
     )
     print("|---|---:|---:|---:|---:|")
     print(
-        f"| ours, tp=4 | {med:.2f} | {ckpt_bytes / 1e6 / med:.0f} | {statistics.median(rss) / MiB:.0f} MiB "
+        f"| ours, tp=4 | {med:.2f} | {ckpt_bytes / 1e6 / med:.0f} | {statistics.median(rss_growth) / MiB:.0f} MiB "
         f"| {largest_tensor / MiB:.0f} MiB |"
     )
     print("| Tunix 0.1.7 | n/a (no checkpoint path) | | | |")
-    sampler.shutdown()
 
 
 if __name__ == "__main__":

@@ -172,3 +172,7 @@ def apply(ops: tuple[Op, ...], x, spec: ModelSpec):
     for op in ops:
         x = op(x, spec)
     return x
+
+
+#: Ops that only reinterpret a row-major array's shape (no element moves).
+RESHAPES = (MergeAxes, ExpandDims)

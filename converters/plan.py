@@ -19,6 +19,7 @@ import numpy as np
 from converters import ops as ops_lib
 from converters.errors import DeletedArrayError, ParamsMismatchError
 from converters.registry import Converter, abstract_key
+from converters.reshard import HostLayout, host_layout, place
 from converters.rules import LeafRule
 from converters.sharding import auto_sharding
 from converters.spec import ModelSpec
@@ -53,6 +54,22 @@ class PlanEntry:
     view: bool = False
     #: The sources are stacked on a new leading axis before the ops.
     stacked: bool = False
+    #: CPU backend: placed shard by shard from host views of the source's shards (views
+    #: where a target shard is a source shard's memory, copies of the rest), no XLA program.
+    host: HostLayout | None = None
+
+    @property
+    def kind(self) -> str:
+        """How this leaf reaches the engine (``UpdateReport.paths``)."""
+        if self.aliased:
+            return "view" if self.view else "alias"
+        if self.host is not None:
+            return "reshard (host)"
+        if "reshard" in self.reasons:
+            return "reshard"
+        if "host array" in self.reasons and not self.ops and not self.stacked:
+            return "load"
+        return "convert"
 
     @property
     def aliased(self) -> bool:
@@ -113,7 +130,14 @@ def _transform(
     return jax.jit(fn, out_shardings=out_sharding)
 
 
-_RESHAPES = (ops_lib.MergeAxes, ops_lib.ExpandDims)
+@functools.lru_cache(maxsize=None)
+def _bucket_transform(steps: tuple[tuple[tuple[ops_lib.Op, ...], ModelSpec, Any, Any], ...]):
+    """One XLA program converting and placing a bucket of leaves: (ops, spec, dtype, sharding) each."""
+
+    def fn(*xs):
+        return tuple(ops_lib.apply(ops, x, spec).astype(dtype) for (ops, spec, dtype, _), x in zip(steps, xs))
+
+    return jax.jit(fn, out_shardings=tuple(auto_sharding(sharding) for *_, sharding in steps))
 
 
 def _single_cpu_device(sharding: Any):
@@ -125,7 +149,7 @@ def _single_cpu_device(sharding: Any):
 
 def _can_view(eff, dtype, sharding, leaf: "EngineLeaf") -> bool:
     """Reshape-only, same dtype, source and engine leaf on the same single CPU device."""
-    if not eff or not all(isinstance(op, _RESHAPES) for op in eff) or np.dtype(dtype) != np.dtype(leaf.dtype):
+    if not eff or not all(isinstance(op, ops_lib.RESHAPES) for op in eff) or np.dtype(dtype) != np.dtype(leaf.dtype):
         return False
     device = _single_cpu_device(sharding)
     return device is not None and device == _single_cpu_device(leaf.sharding)
@@ -188,6 +212,8 @@ class ConversionPlan:
         """
         target = self.engine_leaves[entry.engine_index]
         sharding = target.sharding
+        if entry.host is not None:
+            return place(entry.host, x, sharding)
         if entry.view:
             return jax.device_put(np.asarray(x).reshape(target.shape), sharding)
         if entry.aliased:
@@ -213,6 +239,29 @@ class ConversionPlan:
         y = _transform(entry.ops, self.spec, dtype, None, False, entry.stacked)(*xs)
         return jax.device_put(y, sharding)
 
+    def materialize_bucket(self, entries: Sequence[PlanEntry], leaves: Sequence[Any]) -> list[jax.Array]:
+        """Several converted or resharded leaves from one XLA program (the accelerator path:
+        one dispatch and one collective schedule for the bucket instead of one per leaf).
+        Leaves whose source lives on other devices than their engine leaf go one by one."""
+        out: dict[int, jax.Array] = {}
+        steps, xs, together = [], [], []
+        for k, e in enumerate(entries):
+            target = self.engine_leaves[e.engine_index]
+            x = leaves[e.source_index]
+            if not isinstance(x, jax.Array):
+                x = jax.device_put(np.asarray(x), target.sharding)
+            if x.sharding.device_set != target.sharding.device_set:
+                out[k] = self.materialize(dataclasses.replace(e, host=None), x)
+                continue
+            xs.append(x)
+            steps.append((e.ops, self.spec, np.dtype(target.dtype), target.sharding))
+            together.append(k)
+        if together:
+            ys = _bucket_transform(tuple(steps))(*xs)
+            for k, y, step in zip(together, ys, steps):
+                out[k] = y if y.sharding == step[3] else jax.device_put(y, step[3])
+        return [out[k] for k in range(len(entries))]
+
     def materialize_aliases(self, leaves: Sequence[Any], *, copy: bool = False) -> dict[int, jax.Array]:
         """Every zero-copy entry at once (one batched device_put): engine index -> array.
 
@@ -223,7 +272,10 @@ class ConversionPlan:
         out = {}
         entries = []
         for e in self.entries:
-            if copy and e.aliased:
+            if e.aliased and e.host is not None:  # a view of each device's shard
+                new = place(e.host, leaves[e.source_index], self.engine_leaves[e.engine_index].sharding)
+                out[e.engine_index] = jax.device_put(new, new.sharding, may_alias=False) if copy else new
+            elif copy and e.aliased:
                 entries.append(e)
             elif (
                 e.aliased
@@ -340,11 +392,13 @@ def build_plan(
     *,
     strict: bool = True,
     allow_views: bool = True,
+    host_reshard: bool = True,
 ) -> ConversionPlan:
     """Match every source path to its engine leaves and check shapes and dtypes.
 
     ``signatures`` are ``(shape, dtype, sharding)`` per source leaf. ``allow_views``
-    lets reshape-only leaves on one CPU device alias the source memory. Raises
+    lets reshape-only leaves on the CPU backend alias the source memory (per device);
+    ``host_reshard`` places other reshape-only CPU leaves from host views. Raises
     ParamsMismatchError naming every unknown, duplicate, misshapen, non-floating or
     (when ``strict``) missing parameter.
     """
@@ -388,6 +442,18 @@ def build_plan(
         if not stacked and allow_views and _can_view(eff, dtypes[0], shardings[0], leaf):
             entries.append(PlanEntry(ei, target, sis, source_path, eff, (), leaf.nbytes, view=True))
             continue
+        layout = None
+        if not stacked and (allow_views or host_reshard) and shardings[0] is not None and leaf.sharding is not None:
+            if np.dtype(dtypes[0]) == np.dtype(leaf.dtype):
+                layout = host_layout(eff, spec, leaf.dtype, shape, shardings[0], leaf.shape, leaf.sharding)
+        if (
+            layout is not None
+            and layout.all_views
+            and allow_views
+            and (eff or not _equivalent(shardings[0], leaf.sharding, len(shape)))
+        ):
+            entries.append(PlanEntry(ei, target, sis, source_path, eff, (), leaf.nbytes, view=True, host=layout))
+            continue
         reasons = (["stack"] if stacked else []) + [op.reason for op in eff]
         cast = sorted(
             {
@@ -401,7 +467,10 @@ def build_plan(
             reasons.append("host array")
         elif leaf.sharding is not None and not stacked and not _equivalent(shardings[0], leaf.sharding, len(shape)):
             reasons.append("reshard")
-        entries.append(PlanEntry(ei, target, sis, source_path, eff, tuple(reasons), leaf.nbytes, stacked=stacked))
+        host = layout if layout is not None and host_reshard and reasons and not layout.all_views else None
+        entries.append(
+            PlanEntry(ei, target, sis, source_path, eff, tuple(reasons), leaf.nbytes, stacked=stacked, host=host)
+        )
 
     missing = [leaf.path for leaf in engine_leaves if converter.feeds(leaf.path) and leaf.path not in targets]
     if missing and strict:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+#: SamplerConfig.reshard values.
+RESHARD_MODES = ("auto", "bucket", "leaf")
+
 
 @dataclasses.dataclass
 class SamplerConfig:
@@ -38,6 +41,14 @@ class SamplerConfig:
     #: On CPU, let reshape-only leaves (Tunix q/k/v/o layouts) alias the trainer's memory
     #: through reshaped host views instead of copying. Has no effect on TPU.
     reshape_views: bool = True
+    #: How leaves that change placement are resharded: "auto" places them from host views on
+    #: the CPU backend (views where shards coincide, numpy copies of the rest, on a few
+    #: threads) and in one XLA program per bucket elsewhere; "bucket": XLA programs per bucket
+    #: everywhere; "leaf": one XLA program per leaf.
+    reshard: str = "auto"
+    #: Bytes of resharded leaves in flight at once (a larger single leaf goes alone): the
+    #: bound on the extra memory of a resharded update.
+    reshard_bucket_bytes: int = 256 << 20
     #: Measure live device bytes before and after each update. Off by default: it walks every
     #: live array of the process twice per update (``update_params(track_peak_memory=True)``
     #: measures them for one call).
@@ -48,3 +59,9 @@ class SamplerConfig:
     progress: bool | None = None
     log_level: str = "error"
     engine_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.reshard not in RESHARD_MODES:
+            raise ValueError(f"SamplerConfig.reshard={self.reshard!r}: one of {RESHARD_MODES}")
+        if self.reshard_bucket_bytes < 1:
+            raise ValueError(f"SamplerConfig.reshard_bucket_bytes={self.reshard_bucket_bytes}: must be >= 1")

@@ -121,6 +121,19 @@ class Push:
     show_progress: bool = False
 
 
+#: Paths a leaf takes that move no bytes (the engine uses the source's memory).
+ZERO_COPY_PATHS = ("alias", "view")
+
+
+def moved_bytes(entry: Any, kind: str) -> int:
+    """Bytes written for one engine leaf that took path ``kind``."""
+    if kind in ZERO_COPY_PATHS:
+        return 0
+    if kind == "reshard (host)":
+        return entry.host.copied_bytes  # shards that coincide with a source shard are views
+    return entry.nbytes
+
+
 def is_path(x: Any) -> bool:
     """Whether ``x`` names a checkpoint directory (rather than being an in-memory tree)."""
     return isinstance(x, (str, bytes)) or hasattr(x, "__fspath__")
@@ -200,7 +213,7 @@ class WeightSync:
 
     def _plan(self, tree, leaves, treedef, source_format, strict) -> tuple[ConversionPlan, bool]:
         signatures = tuple(leaf_signature(x) for x in leaves)
-        key = (treedef, signatures, source_format, strict, self.config.reshape_views)
+        key = (treedef, signatures, source_format, strict, self.config.reshape_views, self.config.reshard)
         plan = self._plans.get(key)
         if plan is not None:
             return plan, True
@@ -214,6 +227,7 @@ class WeightSync:
             self.weights.leaves(),
             strict=strict,
             allow_views=self.config.reshape_views,
+            host_reshard=self.config.reshard == "auto",
         )
         self._plans[key] = plan
         return plan, False
@@ -309,7 +323,14 @@ class WeightSync:
                 bar.update(1)
 
         try:
-            written = self.weights.swap(plan, push.leaves, on_leaf if track_peak or bar else None, alias=alias)
+            written, paths = self.weights.swap(
+                plan,
+                push.leaves,
+                on_leaf if track_peak or bar else None,
+                alias=alias,
+                reshard=self.config.reshard,
+                bucket_bytes=self.config.reshard_bucket_bytes,
+            )
             jax.block_until_ready(written)
             del written
             self.handle.flush_cache_parked()
@@ -320,6 +341,10 @@ class WeightSync:
         after = live_device_bytes() if track else None
         copied = plan.copied if alias else plan.entries
         aliased = plan.aliased if alias else []
+        moved: dict[str, int] = {}
+        for e in plan.entries:
+            kind = paths[e.engine_path]
+            moved[kind] = moved.get(kind, 0) + moved_bytes(e, kind)
         return UpdateReport(
             version=self.version,
             seconds=time.perf_counter() - push.t0,
@@ -327,7 +352,9 @@ class WeightSync:
             aliased=[e.engine_path for e in aliased],
             copied=[e.engine_path for e in copied],
             aliased_bytes=sum(e.nbytes for e in aliased),
-            copied_bytes=sum(e.nbytes for e in copied),
+            copied_bytes=sum(moved.values()),
+            paths=paths,
+            moved_bytes=moved,
             live_bytes_before=before,
             live_bytes_after=after,
             peak_extra_bytes=max(0, peak[0] - max(before, after)) if track_peak and before is not None else None,

@@ -201,7 +201,10 @@ class DataParallelSampler(RolloutEngine):
             for s in self.samplers:  # every engine idle before any engine changes
                 quiet.enter_context(s.sync.exclusive(timeout))
             was_mixed, self._mixed = self._mixed, True  # until every engine holds the new version
-            reports = [s.sync.apply(push) for s, push in zip(self.samplers, pushes)]
+            # the engines' writes overlap: each engine has its own devices and buffers
+            futures = [self._pool.submit(s.sync.apply, push) for s, push in zip(self.samplers, pushes)]
+            concurrent.futures.wait(futures)  # every write has ended before the engines resume
+            reports = [f.result() for f in futures]
             self._mixed = was_mixed and not all(p.plan.complete for p in pushes)
         return UpdateReport.combine(reports, time.perf_counter() - t0)
 

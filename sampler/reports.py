@@ -32,6 +32,13 @@ class UpdateReport:
     #: Engine weight leaves left as they were (``strict=False`` partial updates).
     untouched: list[str] = dataclasses.field(default_factory=list)
     plan_reused: bool = False
+    #: Engine path -> how it got there: "alias", "view" (a reshaped view of the source's
+    #: memory, per device), "convert in place" (written into the engine's old buffer),
+    #: "convert", "reshard (host)" (placed from host views on CPU), "reshard (bucket)" (one
+    #: XLA program per bucket), "reshard", "load" (host array), "copy" (``alias=False``).
+    paths: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Bytes written per path (``copied_bytes`` is their sum; zero-copy paths move none).
+    moved_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
     #: Data-parallel samplers: one report per engine (paths above are prefixed ``engine<i>/``).
     engines: list["UpdateReport"] = dataclasses.field(default_factory=list)
 
@@ -54,6 +61,10 @@ class UpdateReport:
             largest_copied_leaf_bytes=max(r.largest_copied_leaf_bytes for r in reports),
             untouched=list(first.untouched),
             plan_reused=all(r.plan_reused for r in reports),
+            paths={f"engine{i}/{p}": k for i, r in enumerate(reports) for p, k in r.paths.items()},
+            moved_bytes={
+                k: sum(r.moved_bytes.get(k, 0) for r in reports) for k in {k for r in reports for k in r.moved_bytes}
+            },
             engines=list(reports),
         )
 
@@ -68,6 +79,16 @@ class UpdateReport:
             parts.append(f"live {self.live_bytes_before / mib:.1f} -> {self.live_bytes_after / mib:.1f} MiB")
         if self.peak_extra_bytes is not None:
             parts.append(f"peak extra {self.peak_extra_bytes / mib:.2f} MiB")
+        counts: dict[str, int] = {}
+        for kind in self.paths.values():
+            counts[kind] = counts.get(kind, 0) + 1
+        if counts:
+            parts.append(
+                "paths: "
+                + "; ".join(
+                    f"{k} {n} ({self.moved_bytes.get(k, 0) / mib:.1f} MiB moved)" for k, n in sorted(counts.items())
+                )
+            )
         if self.engines:
             parts.append(
                 "per engine aliased/copied: "
