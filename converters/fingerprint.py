@@ -43,12 +43,22 @@ def _digest(x):
     return jnp.stack([a, b])
 
 
+def _host(digest: jax.Array) -> np.ndarray:
+    """A digest on the host. Of a leaf spanning several processes it is replicated on every
+    device; this process reads its own copy."""
+    if digest.is_fully_addressable:
+        return np.asarray(digest)
+    if not digest.is_fully_replicated:
+        raise ValueError(f"a digest spanning processes is not replicated: {digest.sharding}")
+    return np.asarray(digest.addressable_data(0))
+
+
 def fingerprint(arrays: Mapping[str, jax.Array]) -> str:
     """Hex digest of a flat mapping ``engine path -> array``."""
     digests = {path: _digest(as_auto(x)) for path, x in arrays.items()}  # dispatch all, then read
     h = hashlib.sha256()
     for path in sorted(arrays):
         x = arrays[path]
-        a, b = np.asarray(digests[path])
+        a, b = _host(digests[path])
         h.update(f"{path}|{tuple(x.shape)}|{np.dtype(x.dtype).name}|{int(a)}|{int(b)}\n".encode())
     return h.hexdigest()

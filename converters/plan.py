@@ -116,6 +116,17 @@ def _transform(
 _RESHAPES = (ops_lib.MergeAxes, ops_lib.ExpandDims)
 
 
+def _host_target(sharding: Any):
+    """Where a host array goes before its transform: the engine's first device, or (when the
+    engine spans several processes, whose devices are not all addressable here) replicated
+    over the engine's mesh: each process then puts only its own devices' copies."""
+    if sharding is None:
+        return None
+    if not sharding.is_fully_addressable and isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return min(sharding.device_set, key=lambda d: d.id)
+
+
 def _single_cpu_device(sharding: Any):
     if sharding is None or len(sharding.device_set) != 1:
         return None
@@ -196,9 +207,8 @@ class ConversionPlan:
             # Reshard or host -> device: one copy. (Not written into the donated old leaf: on
             # CPU that turns into an in-process all-to-all that can deadlock.)
             return jax.device_put(x, sharding)
-        first = min(sharding.device_set, key=lambda d: d.id) if sharding is not None else None
         xs = tuple(
-            a if isinstance(a, jax.Array) else jax.device_put(np.asarray(a), first)
+            a if isinstance(a, jax.Array) else jax.device_put(np.asarray(a), _host_target(sharding))
             for a in (x if entry.stacked else (x,))
         )
         dtype = np.dtype(target.dtype)
