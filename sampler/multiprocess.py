@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import pickle
@@ -42,6 +43,8 @@ from typing import Any, Iterator
 
 import jax
 
+from converters.fingerprint import fingerprint_from_partials, partial_digests
+from converters.registry import canonical_key
 from converters.source import as_param_tree, key_paths
 from sampler import compat, launch
 from sampler.compat import multinode
@@ -459,13 +462,13 @@ class MultiProcessSync(WeightSync):
 
     def fingerprint(self) -> str:
         """Content hash of the global served weights; collective (every process calls it).
-        Equal on every process, and to a single-process engine's for the same weights."""
-        with self.exclusive():
-            fp = super().fingerprint()
-        prints = {s.decode() for s in self.group.round("fingerprint").exchange(fp.encode())}
-        if len(prints) != 1:
-            raise PeerFailureError(f"the processes serve different weights: fingerprints {sorted(prints)}")
-        return fp
+        Equal on every process, and to a single-process engine's for the same weights.
+        Each process hashes the shards it holds; the sums are exchanged, not the arrays."""
+        with self.gate.generating():  # not in the middle of a swap
+            weights = {canonical_key(p): x for p, x in self.engine_params().items() if self.is_weight(p)}
+            mine = partial_digests(weights)
+        partials = [json.loads(s) for s in self.group.round("fingerprint").exchange(json.dumps(mine).encode())]
+        return fingerprint_from_partials(weights, partials)
 
 
 # --------------------------------------------------------------------------------------
