@@ -208,7 +208,7 @@ def test_partial_digests_add_up_to_the_fingerprint():
 
     from converters.fingerprint import fingerprint, fingerprint_from_partials, partial_digests
 
-    mesh = jax.make_mesh((2, 2), ("a", "b"))
+    mesh = jax.make_mesh((2, 2), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     named = lambda *spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))  # noqa: E731
     arrays = {
         "split": jax.device_put(jnp.arange(24 * 6, dtype=jnp.bfloat16).reshape(24, 6), named("a", "b")),
