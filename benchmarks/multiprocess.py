@@ -50,13 +50,14 @@ def worker(args) -> None:
     from flax import nnx
 
     from sampler import SamplerConfig, SglangJaxSampler
-    from sampler.tunix_models import random_tunix_model
+    from sampler.tunix_models import load_tunix_model
 
     auto = (jax.sharding.AxisType.Auto,) * 2
     s = SglangJaxSampler(config=SamplerConfig(model_path=args.model, tp_size=jax.device_count(), context_length=128))
     mesh = jax.make_mesh((jax.device_count(), 1), ("fsdp", "tp"), axis_types=auto)
     with jax.set_mesh(mesh):
-        state = nnx.state(random_tunix_model(args.model, seed=args.seed, dtype=jnp.bfloat16, mesh=mesh), nnx.Param)
+        # Tunix's HF loader (its random-model creator fails across processes: device_put to one Device)
+        state = nnx.state(load_tunix_model(args.model, dtype=jnp.bfloat16, mesh=mesh), nnx.Param)
     s.update_params(state)
     layout = {
         p: jax.jit(lambda x: x + 0, out_shardings=x.sharding)(x)
