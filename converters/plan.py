@@ -21,7 +21,7 @@ from converters.errors import DeletedArrayError, ParamsMismatchError
 from converters.registry import Converter, abstract_key
 from converters.reshard import HostLayout, host_layout, place
 from converters.rules import LeafRule
-from converters.sharding import auto_sharding
+from converters.sharding import auto_sharding, relabel
 from converters.spec import ModelSpec
 
 
@@ -140,6 +140,17 @@ def _bucket_transform(steps: tuple[tuple[tuple[ops_lib.Op, ...], ModelSpec, Any,
     return jax.jit(fn, out_shardings=tuple(auto_sharding(sharding) for *_, sharding in steps))
 
 
+def _host_target(sharding: Any):
+    """Where a host array goes before its transform: the engine's first device, or (when the
+    engine spans several processes, whose devices are not all addressable here) replicated
+    over the engine's mesh: each process then puts only its own devices' copies."""
+    if sharding is None:
+        return None
+    if not sharding.is_fully_addressable and isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return min(sharding.device_set, key=lambda d: d.id)
+
+
 def _single_cpu_device(sharding: Any):
     if sharding is None or len(sharding.device_set) != 1:
         return None
@@ -217,24 +228,23 @@ class ConversionPlan:
         if entry.view:
             return jax.device_put(np.asarray(x).reshape(target.shape), sharding)
         if entry.aliased:
-            return x if x.sharding == sharding else jax.device_put(x, sharding)
+            return relabel(x, sharding)
         if not entry.stacked and not entry.ops and np.dtype(x.dtype) == np.dtype(target.dtype):
             # Reshard or host -> device: one copy. (Not written into the donated old leaf: on
             # CPU that turns into an in-process all-to-all that can deadlock.)
             return jax.device_put(x, sharding)
-        first = min(sharding.device_set, key=lambda d: d.id) if sharding is not None else None
         xs = tuple(
-            a if isinstance(a, jax.Array) else jax.device_put(np.asarray(a), first)
+            a if isinstance(a, jax.Array) else jax.device_put(np.asarray(a), _host_target(sharding))
             for a in (x if entry.stacked else (x,))
         )
         dtype = np.dtype(target.dtype)
         if sharding is None or xs[0].sharding.device_set == sharding.device_set:
             out = auto_sharding(sharding)  # same placement; lets XLA propagate shardings
             if reuse is not None:
-                y = _transform(entry.ops, self.spec, dtype, out, True, entry.stacked)(jax.device_put(reuse, out), *xs)
+                y = _transform(entry.ops, self.spec, dtype, out, True, entry.stacked)(relabel(reuse, out), *xs)
             else:
                 y = _transform(entry.ops, self.spec, dtype, out, False, entry.stacked)(*xs)
-            return y if out is sharding else jax.device_put(y, sharding)
+            return y if out is sharding else relabel(y, sharding)
         # Source on other devices: transform where it lives, then move the result.
         y = _transform(entry.ops, self.spec, dtype, None, False, entry.stacked)(*xs)
         return jax.device_put(y, sharding)
@@ -285,6 +295,12 @@ class ConversionPlan:
                 out[e.engine_index] = leaves[e.source_index]  # already the engine's placement
             elif e.aliased:
                 entries.append(e)
+        if not entries:
+            return out
+        spanning = [e for e in entries if not e.view and not copy and not leaves[e.source_index].is_fully_addressable]
+        for e in spanning:  # arrays of several processes: device_put would copy them
+            out[e.engine_index] = relabel(leaves[e.source_index], self.engine_leaves[e.engine_index].sharding)
+        entries = [e for e in entries if e not in spanning]
         if not entries:
             return out
         xs = [

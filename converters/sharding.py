@@ -30,7 +30,30 @@ def auto_sharding(sharding):
     return sharding
 
 
+def relabel(x: jax.Array, sharding) -> jax.Array | None:
+    """``x``'s very buffers under ``sharding``, an equivalent placement; None if not equivalent.
+
+    ``jax.device_put`` does this for arrays held by one process; for an array spanning
+    several processes (multi-controller JAX) it runs a resharding computation and copies,
+    even between equivalent shardings (jax 0.10 dispatch.py ``_device_put_sharding_impl``).
+    Here the array is rebuilt from this process's own shard buffers: no copy, no collective.
+    """
+    if x.sharding == sharding:
+        return x
+    try:
+        if not x.sharding.is_equivalent_to(sharding, x.ndim):
+            return None
+    except Exception:  # noqa: BLE001 - different device counts or kinds
+        return None
+    if x.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    by_device = {s.device: s.data for s in x.addressable_shards}
+    return jax.make_array_from_single_device_arrays(
+        x.shape, sharding, [by_device[d] for d in sharding.addressable_devices_indices_map(x.shape)]
+    )
+
+
 def as_auto(x: jax.Array) -> jax.Array:
     """The same buffers under the Auto-axes view of their sharding."""
     target = auto_sharding(getattr(x, "sharding", None))
-    return x if target is None or target is x.sharding else jax.device_put(x, target)
+    return x if target is None or target is x.sharding else relabel(x, target)

@@ -57,6 +57,17 @@ class SamplerConfig:
     update_timeout_s: float = 600.0
     #: Progress bars for checkpoint loads and engine start-up: None shows them only on a terminal.
     progress: bool | None = None
+    #: An engine spanning several JAX processes (sglang-jax's multi-node mode; see
+    #: ``sampler.multiprocess``): how many, this one's rank, and the ``host:port`` they meet at
+    #: (sglang-jax binds port + 5 and + 6). None: taken from an initialised jax.distributed
+    #: (process count and index; the address from ``$SAMPLER_DIST_INIT_ADDR`` or JAX's
+    #: coordinator host). With one process the engine is single-process, as before.
+    nnodes: int | None = None
+    node_rank: int | None = None
+    dist_init_addr: str | None = None
+    #: How long a process of a multi-process engine waits for the others at a step before
+    #: raising ``PeerFailureError`` (a process that died is reported sooner, by its heartbeat).
+    peer_timeout_s: float = 300.0
     log_level: str = "error"
     engine_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 

@@ -116,7 +116,7 @@ class EngineHandle:
         bar = progress(len(START_STAGES), "starting sglang-jax", config.progress, unit="stage")
         bar.set_postfix_str(START_STAGES[0])
         try:
-            self.engine = Engine(**kwargs)
+            self.engine = self._start_engine(Engine, kwargs)
         finally:
             compat.restore_signal_handlers(saved)
         bar.update(1)
@@ -125,16 +125,23 @@ class EngineHandle:
         # Upstream registered Engine.shutdown at exit (it kills the host's child processes).
         atexit.unregister(self.engine.shutdown)
         atexit.register(self.shutdown)
-        self.scheduler = compat.scheduler_of(self.engine)
-        self.model_runner = compat.model_runner_of(self.engine)
-        self._scheduler_stop = compat.quiet_idle_scheduler(self.scheduler)
-        self._park = compat.SchedulerPark(self.scheduler, self._scheduler_stop.wake)
+        self._attach_scheduler()
         compat.watch_thread_faults(self.threads, self._on_fault)
         self.loop: asyncio.AbstractEventLoop = self.engine.loop
         self.closed = False
         bar.update(1)
         bar.close()
         logger.info("engine ready: %d threads, mesh %s", len(self.threads), dict(self.mesh.shape))
+
+    def _start_engine(self, engine_class: type, kwargs: dict[str, Any]) -> Any:
+        return engine_class(**kwargs)
+
+    def _attach_scheduler(self) -> None:
+        """Reach the scheduler and model runner; keep the idle scheduler quiet; set up parking."""
+        self.scheduler = compat.scheduler_of(self.engine)
+        self.model_runner = compat.model_runner_of(self.engine)
+        self._scheduler_stop = compat.quiet_idle_scheduler(self.scheduler)
+        self._park = compat.SchedulerPark(self.scheduler, self._scheduler_stop.wake)
 
     @property
     def mesh(self) -> jax.sharding.Mesh:

@@ -8,6 +8,7 @@ the engine options come from Tunix's own ``rollout_sglang_jax_*`` fields.
 from __future__ import annotations
 
 import collections
+import contextlib
 from typing import Any, NamedTuple, Optional, Tuple
 
 import jax
@@ -83,8 +84,24 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         """Completions at their real length (the stop token kept, no padding) with their
         logprobs, and left-padded prompts, as Tunix's own rollouts return them: Tunix's
         learners pad completions themselves, and its agentic learner counts every returned
-        token as part of the response."""
-        out = self._sampler(
+        token as part of the response. On a multi-process engine every process calls it
+        (as Tunix code does); each gets the completions of its own prompts."""
+        with self._collective():
+            out = self._generate(prompts, rollout_config, **kwargs)
+        return base_rollout.RolloutOutput(
+            text=out.text,
+            logits=None,
+            tokens=out.tokens,
+            left_padded_prompt_tokens=out.padded_prompt_tokens,
+            logprobs=out.logprobs,
+        )
+
+    def _collective(self):
+        """Generation calls from every process of a multi-process engine (no-op otherwise)."""
+        return getattr(self._sampler, "collective_generation", contextlib.nullcontext)()
+
+    def _generate(self, prompts: list[str], rollout_config: base_rollout.RolloutConfig, **kwargs):
+        return self._sampler(
             input_strings=prompts,
             max_generation_steps=rollout_config.max_tokens_to_generate,
             max_prompt_length=rollout_config.max_prompt_length,
@@ -98,13 +115,6 @@ class SglangJaxRollout(base_rollout.BaseRollout):
             pad_output=False,
             **kwargs,
         )
-        return base_rollout.RolloutOutput(
-            text=out.text,
-            logits=None,
-            tokens=out.tokens,
-            left_padded_prompt_tokens=out.padded_prompt_tokens,
-            logprobs=out.logprobs,
-        )
 
     def get_per_token_logps(
         self, prompt_tokens: jax.Array, completion_tokens: jax.Array, completion_mask: jax.Array | None = None
@@ -117,7 +127,8 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         logits (temperature 1).
         """
         mask = None if completion_mask is None else np.asarray(completion_mask)
-        scores = self._sampler.score_completions(np.asarray(prompt_tokens), np.asarray(completion_tokens), mask)
+        with self._collective():
+            scores = self._sampler.score_completions(np.asarray(prompt_tokens), np.asarray(completion_tokens), mask)
         return jnp.asarray(scores)
 
     def update_params(self, params: Any, filter_types: Optional[Tuple[Any, ...]] = None) -> UpdateReport:

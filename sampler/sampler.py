@@ -3,6 +3,7 @@ weights the trainer replaces in place after every step."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,9 +11,10 @@ import jax
 from flax import nnx
 
 from converters import ConversionPlan, ModelSpec
+from sampler import multiprocess
 from sampler.base import RolloutEngine, SglangSamplerOutput, as_tokenizer_adapter
-from sampler.core import WeightSync, is_path
-from sampler.engine import EngineFaultError, EngineHandle, UpdateTimeoutError
+from sampler.core import is_path
+from sampler.engine import EngineFaultError, UpdateTimeoutError
 from sampler.reports import SharingReport, UpdateReport
 from sampler.tunix_config import as_sampler_config, is_tunix_config, mapping_format
 
@@ -38,12 +40,8 @@ class SglangJaxSampler(RolloutEngine):
             )
         self.config = config
         self.tokenizer = as_tokenizer_adapter(tokenizer, config.model_path)
-        self._handle = EngineHandle(config)
-        try:
-            self.sync = WeightSync(self._handle, config)
-        except BaseException:
-            self._handle.shutdown()
-            raise
+        # one engine in this process, or this process's part of one spanning several
+        self._handle, self.sync, self._collective = multiprocess.engine_parts(config)
         self.engine = self._handle.engine
         if tunix_mapping is not None:
             mapping_format(self.architecture, tunix_mapping)
@@ -174,7 +172,57 @@ class SglangJaxSampler(RolloutEngine):
         logprob_start_len: int | list[int] | None = None,
         timeout: float | None = None,
     ) -> list[dict]:
-        """Raw engine results for token-id prompts (one dict per prompt)."""
+        """Raw engine results for token-id prompts (one dict per prompt).
+
+        On a multi-process engine: on process 0 only, or on every process inside
+        ``collective_generation()`` (each gets the results of its own prompts)."""
+        if self._collective is not None:
+            if self._collective.active:
+                return self._collective.generate(
+                    self._generate_local,
+                    prompts,
+                    sampling_params,
+                    return_logprob=return_logprob,
+                    logprob_start_len=logprob_start_len,
+                    timeout=timeout,
+                )
+            self._collective.check_direct()
+        return self._generate_local(
+            prompts,
+            sampling_params,
+            return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len,
+            timeout=timeout,
+        )
+
+    def collective_generation(self) -> contextlib.AbstractContextManager:
+        """On a multi-process engine, generation calls in this block are collective: every
+        process calls them (in the same order), process 0 runs every process's prompts in one
+        batch, each process gets its own results. A no-op on a single-process engine."""
+        return contextlib.nullcontext() if self._collective is None else self._collective.collective()
+
+    def barrier(self, tag: str = "barrier") -> None:
+        """Wait until every process of a multi-process engine got here (a no-op on a single
+        process). Call it on every process after process 0 generated on its own: the others
+        must not run computations on the engine's devices while its forward passes run (the
+        collectives of the two would interleave differently in each process)."""
+        if self._collective is not None:
+            self._collective.group.barrier(tag)
+
+    @property
+    def process_index(self) -> int:
+        """This process's rank in a multi-process engine (0 on a single-process one)."""
+        return 0 if self._collective is None else self._handle.topology.node_rank
+
+    def _generate_local(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling_params: Sequence[dict] | dict,
+        *,
+        return_logprob: bool = True,
+        logprob_start_len: int | list[int] | None = None,
+        timeout: float | None = None,
+    ) -> list[dict]:
         self.check_servable()
         with self.sync.gate.generating():
             out = self._handle.run(

@@ -32,6 +32,10 @@ fails once it is no longer needed, and a test that it works.
 | ``patch_contain_engine_faults`` | any exception in the scheduler/detokenizer thread SIGQUITs the process;    |
 |                                 | contained: recorded, callers get ``EngineFaultError``, the process lives   |
 | ``warn_tunix_rope_theta``       | Tunix 0.1.7's Qwen3 and Llama3 ignore ``config.rope_theta`` (always 1e6)   |
+| ``multinode`` (several JAX      | rank > 0 ``Engine()`` blocks in a health server, drops ``scheduler_info``,  |
+| processes, one engine)          | crashes with the loop daemon; followers wait for process 0 forever and      |
+|                                 | cannot be stopped or parked at one iteration (``LockstepPark``); see the    |
+|                                 | module's own table. Still-needed tests: ``tests/test_multiprocess.py``      |
 """
 
 from __future__ import annotations
