@@ -113,7 +113,7 @@ def _transform(
     return jax.jit(fn, out_shardings=out_sharding)
 
 
-_RESHAPES = (ops_lib.MergeAxes, ops_lib.ExpandDims)
+_RESHAPES = (ops_lib.MergeAxes, ops_lib.SplitAxis, ops_lib.ExpandDims)
 
 
 def _single_cpu_device(sharding: Any):
@@ -264,7 +264,13 @@ def _match_sources(
         matches = converter.lookup(path)
         if not matches:
             problems.append(f"unknown parameter {path} {tuple(shapes[si])}: no rule for it in the {table} table")
-        for rule, target, stack_index in matches:
+        layer_matches = [m for m in matches if m.rule.applies_to(_layer_of(m.target), spec)]
+        if matches and not layer_matches:
+            problems.append(
+                f"parameter {path} {tuple(shapes[si])} has no rule for its layer in the {table} table "
+                f"(rules for the layers in {sorted({m.rule.layers for m in matches})})"
+            )
+        for rule, target, stack_index in layer_matches:
             if known is not None:
                 engine_path = known(target)
                 if engine_path is None:
@@ -297,6 +303,11 @@ def _match_sources(
         if odd:
             problems.append(f"the sources stacked into {target} differ in shape: {odd[:3]} vs {first}")
     return targets, problems
+
+
+def _layer_of(path: str) -> int | None:
+    numbers = abstract_key(path)[1]
+    return int(numbers[0]) if numbers else None
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -449,6 +460,7 @@ def convert_params(
     """Convert a whole source tree to engine paths without an engine (on the source's devices).
 
     Used to compute what an engine would serve, e.g. for :func:`converters.fingerprint_params`.
+    Leaves take ``dtype`` unless their rule names the engine's fixed dtype for them.
     """
     signatures = [(tuple(np.shape(x)), getattr(x, "dtype", None), None) for x in leaves]
     targets, problems = _match_sources(converter, spec, paths, [s[0] for s in signatures])
@@ -460,5 +472,6 @@ def convert_params(
     for target, group in targets.items():
         sis, _, shape, _, _, stacked = _entry_inputs(group, paths, signatures, target)
         eff = ops_lib.effective_ops(group.rule.ops, shape, spec)
-        out[target] = _transform(eff, spec, np.dtype(dtype), None, False, stacked)(*(leaves[i] for i in sis))
+        leaf_dtype = np.dtype(group.rule.dtype or dtype)
+        out[target] = _transform(eff, spec, leaf_dtype, None, False, stacked)(*(leaves[i] for i in sis))
     return out
