@@ -13,6 +13,19 @@ from sampler.tunix_models import load_tunix_model
 from tests import helpers
 
 ALL_CASES = sorted(helpers.CASES)
+#: Source formats built from the HF tensors (below); "tunix" comes from Tunix's own loader.
+HF_FORMATS = ["hf", "hf-text", "flax", "flax-linen", "flax-trainstate"]
+
+
+def _formats(case: str) -> list[str]:
+    """The HF-derived formats the case's architecture has a table for."""
+    have = converters.formats_for(helpers.CASES[case][0])
+    return [f for f in HF_FORMATS if (f if f.startswith("hf") else "flax") in have]
+
+
+def _hf_text(hf: dict) -> dict:
+    """Gemma 4's text-only checkpoint names (``model.`` instead of ``model.language_model.``)."""
+    return {k.replace("model.language_model.", "model.", 1): v for k, v in hf.items()}
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +64,14 @@ def test_sglang_format_is_identity(case, case_data):
     helpers.assert_same_bits({k: np.asarray(v) for k, v in converted.items()}, oracle)
 
 
-@pytest.mark.parametrize("case", ALL_CASES)
-@pytest.mark.parametrize("fmt", ["hf", "flax", "flax-linen", "flax-trainstate"])
+@pytest.mark.parametrize("case,fmt", [(c, f) for c in ALL_CASES for f in _formats(c)])
 def test_hf_and_flax_formats_match_upstream_loader_table(case, fmt, case_data):
     path, spec, _, oracle = case_data(case)
     hf = helpers.hf_tensors(path)
     if fmt == "hf":
         source = hf
+    elif fmt == "hf-text":
+        source = _hf_text(hf)
     elif fmt == "flax":
         source = helpers.flax_params(hf)
     elif fmt == "flax-linen":
@@ -70,23 +84,38 @@ def test_hf_and_flax_formats_match_upstream_loader_table(case, fmt, case_data):
             apply_fn=None, params=helpers.flax_params(hf)["params"], tx=optax.adam(1e-3)
         )
     tree = converters.as_param_tree(source)
-    assert converters.detect_format(spec.architecture, converters.key_paths(tree)) == fmt.split("-")[0]
+    detected = converters.detect_format(spec.architecture, converters.key_paths(tree))
+    assert detected == (fmt if fmt == "hf-text" else fmt.split("-")[0])
     converted = converters.to_engine_layout(source, spec)
     helpers.assert_same_bits({k: np.asarray(v) for k, v in converted.items()}, oracle)
 
 
-@pytest.mark.parametrize("case", ["llama-untied", "qwen2.5", "qwen3-tied"])
+@pytest.mark.parametrize(
+    "case,layer",
+    [
+        ("llama-untied", 0),
+        ("qwen2.5", 0),
+        ("qwen3-tied", 0),
+        ("qwen3-moe", 0),
+        ("gemma2", 0),
+        ("gemma2-mha", 0),
+        ("gemma4-keqv", 1),
+    ],
+)
 @pytest.mark.parametrize("tp", [2, 4])
-def test_kv_head_replication_matches_upstream(case, tp, case_data):
-    """tp > num_kv_heads: the engine replicates KV heads (and their biases)."""
+def test_kv_head_replication_matches_upstream(case, layer, tp, case_data):
+    """tp > num_kv_heads: the engine replicates KV heads (and their biases); MHA zero-pads;
+    Gemma 4 only in its k_eq_v full layers (layer 1), not in sliding ones (layer 0)."""
     path, spec, state, _ = case_data(case)
     oracle = helpers.upstream_engine_leaves(path, tp=tp)
     converted = converters.to_engine_layout(state, spec.with_tp(tp))
     helpers.assert_same_bits({k: np.asarray(v) for k, v in converted.items()}, oracle)
     from_hf = converters.to_engine_layout(helpers.hf_tensors(path), spec.with_tp(tp))
     helpers.assert_same_bits({k: np.asarray(v) for k, v in from_hf.items()}, oracle)
-    k = converted["model.layers.0.self_attn.k_proj.weight"]
-    assert k.shape[1] == tp * spec.head_dim  # one head per device
+    k = converted[f"model.layers.{layer}.self_attn.k_proj.weight"]
+    assert k.shape[1] == max(tp, spec.num_kv_heads) * spec.head_dim  # one head per device (at least)
+    if spec.get("k_eq_v_layers"):
+        assert converted["model.layers.0.self_attn.k_proj.weight"].shape[1] == spec.head_dim  # sliding: as is
 
 
 def test_plan_marks_alias_and_copy_reasons(case_data):
