@@ -24,9 +24,8 @@ CASES = {
     "qwen3-moe": ("Qwen3MoeForCausalLM", dict(tie_word_embeddings=False)),
     "gemma2": ("Gemma2ForCausalLM", dict()),
     "gemma2-mha": ("Gemma2ForCausalLM", dict(num_kv_heads=2)),  # Tunix: one fused qkv_einsum
-    "gemma4": ("Gemma4ForCausalLM", dict()),
     "gemma4-moe": ("Gemma4ForCausalLM", dict(moe=True)),
-    "gemma4-keqv": ("Gemma4ForCausalLM", dict(attention_k_eq_v=True)),  # full layers: k only
+    "gemma4-keqv": ("Gemma4ForCausalLM", dict(attention_k_eq_v=True)),  # dense; full layers: k only
 }
 
 # Cases for tensor-parallel engines. sglang-jax's own loader (the oracle) pads KV heads on
