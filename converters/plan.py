@@ -113,6 +113,26 @@ def _transform(
     return jax.jit(fn, out_shardings=out_sharding)
 
 
+@functools.lru_cache(maxsize=None)
+def _stack_writer(ops: tuple[ops_lib.Op, ...], spec: ModelSpec, dtype: Any, out_sharding: Any):
+    """jit(old, x, i): ``old`` (donated) with stack entry ``i`` set to ``x`` after the ops."""
+
+    def write(old, x, i):
+        y = ops_lib.apply(ops, x[None], spec).astype(dtype)
+        return jax.lax.dynamic_update_slice(old, y, (i,) + (0,) * (old.ndim - 1))
+
+    return jax.jit(write, out_shardings=out_sharding, donate_argnums=0)
+
+
+def _keeps_stack_axis(ops: tuple[ops_lib.Op, ...], shape: tuple[int, ...], spec: ModelSpec) -> bool:
+    """The ops act on each entry of the leading (stack) axis on its own, keeping it leading."""
+    try:
+        one, two = (ops_lib.out_shape(ops, (n,) + tuple(shape[1:]), spec) for n in (1, 2))
+    except ValueError:
+        return False
+    return one[0] == 1 and two[0] == 2 and one[1:] == two[1:]
+
+
 _RESHAPES = (ops_lib.MergeAxes, ops_lib.SplitAxis, ops_lib.ExpandDims)
 
 
@@ -207,6 +227,26 @@ class ConversionPlan:
         # Source on other devices: transform where it lives, then move the result.
         y = _transform(entry.ops, self.spec, dtype, None, False, entry.stacked)(*xs)
         return jax.device_put(y, sharding)
+
+    def materialize_from(self, entry: PlanEntry, leaves: Sequence[Any], reuse: jax.Array | None = None) -> jax.Array:
+        """The engine leaf for ``entry`` from the source ``leaves``. A stack read from a lazy
+        source (``leaves.lazy``: a checkpoint read tensor by tensor) is written into the engine
+        buffer one source at a time, so host memory holds one expert, not the whole stack."""
+        target = self.engine_leaves[entry.engine_index]
+        lazy = entry.stacked and getattr(leaves, "lazy", False) and target.sharding is not None
+        if not lazy or not _keeps_stack_axis(entry.ops, _stack_input_shape(entry, leaves), self.spec):
+            return self.materialize(entry, entry.inputs(leaves), reuse=reuse)
+        out = auto_sharding(target.sharding)
+        dtype = np.dtype(target.dtype)
+        if reuse is None:
+            buffer = jax.jit(lambda: jax.numpy.zeros(target.shape, dtype), out_shardings=out)()
+        else:
+            buffer = jax.device_put(reuse, out)  # a relabel: same buffers
+        replicated = jax.sharding.NamedSharding(out.mesh, jax.sharding.PartitionSpec())
+        write = _stack_writer(entry.ops, self.spec, dtype, out)
+        for k, si in enumerate(entry.source_indexes):
+            buffer = write(buffer, jax.device_put(np.asarray(leaves[si]), replicated), np.int32(k))
+        return jax.device_put(buffer, target.sharding)
 
     def materialize_aliases(self, leaves: Sequence[Any], *, copy: bool = False) -> dict[int, jax.Array]:
         """Every zero-copy entry at once (one batched device_put): engine index -> array.
@@ -303,6 +343,11 @@ def _match_sources(
         if odd:
             problems.append(f"the sources stacked into {target} differ in shape: {odd[:3]} vs {first}")
     return targets, problems
+
+
+def _stack_input_shape(entry: PlanEntry, leaves: Any) -> tuple[int, ...]:
+    """A lazy source's stacked input shape (n, *source shape), from its header."""
+    return (len(entry.source_indexes),) + tuple(leaves.shape_of(entry.source_indexes[0]))
 
 
 def _layer_of(path: str) -> int | None:

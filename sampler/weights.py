@@ -106,7 +106,7 @@ class EngineWeights:
             copies = not entry.aliased
             if copies:
                 reuse = work[i] if self.owned[i] and not work[i].is_deleted() else None
-                new = plan.materialize(entry, entry.inputs(leaves), reuse=reuse)
+                new = plan.materialize_from(entry, leaves, reuse=reuse)
             else:
                 new = aliases.pop(i)
             if "reshard" in entry.reasons and len(new.sharding.device_set) > 1:

@@ -36,6 +36,10 @@ TP_CASES = {
     "qwen3-tp": ("Qwen3ForCausalLM", dict(tie_word_embeddings=True, hidden_size=256)),
     "qwen3-4h": ("Qwen3ForCausalLM", dict(tie_word_embeddings=False, hidden_size=384, num_heads=4, num_kv_heads=2)),
     "qwen3-moe-tp": ("Qwen3MoeForCausalLM", dict(tie_word_embeddings=True)),  # 1 KV head: replicated at tp 2
+    # 2 KV heads: a Tunix trainer can shard them over tp 2 (it cannot shard one)
+    "qwen3-moe-2kv": ("Qwen3MoeForCausalLM", dict(tie_word_embeddings=True, num_kv_heads=2)),
+    # 32 experts: one stacked expert leaf (1 MiB) outweighs every other tensor (load_checkpoint memory)
+    "qwen3-moe-32e": ("Qwen3MoeForCausalLM", dict(tie_word_embeddings=True, num_experts=32)),
     "gemma4-moe-tp": ("Gemma4ForCausalLM", dict(moe=True, num_kv_heads=2)),  # upstream needs KV heads >= tp
     # k_eq_v full layers with 1 KV head (replicated at tp 2) beside sliding layers with 2
     "gemma4-keqv-tp": ("Gemma4ForCausalLM", dict(attention_k_eq_v=True, num_kv_heads=2, num_global_kv_heads=1)),
