@@ -115,12 +115,12 @@ ROUTER_SCALE = 0.2
 
 def tiny_weights(config, rng, scale):
     """Random weights under HF names: the dense decoder's attention, and per layer either a
-    router with per-expert MLPs or (``mlp_only_layers``) a dense MLP."""
+    router with per-expert MLPs or (``mlp_only_layers``, ``decoder_sparse_step``) a dense MLP."""
     w = decoder.tiny_weights(config, rng, scale, qkv_bias=bool(getattr(config, "attention_bias", False)), qk_norm=True)
     dtype = decoder.numpy_dtype(config)
     hidden, inter, experts = config.hidden_size, config.moe_intermediate_size, config.num_experts
     for i in range(config.num_hidden_layers):
-        if i in config.mlp_only_layers:
+        if i in config.mlp_only_layers or (i + 1) % config.decoder_sparse_step:  # HF's dense layers
             continue
         p = f"model.layers.{i}.mlp."
         for name in ("gate_proj", "up_proj", "down_proj"):

@@ -186,6 +186,13 @@ def warn_tunix_quirks(hf_config: dict) -> None:
 __all__ = [
     "ENGINE_QUIRKS",
     "EngineQuirk",
+    "HYBRID_SWA_OFF",
+    "check_expert_parallel",
+    "check_gemma4",
+    "check_moe_sparse_layers",
+    "gemma4_engine_dtype",
+    "warn_tunix_moe_routing",
+    "warn_tunix_query_scale",
     "EngineFault",
     "SGLANG_JAX_VERSION",
     "SchedulerPark",
@@ -219,5 +226,6 @@ __all__ = [
     "wait_no_requests",
     "warn_if_untested_version",
     "warn_tunix_quirks",
+    "warn_tunix_rope_theta",
     "watch_thread_faults",
 ]
