@@ -8,7 +8,16 @@ import pytest
 from flax import nnx
 
 import converters
-from converters import EngineLeaf, ModelSpec, ParamsMismatchError, UnknownFormatError, build_plan, get_converter
+from converters import (
+    EngineLeaf,
+    ModelSpec,
+    ParamsMismatchError,
+    Take,
+    Transpose,
+    UnknownFormatError,
+    build_plan,
+    get_converter,
+)
 from sampler.tunix_models import load_tunix_model
 from tests import helpers
 
@@ -319,3 +328,89 @@ def test_stacked_and_split_rules_in_a_plan():
     # and a stack of more experts than the model has
     more = {**src, "blocks.0.experts.3.up.w": src["blocks.0.experts.0.up.w"]}
     assert "got indexes 0..3" in _plan_problems(spec, conv, more, engine)
+
+
+def test_split_axis_and_fixed_dtype_rules():
+    """HF Gemma 4's fused experts (E, 2*I, H): SplitAxis + Take + Transpose give gate and up
+    (E, H, I); a rule's fixed dtype (float32 routers) wins over the model dtype."""
+    from converters import LeafRule, SplitAxis, Take, Transpose
+    from converters.plan import convert_params
+    from converters.registry import Converter
+
+    ops = (SplitAxis(1, 2), Take(1, 0), Transpose((0, 2, 1)))
+    conv = Converter(
+        "Toy",
+        "toy",
+        [
+            LeafRule("l.{}.gate_up", "model.layers.{}.wi_0", ops),
+            LeafRule("l.{}.gate_up", "model.layers.{}.wi_1", (SplitAxis(1, 2), Take(1, 1), Transpose((0, 2, 1)))),
+            LeafRule("l.{}.router", "model.layers.{}.router", (Transpose((1, 0)),), dtype="float32"),
+        ],
+    )
+    rng = np.random.default_rng(0)
+    gate_up = rng.standard_normal((3, 2 * 5, 4)).astype(np.float32)
+    router = rng.standard_normal((3, 4)).astype(np.float32)
+    got = convert_params(conv, _toy_spec(), ["l.0.gate_up", "l.0.router"], [gate_up, router], jnp.bfloat16)
+    gate, up = gate_up[:, :5], gate_up[:, 5:]
+    np.testing.assert_array_equal(np.asarray(got["model.layers.0.wi_0"]), gate.transpose(0, 2, 1).astype(jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(got["model.layers.0.wi_1"]), up.transpose(0, 2, 1).astype(jnp.bfloat16))
+    assert got["model.layers.0.router"].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got["model.layers.0.router"]), router.T)
+    with pytest.raises(ValueError, match="into 2 equal parts"):
+        SplitAxis(1, 2).out_shape((3, 9, 4), _toy_spec())
+
+
+def test_layer_restricted_and_alternative_rules():
+    """Rules for some layers only (Gemma 4's k_eq_v layers) and alternative source layouts of one
+    engine leaf (Gemma 2's q_einsum or fused qkv_einsum)."""
+    import dataclasses
+
+    from converters import LeafRule, MergeAxes, Take
+    from converters.plan import convert_params
+    from converters.registry import Converter
+
+    spec = dataclasses.replace(_toy_spec(), extra=(("even", (0, 2)), ("odd", (1, 3))))
+    conv = Converter(
+        "Toy",
+        "toy",
+        [
+            LeafRule("l.{}.k", "model.layers.{}.k", layers="even"),
+            LeafRule("l.{}.k", "model.layers.{}.k", (Transpose((1, 0)),), layers="odd"),
+            LeafRule("l.{}.q", "model.layers.{}.q", (MergeAxes(0, 2),)),
+            LeafRule("l.{}.qkv", "model.layers.{}.q", (Take(0, 0), MergeAxes(0, 2))),
+        ],
+    )
+    k = np.arange(6, dtype=np.float32).reshape(2, 3)
+    q = np.arange(12, dtype=np.float32).reshape(2, 2, 3)
+    got = convert_params(conv, spec, ["l.0.k", "l.1.k", "l.0.q", "l.1.qkv"], [k, k, q, np.stack([q] * 3)], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(got["model.layers.0.k"]), k)
+    np.testing.assert_array_equal(np.asarray(got["model.layers.1.k"]), k.T)
+    np.testing.assert_array_equal(np.asarray(got["model.layers.0.q"]), q.reshape(4, 3))
+    np.testing.assert_array_equal(np.asarray(got["model.layers.1.q"]), q.reshape(4, 3))
+    # both layouts for one layer: named, not silently overwritten
+    with pytest.raises(ParamsMismatchError, match="l.0.q and l.0.qkv both map to engine leaf model.layers.0.q"):
+        convert_params(conv, spec, ["l.0.q", "l.0.qkv"], [q, np.stack([q] * 3)], jnp.float32)
+    # a layer no restricted rule covers
+    narrow = dataclasses.replace(spec, extra=(("even", (0,)), ("odd", (1,))))
+    with pytest.raises(ParamsMismatchError, match="l.2.k .* has no rule for its layer"):
+        convert_params(conv, narrow, ["l.2.k"], [k], jnp.float32)
+    # the same source and target twice for overlapping layers is a table error
+    with pytest.raises(ValueError, match="two rules feed model.layers.{}.k"):
+        Converter(
+            "Toy",
+            "bad",
+            [LeafRule("l.{}.k", "model.layers.{}.k"), LeafRule("l.{}.k", "model.layers.{}.k", layers="odd")],
+        )
+
+
+def test_stack_axis_check_for_streamed_checkpoint_stacks():
+    """Checkpoint stacks are written one source at a time only when the ops act on each stack
+    entry on its own (transposes behind the stack axis); anything else is stacked whole."""
+    from converters import SplitAxis
+    from converters.plan import _keeps_stack_axis
+
+    spec = _toy_spec()
+    assert _keeps_stack_axis((Transpose((0, 2, 1)),), (4, 6, 8), spec)
+    assert _keeps_stack_axis((SplitAxis(1, 2), Take(1, 0)), (4, 6, 8), spec)
+    assert not _keeps_stack_axis((Transpose((1, 0, 2)),), (4, 6, 8), spec)
+    assert not _keeps_stack_axis((Take(0, 1),), (4, 6, 8), spec)
