@@ -229,8 +229,8 @@ def test_hybrid_swa_memory_workaround_still_needed(model_dir):
 
 def test_hybrid_swa_memory_workaround_works(model_dir, engines):
     sampler = engines.get(model_dir("gemma2"), load_format="safetensors")
-    assert sampler._handle.kwargs["disable_hybrid_swa_memory"] is True
     assert all(len(t) == 8 for t in helpers.greedy(sampler)[0])
+    assert sampler._handle.kwargs["disable_hybrid_swa_memory"] is True
     assert (
         compat.prepare_engine("Gemma2ForCausalLM", {"attention_backend": "fa"}).get("disable_hybrid_swa_memory") is None
     )
