@@ -159,8 +159,6 @@ def _keeps_stack_axis(ops: tuple[ops_lib.Op, ...], shape: tuple[int, ...], spec:
     return one[0] == 1 and two[0] == 2 and one[1:] == two[1:]
 
 
-
-
 def _single_cpu_device(sharding: Any):
     if sharding is None or len(sharding.device_set) != 1:
         return None
