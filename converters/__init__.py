@@ -28,7 +28,7 @@ from converters.errors import (
     UnknownFormatError,
 )
 from converters.fingerprint import fingerprint
-from converters.ops import ExpandDims, MergeAxes, ReplicateKVHeads, Take, Transpose
+from converters.ops import ExpandDims, MergeAxes, ReplicateKVHeads, SplitAxis, Take, Transpose
 from converters.plan import ConversionPlan, EngineLeaf, PlanEntry, build_plan, convert_params
 from converters.registry import (
     Converter,
@@ -65,6 +65,7 @@ __all__ = [
     "ParamsMismatchError",
     "PlanEntry",
     "ReplicateKVHeads",
+    "SplitAxis",
     "Transpose",
     "UnknownFormatError",
     "available_converters",

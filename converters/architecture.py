@@ -27,12 +27,14 @@ ENGINE_FORMAT = "sglang"
 class TunixModel:
     """The Tunix model class an architecture pairs with."""
 
-    #: e.g. "tunix.models.qwen3" (holds ``model.py`` and ``params.py``)
+    #: e.g. "tunix.models.qwen3" (holds ``model.py`` and the HF loader module)
     package: str
     #: the nnx.Module class in ``<package>.model``, e.g. "Qwen3"
     model_class: str
     #: HF config -> keyword arguments of ``<package>.model.ModelConfig``
     config: Callable[[ConfigGetter], dict[str, Any]]
+    #: the module of ``<package>`` with Tunix's ``create_model_from_safe_tensors``
+    loader: str = "params"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,9 @@ class Architecture:
     tables: Mapping[str, Table]
     #: HF config -> extra ModelSpec facts (``num_experts`` or entries of ``ModelSpec.extra``).
     spec_fields: Callable[[ConfigGetter], dict[str, Any]] | None = None
+    #: The HF config as the engine reads it, when that differs from its top-level fields
+    #: (Gemma 4: ``text_config`` with sglang-jax's head-dim and KV-head remapping).
+    config_view: Callable[[ConfigGetter], ConfigGetter] | None = None
     tunix: TunixModel | None = None
     tiny: TinyModel | None = None
     #: Names of ``sampler.compat`` workarounds this architecture needs (see ``compat.QUIRKS``).

@@ -95,8 +95,15 @@ class SafetensorsCheckpoint:
 class LazyLeaves(Sequence):
     """``leaves[i]`` reads tensor ``names[i]`` from disk at that moment."""
 
+    #: Reading a leaf costs I/O and host memory: consumers read them one at a time.
+    lazy = True
+
     def __init__(self, ckpt: SafetensorsCheckpoint):
         self._ckpt = ckpt
+
+    def shape_of(self, i: int) -> tuple[int, ...]:
+        """Tensor ``i``'s shape, from the header (nothing is read)."""
+        return self._ckpt.shapes[self._ckpt.names[i]]
 
     def __len__(self) -> int:
         return len(self._ckpt.names)

@@ -66,6 +66,28 @@ class MergeAxes:
 
 
 @dataclasses.dataclass(frozen=True)
+class SplitAxis:
+    """Reshape: split axis ``axis`` into ``(parts, size // parts)``, e.g. HF Gemma 4's fused
+    experts ``gate_up_proj`` (E, 2*I, H) -> (E, 2, I, H), gate rows first."""
+
+    axis: int
+    parts: int
+    reason = "reshape"
+
+    def out_shape(self, shape: Shape, spec: ModelSpec) -> Shape:
+        if not -len(shape) <= self.axis < len(shape) or self.parts < 1 or shape[self.axis] % self.parts:
+            raise ValueError(f"cannot split axis {self.axis} of shape {shape} into {self.parts} equal parts")
+        axis = self.axis % len(shape)
+        return shape[:axis] + (self.parts, shape[axis] // self.parts) + shape[axis + 1 :]
+
+    def is_identity(self, shape: Shape, spec: ModelSpec) -> bool:
+        return False
+
+    def __call__(self, x, spec: ModelSpec):
+        return jnp.reshape(x, self.out_shape(x.shape, spec))
+
+
+@dataclasses.dataclass(frozen=True)
 class Take:
     """Select entry ``index`` of ``axis`` (the axis disappears): one part of a fused leaf,
     e.g. k or v out of Gemma's ``kv_einsum`` (2, K, D, H)."""
@@ -175,4 +197,4 @@ def apply(ops: tuple[Op, ...], x, spec: ModelSpec):
 
 
 #: Ops that only reinterpret a row-major array's shape (no element moves).
-RESHAPES = (MergeAxes, ExpandDims)
+RESHAPES = (MergeAxes, SplitAxis, ExpandDims)

@@ -151,6 +151,25 @@ def _host_target(sharding: Any):
     return min(sharding.device_set, key=lambda d: d.id)
 
 
+def _stack_writer(ops: tuple[ops_lib.Op, ...], spec: ModelSpec, dtype: Any, out_sharding: Any):
+    """jit(old, x, i): ``old`` (donated) with stack entry ``i`` set to ``x`` after the ops."""
+
+    def write(old, x, i):
+        y = ops_lib.apply(ops, x[None], spec).astype(dtype)
+        return jax.lax.dynamic_update_slice(old, y, (i,) + (0,) * (old.ndim - 1))
+
+    return jax.jit(write, out_shardings=out_sharding, donate_argnums=0)
+
+
+def _keeps_stack_axis(ops: tuple[ops_lib.Op, ...], shape: tuple[int, ...], spec: ModelSpec) -> bool:
+    """The ops act on each entry of the leading (stack) axis on its own, keeping it leading."""
+    try:
+        one, two = (ops_lib.out_shape(ops, (n,) + tuple(shape[1:]), spec) for n in (1, 2))
+    except ValueError:
+        return False
+    return one[0] == 1 and two[0] == 2 and one[1:] == two[1:]
+
+
 def _single_cpu_device(sharding: Any):
     if sharding is None or len(sharding.device_set) != 1:
         return None
@@ -272,6 +291,26 @@ class ConversionPlan:
                 out[k] = y if y.sharding == step[3] else jax.device_put(y, step[3])
         return [out[k] for k in range(len(entries))]
 
+    def materialize_from(self, entry: PlanEntry, leaves: Sequence[Any], reuse: jax.Array | None = None) -> jax.Array:
+        """The engine leaf for ``entry`` from the source ``leaves``. A stack read from a lazy
+        source (``leaves.lazy``: a checkpoint read tensor by tensor) is written into the engine
+        buffer one source at a time, so host memory holds one expert, not the whole stack."""
+        target = self.engine_leaves[entry.engine_index]
+        lazy = entry.stacked and getattr(leaves, "lazy", False) and target.sharding is not None
+        if not lazy or not _keeps_stack_axis(entry.ops, _stack_input_shape(entry, leaves), self.spec):
+            return self.materialize(entry, entry.inputs(leaves), reuse=reuse)
+        out = auto_sharding(target.sharding)
+        dtype = np.dtype(target.dtype)
+        if reuse is None:
+            buffer = jax.jit(lambda: jax.numpy.zeros(target.shape, dtype), out_shardings=out)()
+        else:
+            buffer = jax.device_put(reuse, out)  # a relabel: same buffers
+        replicated = jax.sharding.NamedSharding(out.mesh, jax.sharding.PartitionSpec())
+        write = _stack_writer(entry.ops, self.spec, dtype, out)
+        for k, si in enumerate(entry.source_indexes):
+            buffer = write(buffer, jax.device_put(np.asarray(leaves[si]), replicated), np.int32(k))
+        return jax.device_put(buffer, target.sharding)
+
     def materialize_aliases(self, leaves: Sequence[Any], *, copy: bool = False) -> dict[int, jax.Array]:
         """Every zero-copy entry at once (one batched device_put): engine index -> array.
 
@@ -337,7 +376,13 @@ def _match_sources(
         matches = converter.lookup(path)
         if not matches:
             problems.append(f"unknown parameter {path} {tuple(shapes[si])}: no rule for it in the {table} table")
-        for rule, target, stack_index in matches:
+        layer_matches = [m for m in matches if m.rule.applies_to(_layer_of(m.target), spec)]
+        if matches and not layer_matches:
+            problems.append(
+                f"parameter {path} {tuple(shapes[si])} has no rule for its layer in the {table} table "
+                f"(rules for the layers in {sorted({m.rule.layers for m in matches})})"
+            )
+        for rule, target, stack_index in layer_matches:
             if known is not None:
                 engine_path = known(target)
                 if engine_path is None:
@@ -370,6 +415,16 @@ def _match_sources(
         if odd:
             problems.append(f"the sources stacked into {target} differ in shape: {odd[:3]} vs {first}")
     return targets, problems
+
+
+def _stack_input_shape(entry: PlanEntry, leaves: Any) -> tuple[int, ...]:
+    """A lazy source's stacked input shape (n, *source shape), from its header."""
+    return (len(entry.source_indexes),) + tuple(leaves.shape_of(entry.source_indexes[0]))
+
+
+def _layer_of(path: str) -> int | None:
+    numbers = abstract_key(path)[1]
+    return int(numbers[0]) if numbers else None
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -539,6 +594,7 @@ def convert_params(
     """Convert a whole source tree to engine paths without an engine (on the source's devices).
 
     Used to compute what an engine would serve, e.g. for :func:`converters.fingerprint_params`.
+    Leaves take ``dtype`` unless their rule names the engine's fixed dtype for them.
     """
     signatures = [(tuple(np.shape(x)), getattr(x, "dtype", None), None) for x in leaves]
     targets, problems = _match_sources(converter, spec, paths, [s[0] for s in signatures])
@@ -550,5 +606,6 @@ def convert_params(
     for target, group in targets.items():
         sis, _, shape, _, _, stacked = _entry_inputs(group, paths, signatures, target)
         eff = ops_lib.effective_ops(group.rule.ops, shape, spec)
-        out[target] = _transform(eff, spec, np.dtype(dtype), None, False, stacked)(*(leaves[i] for i in sis))
+        leaf_dtype = np.dtype(group.rule.dtype or dtype)
+        out[target] = _transform(eff, spec, leaf_dtype, None, False, stacked)(*(leaves[i] for i in sis))
     return out

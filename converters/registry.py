@@ -53,9 +53,14 @@ class Converter:
         self._by_source: dict[str, list[LeafRule]] = {}
         for rule in self.rules:
             self._by_source.setdefault(rule.lookup_pattern, []).append(rule)
-        self._by_target = {r.target: r for r in self.rules}
-        if len(self._by_target) != len(self.rules):
-            raise ValueError(f"{architecture}/{source_format}: two rules feed the same engine pattern")
+        # Several rules may feed one engine pattern from different sources (alternative
+        # layouts, e.g. Gemma's q_einsum or fused qkv_einsum) or for different layers.
+        self._by_target: dict[str, list[LeafRule]] = {}
+        for rule in self.rules:
+            same = [r for r in self._by_target.get(rule.target, ()) if r.lookup_pattern == rule.lookup_pattern]
+            if any(r.layers is None or r.layers == rule.layers or rule.layers is None for r in same):
+                raise ValueError(f"{architecture}/{source_format}: two rules feed {rule.target} from {rule.source}")
+            self._by_target.setdefault(rule.target, []).append(rule)
 
     def __repr__(self) -> str:
         return f"Converter({self.architecture!r}, {self.source_format!r}, {len(self.rules)} rules)"
@@ -74,16 +79,18 @@ class Converter:
         return out
 
     def rule_for(self, engine_path: str) -> LeafRule | None:
-        """The rule that produces ``engine_path`` (a weight leaf), or None."""
-        return self._by_target.get(abstract_key(engine_path)[0])
+        """The (first) rule that produces ``engine_path`` (a weight leaf), or None."""
+        rules = self._by_target.get(abstract_key(engine_path)[0])
+        return rules[0] if rules else None
 
     def feeds(self, engine_path: str) -> bool:
         return self.rule_for(engine_path) is not None
 
     def source_for(self, engine_path: str) -> str | None:
         """The source path (pattern, for stacks) expected to feed ``engine_path``."""
-        rule = self.rule_for(engine_path)
-        return None if rule is None else rule.source_path(abstract_key(engine_path)[1])
+        numbers = abstract_key(engine_path)[1]
+        sources = dict.fromkeys(r.source_path(numbers) for r in self._by_target.get(abstract_key(engine_path)[0], ()))
+        return " or ".join(sources) or None
 
     def matched(self, paths: Sequence[str]) -> int:
         return sum(1 for p in paths if abstract_key(p)[0] in self._by_source)

@@ -4,9 +4,13 @@ the layout ops between them.
 ``{}`` in a pattern stands for the layer number. ``{*}`` in a source pattern marks a
 stacked index (an expert number): the rule then takes the source leaves with indexes
 ``0 .. n-1`` and stacks them on a new leading axis before its ops run (N -> 1). Several
-rules may share a source pattern, each selecting its part of a fused leaf (1 -> N).
+rules may share a source pattern, each selecting its part of a fused leaf (1 -> N), or
+each applying to its own set of layers (``layers=``); several rules may feed one engine
+pattern from alternative source layouts.
 Dtype casts and resharding are not in a table: the plan adds them by comparing each
-source leaf with the engine leaf it feeds.
+source leaf with the engine leaf it feeds. A rule names a ``dtype`` only where the engine
+keeps a leaf in a fixed dtype whatever the model's (float32 norms and MoE routers), so
+that a conversion without an engine (``to_engine_layout``, fingerprints) gets it right.
 """
 
 from __future__ import annotations
@@ -30,6 +34,15 @@ class LeafRule:
     #: A complete push may leave this engine leaf out (LoRA buffers of modules the trainer
     #: has no adapter for keep their values: zeros, so no effect).
     optional: bool = False
+    #: The engine leaf's dtype when it does not follow the model dtype (e.g. "float32").
+    dtype: str | None = None
+    #: Only for the layers a ModelSpec fact of this name lists (e.g. Gemma 4's
+    #: "k_eq_v_layers", whose k_proj the engine treats differently); None: every layer.
+    layers: str | None = None
+
+    def applies_to(self, layer: int | None, spec) -> bool:
+        """Whether this rule is the one for ``layer`` of the model ``spec`` describes."""
+        return self.layers is None or layer is None or layer in tuple(spec.get(self.layers) or ())
 
     def __post_init__(self):
         if (self.stack is None) != (STACKED not in self.source):
@@ -63,5 +76,5 @@ def engine_layout(table: Table) -> Table:
     """The ``"sglang"`` format of an architecture: engine paths mapped to themselves."""
     seen: dict[str, LeafRule] = {}
     for rule in table:
-        seen.setdefault(rule.target, LeafRule(rule.target, rule.target, optional=rule.optional))
+        seen.setdefault(rule.target, LeafRule(rule.target, rule.target, optional=rule.optional, dtype=rule.dtype))
     return tuple(seen.values())

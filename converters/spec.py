@@ -22,13 +22,33 @@ def read_hf_config(model_path: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+#: Where multimodal configs (Gemma 4) keep the language model's fields.
+TEXT_CONFIG = "text_config"
+_MISSING = object()
+
+
+def _field(config: Any, key: str, default: Any = _MISSING) -> Any:
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
 def config_getter(config: Any) -> ConfigGetter:
-    """``get(field, default=None)`` over a config dict, a transformers config or a model directory."""
+    """``get(field, default=None)`` over a config dict, a transformers config or a model directory.
+
+    A field the top level lacks is looked up in its ``text_config`` (multimodal configs keep
+    the language model's fields there)."""
     if isinstance(config, (str, Path)):
         config = read_hf_config(config)
-    if isinstance(config, Mapping):
-        return config.get
-    return lambda key, default=None: getattr(config, key, default)
+
+    def get(key: str, default: Any = None) -> Any:
+        value = _field(config, key)
+        if value is _MISSING:
+            text = _field(config, TEXT_CONFIG, None)
+            value = default if text is None else _field(text, key, default)
+        return value
+
+    return get
 
 
 def head_dim_of(get: ConfigGetter) -> int:
@@ -69,6 +89,11 @@ class ModelSpec:
         archs = get("architectures") or []
         if not archs:
             raise ValueError("the HF config names no architecture ('architectures' is empty)")
+        from converters.architecture import find_architecture
+
+        arch = find_architecture(archs[0])
+        if arch is not None and arch.config_view is not None:
+            get = arch.config_view(get)
         heads = get("num_attention_heads")
         fields: dict[str, Any] = dict(
             architecture=archs[0],
@@ -83,9 +108,6 @@ class ModelSpec:
             tp_size=tp_size,
             dtype=str(get("torch_dtype") or get("dtype") or DEFAULT_DTYPE).replace("torch.", ""),
         )
-        from converters.architecture import find_architecture
-
-        arch = find_architecture(archs[0])
         if arch is not None and arch.spec_fields is not None:
             extra = dict(arch.spec_fields(get))
             for name in [n for n in extra if n in {f.name for f in dataclasses.fields(cls)}]:

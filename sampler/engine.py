@@ -108,7 +108,7 @@ class EngineHandle:
             backend=jax.default_backend(),
             attention_backend=kwargs.get("attention_backend", "fa"),
         )
-        compat.prepare_engine((self.hf_config.get("architectures") or ["?"])[0], kwargs)
+        kwargs = compat.prepare_engine((self.hf_config.get("architectures") or ["?"])[0], kwargs, self.hf_config)
         self.kwargs = kwargs
         saved = compat.save_signal_handlers()
         before = set(threading.enumerate())

@@ -30,7 +30,7 @@ def _tunix(architecture: str):
     return (
         binding,
         importlib.import_module(binding.package + ".model"),
-        importlib.import_module(binding.package + ".params"),
+        importlib.import_module(f"{binding.package}.{binding.loader}"),
     )
 
 

@@ -151,7 +151,7 @@ class EngineWeights:
                 new, kind = aliases.pop(i), entry.kind if alias else "copy"
             else:
                 reuse = work[i] if self.owned[i] and not work[i].is_deleted() else None
-                new = plan.materialize(entry, entry.inputs(leaves), reuse=reuse)
+                new = plan.materialize_from(entry, leaves, reuse=reuse)
                 kind = "convert in place" if reuse is not None and entry.kind == "convert" else entry.kind
                 if "reshard" in entry.reasons and len(new.sharding.device_set) > 1:
                     # One resharding computation at a time: bounded memory, and XLA's CPU

@@ -5,20 +5,27 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 
 from sampler.testing import write_tiny_model
 
-# case -> (architecture, config overrides)
+# case -> (architecture, config overrides). The one list of models the tests cover: every
+# case is checked in every source format its architecture has against sglang-jax's own loader
+# (test_oracle, test_converters) and, where tests/reference_forward.py knows the architecture,
+# against the float64 reference forward (test_reference).
 CASES = {
     "llama-tied": ("LlamaForCausalLM", dict(tie_word_embeddings=True)),
     "llama-untied": ("LlamaForCausalLM", dict(tie_word_embeddings=False)),
     "qwen2.5": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True, hidden_size=256, num_heads=2)),
     "qwen3-tied": ("Qwen3ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen3-untied": ("Qwen3ForCausalLM", dict(tie_word_embeddings=False)),
+    "qwen3-moe": ("Qwen3MoeForCausalLM", dict(tie_word_embeddings=False)),
+    "gemma2": ("Gemma2ForCausalLM", dict()),
+    "gemma2-mha": ("Gemma2ForCausalLM", dict(num_kv_heads=2)),  # Tunix: one fused qkv_einsum
+    "gemma4-moe": ("Gemma4ForCausalLM", dict(moe=True)),
+    "gemma4-keqv": ("Gemma4ForCausalLM", dict(attention_k_eq_v=True)),  # dense; full layers: k only
 }
 
 # Cases for tensor-parallel engines. sglang-jax's own loader (the oracle) pads KV heads on
@@ -28,7 +35,36 @@ TP_CASES = {
     "qwen2.5-tp": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True, hidden_size=256, num_heads=2)),
     "qwen3-tp": ("Qwen3ForCausalLM", dict(tie_word_embeddings=True, hidden_size=256)),
     "qwen3-4h": ("Qwen3ForCausalLM", dict(tie_word_embeddings=False, hidden_size=384, num_heads=4, num_kv_heads=2)),
+    "qwen3-moe-tp": ("Qwen3MoeForCausalLM", dict(tie_word_embeddings=True)),  # 1 KV head: replicated at tp 2
+    # 2 KV heads: a Tunix trainer can shard them over tp 2 (it cannot shard one)
+    "qwen3-moe-2kv": ("Qwen3MoeForCausalLM", dict(tie_word_embeddings=True, num_kv_heads=2)),
+    # 32 experts: one stacked expert leaf (1 MiB) outweighs every other tensor (load_checkpoint memory)
+    "qwen3-moe-32e": ("Qwen3MoeForCausalLM", dict(tie_word_embeddings=True, num_experts=32)),
+    "gemma4-moe-tp": ("Gemma4ForCausalLM", dict(moe=True, num_kv_heads=2)),  # upstream needs KV heads >= tp
+    # k_eq_v full layers with 1 KV head (replicated at tp 2) beside sliding layers with 2
+    "gemma4-keqv-tp": ("Gemma4ForCausalLM", dict(attention_k_eq_v=True, num_kv_heads=2, num_global_kv_heads=1)),
 }
+
+# (case, tp_size, ep_size) of the tensor-parallel engines the sharded tests start, each checked
+# in every source format against an engine that loaded the same checkpoint with sglang-jax's
+# own loader (test_sharded). Gemma 2 at tp 2 replicates its one KV head.
+TP_ENGINES = [
+    ("llama-tp", 2, 1),
+    ("qwen2.5-tp", 2, 1),
+    ("qwen3-tp", 2, 1),
+    ("qwen3-4h", 4, 1),
+    ("qwen3-moe-tp", 2, 1),  # experts on an (expert 1, tensor 2) mesh
+    ("qwen3-moe-tp", 2, 2),  # experts on an (expert 2, tensor 1) mesh
+    ("gemma2", 2, 1),
+    ("gemma4-moe-tp", 2, 1),
+    ("gemma4-keqv-tp", 2, 1),
+]
+
+
+def engine_config(tp: int = 1, ep: int = 1) -> dict:
+    """SamplerPool / SamplerConfig keyword arguments of an engine with this tp and ep."""
+    return dict(tp_size=tp, **({"engine_kwargs": {"ep_size": ep}} if ep > 1 else {}))
+
 
 PROMPTS = ["1+1=", "hello world the quick", "Q: what is 3+4? A:"]
 
@@ -54,56 +90,97 @@ def assert_same_bits(actual: dict, expected: dict) -> None:
     assert not bad, "leaves differ:\n" + "\n".join(bad)
 
 
-def upstream_mappings(model_path) -> dict:
-    """sglang-jax's own HF-key -> WeightMapping table for the model in ``model_path``.
-
-    Calls the model class's top ``_create_*weight_mappings`` method with only the HF config
-    bound (the dense decoders' read nothing else), so no engine is needed.
-    """
+def upstream_model(model_path):
+    """sglang-jax's own model class for the checkpoint in ``model_path``, built abstractly
+    (``nnx.eval_shape``: no weights, no engine): its weight-mapping tables and the dtype of
+    every parameter (float32 norms and routers) come from upstream code."""
+    import jax
+    import jax.numpy as jnp
+    import sgl_jax.srt.hf_transformers_utils  # noqa: F401  (registers sglang-jax's own configs, Gemma 4's)
+    from flax import nnx
     from sgl_jax.srt.models.registry import ModelRegistry
     from transformers import AutoConfig
 
+    import converters
+
     cfg = AutoConfig.from_pretrained(str(model_path))
+    cfg.ep_size, cfg.moe_backend = 1, "epmoe"
     cls, _ = ModelRegistry.resolve_model_cls(cfg.architectures)
-    (top,) = [n for n in dir(cls) if n.startswith("_create") and n.endswith("weight_mappings") and "layer" not in n]
-    ns = types.SimpleNamespace(config=cfg)
-    for name in dir(cls):
-        if name.startswith("_create"):
-            setattr(ns, name, types.MethodType(getattr(cls, name), ns))
-    return getattr(ns, top)()
+    mesh = jax.make_mesh(
+        (1, 1), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Explicit,) * 2, devices=jax.devices()[:1]
+    )
+    dtype = jnp.dtype(converters.ModelSpec.from_hf_config(model_path).dtype)
+    with jax.set_mesh(mesh):
+        return nnx.eval_shape(lambda: cls(cfg, mesh, dtype=dtype))
+
+
+def upstream_mappings(model) -> dict:
+    """sglang-jax's own HF-key -> WeightMapping table of an :func:`upstream_model`."""
+    (top,) = [n for n in dir(model) if n.startswith("_create") and n.endswith("weight_mappings") and "layer" not in n]
+    return getattr(model, top)()
+
+
+def _kv_replicated(w: np.ndarray, heads: int, kv: int, tp: int) -> np.ndarray:
+    """sglang-jax's KV-head replication for tp > kv heads (utils/weight_utils.py
+    ``_apply_kv_head_padding``): GQA repeats h0,h0,h1,h1,...; MHA zero-pads."""
+    reps = -(-tp // kv)
+    axis = 0 if w.ndim == 1 else 1
+    parts = np.split(w, kv, axis=axis)
+    if heads > kv:
+        return np.concatenate([p for p in parts for _ in range(reps)], axis=axis)
+    pad = [(0, 0)] * w.ndim
+    pad[axis] = (0, w.shape[axis] * (reps - 1))
+    return np.pad(w, pad)
 
 
 def upstream_engine_leaves(model_path, hf_weights: dict | None = None, *, tp: int = 1) -> dict[str, np.ndarray]:
-    """What sglang-jax's loader puts in every engine leaf, computed in numpy from its
-    own WeightMapping records (transpose, KV-head replication) and the HF tensors."""
-    from safetensors.numpy import load_file
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(str(model_path))
+    """What sglang-jax's loader puts in every engine leaf, computed in numpy from its own
+    WeightMapping records (transpose, KV-head replication, per-expert stacks) and the HF
+    tensors, in each parameter's own dtype; plus Gemma 4's experts, which its model loads
+    outside the mappings (models/gemma4.py ``load_weights``: gate_up_proj split in halves)."""
     if hf_weights is None:
-        hf_weights = {}
-        for f in sorted(Path(model_path).glob("*.safetensors")):
-            hf_weights.update(load_file(str(f)))
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        hf_weights = hf_tensors(model_path)
+    import jax
+    from flax import nnx
+
+    from converters.source import key_paths
+
+    model = upstream_model(model_path)
+    state = nnx.state(model, nnx.Param)
+    dtypes = dict(zip(key_paths(state), (np.dtype(x.dtype) for x in jax.tree_util.tree_leaves(state))))
+    text = getattr(model.config, "text_config", None) or model.config
+    heads, kv = text.num_attention_heads, text.num_key_value_heads
     out = {}
-    for key, m in upstream_mappings(model_path).items():
-        if key not in hf_weights:
+    for key, m in upstream_mappings(model).items():
+        if key.startswith("__MOE_EXPERTS__"):  # target_path = [engine leaf, expert 0 key, expert 1 key, ...]
+            target, *keys = m.target_path
+            if m.physical_to_logical_map is not None:
+                keys = [keys[int(i)] for i in m.physical_to_logical_map]
+            if any(k not in hf_weights for k in keys):
+                continue
+            assert m.concat_axis is None and m.transpose
+            w = np.stack([hf_weights[k].T for k in keys])
+        else:
+            if key not in hf_weights:
+                continue
+            target, w = m.target_path, hf_weights[key]
+            if m.transpose and not key.endswith(".bias"):
+                w = w.T
+            if m.kv_head_padding and tp > kv:
+                w = _kv_replicated(w, heads, kv, tp)
+        out[target] = w
+    for i, layer in enumerate(getattr(getattr(model, "model", None), "layers", ())):
+        if not getattr(layer, "enable_moe_block", False):
             continue
-        w = hf_weights[key]
-        if m.transpose and not key.endswith(".bias"):
-            w = w.T
-        if m.kv_head_padding and tp > kv:
-            reps = -(-tp // kv)
-            axis = 0 if w.ndim == 1 else 1
-            parts = np.split(w, kv, axis=axis)
-            if heads > kv:  # GQA: replicate h0,h0,h1,h1,...
-                w = np.concatenate([p for p in parts for _ in range(reps)], axis=axis)
-            else:  # MHA: zero-pad
-                pad = [(0, 0)] * w.ndim
-                pad[axis] = (0, w.shape[axis] * (reps - 1))
-                w = np.pad(w, pad)
-        out[m.target_path] = np.ascontiguousarray(w)
-    return out
+        prefixes = [f"model.language_model.layers.{i}.experts.", f"model.layers.{i}.experts."]
+        prefix = next((p for p in prefixes if p + "gate_up_proj" in hf_weights), None)
+        if prefix is not None:
+            gate_up = hf_weights[prefix + "gate_up_proj"]
+            half = gate_up.shape[1] // 2
+            out[f"model.layers.{i}.experts.wi_0"] = np.transpose(gate_up[:, :half], (0, 2, 1))
+            out[f"model.layers.{i}.experts.wi_1"] = np.transpose(gate_up[:, half:], (0, 2, 1))
+            out[f"model.layers.{i}.experts.wo"] = np.transpose(hf_weights[prefix + "down_proj"], (0, 2, 1))
+    return {k: np.ascontiguousarray(w.astype(dtypes[k])) for k, w in out.items()}
 
 
 class SamplerPool:

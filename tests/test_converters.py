@@ -8,11 +8,33 @@ import pytest
 from flax import nnx
 
 import converters
-from converters import EngineLeaf, ModelSpec, ParamsMismatchError, UnknownFormatError, build_plan, get_converter
+from converters import (
+    EngineLeaf,
+    ModelSpec,
+    ParamsMismatchError,
+    Take,
+    Transpose,
+    UnknownFormatError,
+    build_plan,
+    get_converter,
+)
 from sampler.tunix_models import load_tunix_model
 from tests import helpers
 
 ALL_CASES = sorted(helpers.CASES)
+#: Source formats built from the HF tensors (below); "tunix" comes from Tunix's own loader.
+HF_FORMATS = ["hf", "hf-text", "flax", "flax-linen", "flax-trainstate"]
+
+
+def _formats(case: str) -> list[str]:
+    """The HF-derived formats the case's architecture has a table for."""
+    have = converters.formats_for(helpers.CASES[case][0])
+    return [f for f in HF_FORMATS if (f if f.startswith("hf") else "flax") in have]
+
+
+def _hf_text(hf: dict) -> dict:
+    """Gemma 4's text-only checkpoint names (``model.`` instead of ``model.language_model.``)."""
+    return {k.replace("model.language_model.", "model.", 1): v for k, v in hf.items()}
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +73,14 @@ def test_sglang_format_is_identity(case, case_data):
     helpers.assert_same_bits({k: np.asarray(v) for k, v in converted.items()}, oracle)
 
 
-@pytest.mark.parametrize("case", ALL_CASES)
-@pytest.mark.parametrize("fmt", ["hf", "flax", "flax-linen", "flax-trainstate"])
+@pytest.mark.parametrize("case,fmt", [(c, f) for c in ALL_CASES for f in _formats(c)])
 def test_hf_and_flax_formats_match_upstream_loader_table(case, fmt, case_data):
     path, spec, _, oracle = case_data(case)
     hf = helpers.hf_tensors(path)
     if fmt == "hf":
         source = hf
+    elif fmt == "hf-text":
+        source = _hf_text(hf)
     elif fmt == "flax":
         source = helpers.flax_params(hf)
     elif fmt == "flax-linen":
@@ -70,23 +93,38 @@ def test_hf_and_flax_formats_match_upstream_loader_table(case, fmt, case_data):
             apply_fn=None, params=helpers.flax_params(hf)["params"], tx=optax.adam(1e-3)
         )
     tree = converters.as_param_tree(source)
-    assert converters.detect_format(spec.architecture, converters.key_paths(tree)) == fmt.split("-")[0]
+    detected = converters.detect_format(spec.architecture, converters.key_paths(tree))
+    assert detected == (fmt if fmt == "hf-text" else fmt.split("-")[0])
     converted = converters.to_engine_layout(source, spec)
     helpers.assert_same_bits({k: np.asarray(v) for k, v in converted.items()}, oracle)
 
 
-@pytest.mark.parametrize("case", ["llama-untied", "qwen2.5", "qwen3-tied"])
+@pytest.mark.parametrize(
+    "case,layer",
+    [
+        ("llama-untied", 0),
+        ("qwen2.5", 0),
+        ("qwen3-tied", 0),
+        ("qwen3-moe", 0),
+        ("gemma2", 0),
+        ("gemma2-mha", 0),
+        ("gemma4-keqv", 1),
+    ],
+)
 @pytest.mark.parametrize("tp", [2, 4])
-def test_kv_head_replication_matches_upstream(case, tp, case_data):
-    """tp > num_kv_heads: the engine replicates KV heads (and their biases)."""
+def test_kv_head_replication_matches_upstream(case, layer, tp, case_data):
+    """tp > num_kv_heads: the engine replicates KV heads (and their biases); MHA zero-pads;
+    Gemma 4 only in its k_eq_v full layers (layer 1), not in sliding ones (layer 0)."""
     path, spec, state, _ = case_data(case)
     oracle = helpers.upstream_engine_leaves(path, tp=tp)
     converted = converters.to_engine_layout(state, spec.with_tp(tp))
     helpers.assert_same_bits({k: np.asarray(v) for k, v in converted.items()}, oracle)
     from_hf = converters.to_engine_layout(helpers.hf_tensors(path), spec.with_tp(tp))
     helpers.assert_same_bits({k: np.asarray(v) for k, v in from_hf.items()}, oracle)
-    k = converted["model.layers.0.self_attn.k_proj.weight"]
-    assert k.shape[1] == tp * spec.head_dim  # one head per device
+    k = converted[f"model.layers.{layer}.self_attn.k_proj.weight"]
+    assert k.shape[1] == max(tp, spec.num_kv_heads) * spec.head_dim  # one head per device (at least)
+    if spec.get("k_eq_v_layers"):
+        assert converted["model.layers.0.self_attn.k_proj.weight"].shape[1] == spec.head_dim  # sliding: as is
 
 
 def test_plan_marks_alias_and_copy_reasons(case_data):
@@ -290,3 +328,89 @@ def test_stacked_and_split_rules_in_a_plan():
     # and a stack of more experts than the model has
     more = {**src, "blocks.0.experts.3.up.w": src["blocks.0.experts.0.up.w"]}
     assert "got indexes 0..3" in _plan_problems(spec, conv, more, engine)
+
+
+def test_split_axis_and_fixed_dtype_rules():
+    """HF Gemma 4's fused experts (E, 2*I, H): SplitAxis + Take + Transpose give gate and up
+    (E, H, I); a rule's fixed dtype (float32 routers) wins over the model dtype."""
+    from converters import LeafRule, SplitAxis, Take, Transpose
+    from converters.plan import convert_params
+    from converters.registry import Converter
+
+    ops = (SplitAxis(1, 2), Take(1, 0), Transpose((0, 2, 1)))
+    conv = Converter(
+        "Toy",
+        "toy",
+        [
+            LeafRule("l.{}.gate_up", "model.layers.{}.wi_0", ops),
+            LeafRule("l.{}.gate_up", "model.layers.{}.wi_1", (SplitAxis(1, 2), Take(1, 1), Transpose((0, 2, 1)))),
+            LeafRule("l.{}.router", "model.layers.{}.router", (Transpose((1, 0)),), dtype="float32"),
+        ],
+    )
+    rng = np.random.default_rng(0)
+    gate_up = rng.standard_normal((3, 2 * 5, 4)).astype(np.float32)
+    router = rng.standard_normal((3, 4)).astype(np.float32)
+    got = convert_params(conv, _toy_spec(), ["l.0.gate_up", "l.0.router"], [gate_up, router], jnp.bfloat16)
+    gate, up = gate_up[:, :5], gate_up[:, 5:]
+    np.testing.assert_array_equal(np.asarray(got["model.layers.0.wi_0"]), gate.transpose(0, 2, 1).astype(jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(got["model.layers.0.wi_1"]), up.transpose(0, 2, 1).astype(jnp.bfloat16))
+    assert got["model.layers.0.router"].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got["model.layers.0.router"]), router.T)
+    with pytest.raises(ValueError, match="into 2 equal parts"):
+        SplitAxis(1, 2).out_shape((3, 9, 4), _toy_spec())
+
+
+def test_layer_restricted_and_alternative_rules():
+    """Rules for some layers only (Gemma 4's k_eq_v layers) and alternative source layouts of one
+    engine leaf (Gemma 2's q_einsum or fused qkv_einsum)."""
+    import dataclasses
+
+    from converters import LeafRule, MergeAxes, Take
+    from converters.plan import convert_params
+    from converters.registry import Converter
+
+    spec = dataclasses.replace(_toy_spec(), extra=(("even", (0, 2)), ("odd", (1, 3))))
+    conv = Converter(
+        "Toy",
+        "toy",
+        [
+            LeafRule("l.{}.k", "model.layers.{}.k", layers="even"),
+            LeafRule("l.{}.k", "model.layers.{}.k", (Transpose((1, 0)),), layers="odd"),
+            LeafRule("l.{}.q", "model.layers.{}.q", (MergeAxes(0, 2),)),
+            LeafRule("l.{}.qkv", "model.layers.{}.q", (Take(0, 0), MergeAxes(0, 2))),
+        ],
+    )
+    k = np.arange(6, dtype=np.float32).reshape(2, 3)
+    q = np.arange(12, dtype=np.float32).reshape(2, 2, 3)
+    got = convert_params(conv, spec, ["l.0.k", "l.1.k", "l.0.q", "l.1.qkv"], [k, k, q, np.stack([q] * 3)], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(got["model.layers.0.k"]), k)
+    np.testing.assert_array_equal(np.asarray(got["model.layers.1.k"]), k.T)
+    np.testing.assert_array_equal(np.asarray(got["model.layers.0.q"]), q.reshape(4, 3))
+    np.testing.assert_array_equal(np.asarray(got["model.layers.1.q"]), q.reshape(4, 3))
+    # both layouts for one layer: named, not silently overwritten
+    with pytest.raises(ParamsMismatchError, match="l.0.q and l.0.qkv both map to engine leaf model.layers.0.q"):
+        convert_params(conv, spec, ["l.0.q", "l.0.qkv"], [q, np.stack([q] * 3)], jnp.float32)
+    # a layer no restricted rule covers
+    narrow = dataclasses.replace(spec, extra=(("even", (0,)), ("odd", (1,))))
+    with pytest.raises(ParamsMismatchError, match="l.2.k .* has no rule for its layer"):
+        convert_params(conv, narrow, ["l.2.k"], [k], jnp.float32)
+    # the same source and target twice for overlapping layers is a table error
+    with pytest.raises(ValueError, match="two rules feed model.layers.{}.k"):
+        Converter(
+            "Toy",
+            "bad",
+            [LeafRule("l.{}.k", "model.layers.{}.k"), LeafRule("l.{}.k", "model.layers.{}.k", layers="odd")],
+        )
+
+
+def test_stack_axis_check_for_streamed_checkpoint_stacks():
+    """Checkpoint stacks are written one source at a time only when the ops act on each stack
+    entry on its own (transposes behind the stack axis); anything else is stacked whole."""
+    from converters import SplitAxis
+    from converters.plan import _keeps_stack_axis
+
+    spec = _toy_spec()
+    assert _keeps_stack_axis((Transpose((0, 2, 1)),), (4, 6, 8), spec)
+    assert _keeps_stack_axis((SplitAxis(1, 2), Take(1, 0)), (4, 6, 8), spec)
+    assert not _keeps_stack_axis((Transpose((1, 0, 2)),), (4, 6, 8), spec)
+    assert not _keeps_stack_axis((Take(0, 1),), (4, 6, 8), spec)

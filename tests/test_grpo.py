@@ -74,6 +74,38 @@ def test_grpo_steps_sync_fresh_weights_and_logprobs_agree(tmp_path):
     rollout.shutdown()
 
 
+def test_grpo_on_a_tiny_qwen3_moe_syncs_fresh_weights_every_step(tmp_path):
+    """Tunix GRPO on a Qwen3-MoE actor (experts stacked in Tunix's layout): after every sync the
+    engine serves exactly the actor's weights, and they changed from the step before."""
+    CheckedRollout.syncs = []
+    state = {}
+    logs = grpo_tiny.run(
+        steps=2,
+        workdir=str(tmp_path),
+        plot=False,
+        verbose=False,
+        rollout_cls=CheckedRollout,
+        keep=state,
+        architecture="Qwen3MoeForCausalLM",
+    )
+    rollout = state["rollout"]
+    try:
+        assert len(logs) == 2
+        assert rollout.sampler.spec.architecture == "Qwen3MoeForCausalLM" and rollout.sampler.spec.num_experts == 4
+        syncs = CheckedRollout.syncs
+        assert len(syncs) >= 3  # the initial full sync + one per global step
+        versions = [version for version, *_ in syncs]
+        assert versions == sorted(set(versions))
+        for version, served, expected, _ in syncs:
+            assert served == expected, f"engine serves stale weights after sync v{version}"
+        fingerprints = [served for _, served, _, _ in syncs]
+        assert all(a != b for a, b in zip(fingerprints, fingerprints[1:])), "a step synced unchanged weights"
+        experts = [p for p in rollout.last_report.copied + rollout.last_report.aliased if p.endswith(".mlp.wi_0")]
+        assert len(experts) == 2  # both layers' expert stacks went through every sync
+    finally:
+        rollout.shutdown()
+
+
 def _right_padded(tokens, pad_id):
     width = max(len(t) for t in tokens)
     return np.stack([np.pad(t, (0, width - len(t)), constant_values=pad_id) for t in tokens])

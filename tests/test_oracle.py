@@ -46,7 +46,9 @@ def test_tunix_model_into_dummy_engine_matches_safetensors_engine(case, model_di
     report = sampler.update_params(state)
 
     assert report.source_format == "tunix"
-    assert len(report.copied) == len(ref_leaves) and not report.aliased  # fp32 -> bf16 casts
+    # fp32 -> bf16 casts; the leaves the engine keeps in float32 (Gemma norms, MoE routers) alias
+    float32 = {p for p, x in ref_leaves.items() if x.dtype == np.float32}
+    assert set(report.aliased) == float32 and len(report.copied) == len(ref_leaves) - len(float32)
     helpers.assert_same_bits({k: np.asarray(v) for k, v in sampler.engine_params().items()}, ref_leaves)
     tokens, out = helpers.greedy(sampler)
     assert tokens == ref_tokens

@@ -228,3 +228,57 @@ def test_converters_match_upstream_loader_mapping(cfg, tmp_path_factory):
         got = converters.to_engine_layout(source, spec)
         assert set(got) == set(expected)
         helpers.assert_same_bits({p: np.asarray(x) for p, x in got.items()}, expected)
+
+
+@st.composite
+def family_configs(draw):
+    """Random small Qwen3-MoE, Gemma 2 and Gemma 4 (dense or MoE, k_eq_v or not) models."""
+    arch = draw(st.sampled_from(["Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma4ForCausalLM"]))
+    kv = draw(st.sampled_from([1, 2]))
+    heads = kv * draw(st.sampled_from([1, 2]))
+    layers = draw(st.integers(1, 3))
+    cfg = dict(
+        arch=arch,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv,
+        hidden_size=draw(st.sampled_from([256, 384])),  # != kv_heads * head_dim (upstream's padding axis)
+        intermediate_size=draw(st.sampled_from([128, 256])),
+        dtype=draw(st.sampled_from(["bfloat16", "float32"])),
+        tp=draw(st.sampled_from([t for t in (1, 2, 4) if heads % t == 0])),
+        seed=draw(st.integers(0, 3)),
+    )
+    experts = draw(st.sampled_from([2, 4, 8]))
+    if arch == "Qwen3MoeForCausalLM":
+        cfg.update(
+            num_experts=experts,
+            num_experts_per_tok=draw(st.integers(1, experts)),
+            moe_intermediate_size=draw(st.sampled_from([64, 128])),
+            mlp_only_layers=tuple(i for i in range(layers) if draw(st.booleans()) and i != layers - 1),
+            tie_word_embeddings=draw(st.booleans()),
+        )
+    elif arch == "Gemma4ForCausalLM":
+        cfg.update(moe=draw(st.booleans()), attention_k_eq_v=draw(st.booleans()), num_experts=experts)
+        if cfg["attention_k_eq_v"] and draw(st.booleans()):
+            cfg["num_global_kv_heads"] = draw(st.sampled_from([1, 2]))
+    return cfg
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cfg=family_configs())
+def test_family_converters_match_upstream_loader_mapping(cfg, tmp_path_factory):
+    """Random MoE and Gemma configurations: every engine leaf from the hf converter (and
+    Gemma 4's text-only names) equals sglang-jax's own mappings applied to the same tensors
+    (experts stacked, Gemma 4's experts as its model loads them, KV replication at tp)."""
+    cfg = dict(cfg)
+    arch, tp, seed = cfg.pop("arch"), cfg.pop("tp"), cfg.pop("seed")
+    path = write_tiny_model(tmp_path_factory.mktemp("prop"), arch, seed=seed, **cfg)
+    hf = helpers.hf_tensors(path)
+    expected = helpers.upstream_engine_leaves(path, hf, tp=tp)
+    spec = converters.ModelSpec.from_hf_config(path, tp_size=tp)
+    sources = [hf]
+    if arch == "Gemma4ForCausalLM":
+        sources.append({k.replace("model.language_model.", "model.", 1): v for k, v in hf.items()})
+    for source in sources:
+        got = converters.to_engine_layout(source, spec)
+        helpers.assert_same_bits({p: np.asarray(x) for p, x in got.items()}, expected)

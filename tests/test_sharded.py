@@ -2,6 +2,7 @@
 trainers, disaggregated placement and load_checkpoint, against sglang-jax's own loader."""
 
 import shutil
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import converters
 from converters import CheckpointError, ParamsMismatchError
 from sampler.testing import write_weights
 from sampler.tunix_models import load_tunix_model
@@ -20,57 +22,79 @@ pytestmark = pytest.mark.engine
 P = jax.sharding.PartitionSpec
 
 
+class Reference(NamedTuple):
+    leaves: dict
+    tokens: list
+    fingerprint: str
+
+
 @pytest.fixture(scope="module")
 def tp_reference(engines):
-    """Engine leaves as sglang-jax's safetensors loader puts them, per (model, tp)."""
+    """Engine leaves, greedy tokens and fingerprint as sglang-jax's safetensors loader makes
+    them, per (model, tp, ep)."""
     cache = {}
 
-    def get(path, tp):
-        key = (str(path), tp)
+    def get(path, tp, ep=1) -> Reference:
+        key = (str(path), tp, ep)
         if key not in cache:
-            ref = engines.get(path, load_format="safetensors", tp_size=tp)
-            cache[key] = {k: np.asarray(v) for k, v in ref.engine_params().items()}
-            engines.drop(path, load_format="safetensors", tp_size=tp)
+            config = helpers.engine_config(tp, ep)
+            ref = engines.get(path, load_format="safetensors", **config)
+            leaves = {k: np.asarray(v) for k, v in ref.engine_params().items()}
+            cache[key] = Reference(leaves, helpers.greedy(ref)[0], ref.fingerprint())
+            engines.drop(path, load_format="safetensors", **config)
         return cache[key]
 
     return get
 
 
 def _sources(path):
+    """Every source format the architecture has: Tunix (Tunix's own HF loader), HF tensors,
+    Gemma 4's text-only HF names, Flax (linen) for the Llama family."""
     hf = helpers.hf_tensors(path)
-    return {
+    sources = {
         "tunix": nnx.state(load_tunix_model(path), nnx.Param),
         "hf": hf,
+        "hf-text": {k.replace("model.language_model.", "model.", 1): v for k, v in hf.items()},
         "flax": helpers.flax_params(hf, linen_layers=True),
     }
+    have = converters.formats_for(converters.read_hf_config(path)["architectures"][0])
+    return {fmt: source for fmt, source in sources.items() if fmt in have}
 
 
 def _served(sampler):
     return {k: np.asarray(v) for k, v in sampler.engine_params().items()}
 
 
-@pytest.mark.parametrize("case,tp", [("llama-tp", 2), ("qwen2.5-tp", 2), ("qwen3-tp", 2), ("qwen3-4h", 4)])
-def test_every_format_into_a_tp_engine_matches_the_loader(case, tp, model_dir, engines, tp_reference):
+@pytest.mark.parametrize("case,tp,ep", helpers.TP_ENGINES)
+def test_every_format_into_a_tp_engine_matches_the_loader(case, tp, ep, model_dir, engines, tp_reference):
+    """Every source format into a tp (and, for MoE, ep) engine: every leaf bit for bit as
+    sglang-jax's loader makes it, the same greedy tokens, the trainer's fingerprint."""
     path = model_dir(case)
-    expected = tp_reference(path, tp)
-    sampler = engines.get(path, tp_size=tp)
+    expected, tokens, fingerprint = tp_reference(path, tp, ep)
+    sampler = engines.get(path, **helpers.engine_config(tp, ep))
     assert sampler.mesh.shape["tensor"] == tp
+    zeros = {k: np.zeros_like(v) for k, v in expected.items()}
     for fmt, source in _sources(path).items():
-        sampler.update_params({k: np.zeros_like(v) for k, v in expected.items()})  # wipe first
+        sampler.update_params(zeros)  # wipe first
         report = sampler.update_params(source)
         assert report.source_format == fmt
         helpers.assert_same_bits(_served(sampler), expected)
+        assert helpers.greedy(sampler)[0] == tokens, fmt
+        assert sampler.fingerprint() == fingerprint == converters.fingerprint_params(source, sampler.spec), fmt
     # engine layout, already on the engine's shardings: pure aliasing, also at tp > 1
     layout = {k: jax.device_put(v, sampler.engine_shardings()[k]) for k, v in expected.items()}
     report = sampler.update_params(layout)
     assert report.copied == [] and sampler.verify_sharing(layout).all_shared
     if case == "qwen3-4h":  # 2 KV heads over 4 devices: replicated h0,h0,h1,h1
         assert expected["model.layers.0.self_attn.k_proj.weight"].shape == (384, 4 * 128)
+    experts = [x.sharding for p, x in sampler.engine_params().items() if p.endswith(".wi_0")]
+    for sharding in experts:  # the MoE mesh: ep groups of tp // ep devices (Gemma 4 ignores ep_size)
+        assert dict(sharding.mesh.shape) == {"expert": ep, "tensor": tp // ep}
 
 
 def test_load_checkpoint_single_and_sharded(model_dir, engines, tp_reference, tmp_path):
     path = model_dir("qwen3-tp")
-    expected = tp_reference(path, 2)
+    expected = tp_reference(path, 2).leaves
     sampler = engines.get(path, tp_size=2)
     sharded = tmp_path / "sharded"
     shutil.copytree(path, sharded)
@@ -115,7 +139,7 @@ def test_fsdp_trainer_into_tp_engine(model_dir, engines, tp_reference):
     """Tunix model FSDP-sharded over the same 4 devices as a tp=4 engine: resharded leaf
     by leaf; engine-layout params on an equivalent trainer mesh are aliased."""
     path = model_dir("qwen3-4h")
-    expected = tp_reference(path, 4)
+    expected = tp_reference(path, 4).leaves
     sampler = engines.get(path, tp_size=4)
     mesh = jax.make_mesh((4, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     with mesh:
@@ -152,7 +176,7 @@ def test_fsdp_trainer_into_tp_engine(model_dir, engines, tp_reference):
 
 def test_disaggregated_engine_on_other_devices(model_dir, engines, tp_reference):
     path = model_dir("qwen3-tp")
-    expected = tp_reference(path, 2)
+    expected = tp_reference(path, 2).leaves
     sampler = engines.get(path, tp_size=2, device_indexes=[2, 3])
     mesh = jax.make_mesh(
         (2, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:2]

@@ -1,7 +1,9 @@
 """Runs unpatched sglang-jax in a child process and prints what it did, as JSON.
 
 Used by test_compat.py to show that each workaround in sampler.compat is still
-needed (upstream still misbehaves). Usage: python -m tests.upstream_probe MODE MODEL_DIR
+needed (upstream still misbehaves). Usage:
+python -m tests.upstream_probe MODE MODEL_DIR [ENGINE_KWARGS_JSON]
+(extra Engine arguments, e.g. '{"tp_size": 2, "disable_hybrid_swa_memory": true}').
 """
 
 import json
@@ -14,8 +16,11 @@ import threading
 import time
 
 os.environ["JAX_PLATFORMS"] = "cpu"
+EXTRA = json.loads(sys.argv[3]) if __name__ == "__main__" and len(sys.argv) > 3 else {}
 if len(sys.argv) > 1 and sys.argv[1].startswith("fault"):  # a second device to misplace a weight on
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+elif EXTRA.get("tp_size", 1) > 1:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={EXTRA['tp_size']}"
 
 
 def cpu_seconds() -> float:
@@ -44,6 +49,7 @@ def engine(model_dir):
         max_running_requests=2,
         max_total_tokens=256,
         log_level="error",
+        **EXTRA,
     )
 
 
@@ -53,6 +59,19 @@ def main(mode: str, model_dir: str) -> None:
         e = engine(model_dir)
         out = e.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 3, "temperature": 0})
         result["generated"] = len(out["meta_info"].get("output_token_logprobs") or out["output_ids"] or [0]) > 0
+    elif mode == "moe_mesh":  # the mesh sglang-jax puts the experts on, and their dtype
+        e = engine(model_dir)
+        runner = e.scheduler_info["scheduler"].tp_worker.worker.model_runner
+        import jax
+        from flax import nnx
+
+        from converters.source import key_paths
+
+        state = nnx.state(runner.model, nnx.Param)
+        for path, x in zip(key_paths(state), jax.tree_util.tree_leaves(state)):
+            if path.endswith("wi_0"):
+                result["expert_mesh"] = dict(x.sharding.mesh.shape)
+            result.setdefault("dtypes", {})[path] = str(x.dtype)
     elif mode == "long_generate":  # non-streamed outputs longer than 50 tokens
         e = engine(model_dir)
         out = e.generate(

@@ -94,12 +94,15 @@ def run(
     lora_modules: tuple[str, ...] = LORA_MODULES,
     rollout_devices: int = 1,
     rollout_overrides: dict | None = None,
+    architecture: str = "Qwen3ForCausalLM",
 ) -> list[StepLog]:
     """Run the demo; returns one StepLog per GRPO step.
 
     ``keep``: if given, receives the live rollout, actor and rollout config, and the
     rollout is left running (the caller shuts it down). ``rollout_devices``: size of the
     rollout mesh; ``rollout_overrides``: extra RolloutConfig fields (e.g. data_parallel_size).
+    ``architecture``: the tiny model's (any with a Tunix model and a tiny recipe, e.g.
+    "Qwen3MoeForCausalLM").
     """
     import grain.python as grain
     from transformers import AutoTokenizer
@@ -112,7 +115,7 @@ def run(
     from sampler.tunix_models import load_tunix_model
 
     work = Path(workdir)
-    model_dir = write_tiny_model(work / "tiny-qwen3", "Qwen3ForCausalLM", seed=seed)
+    model_dir = write_tiny_model(work / f"tiny-{architecture}", architecture, seed=seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     mesh = jax.make_mesh(
         (1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:1]

@@ -4,4 +4,4 @@ To add an architecture, write ``converters/models/<name>.py`` (see ``qwen3.py``)
 its import here; then extend ``CASES`` in ``tests/helpers.py``.
 """
 
-from converters.models import llama, qwen2, qwen3  # noqa: F401  (registration)
+from converters.models import gemma2, gemma4, llama, qwen2, qwen3, qwen3_moe  # noqa: F401  (registration)

@@ -31,7 +31,18 @@ fails once it is no longer needed, and a test that it works.
 |                                 | the scheduler thread -> SIGQUIT -> the process dies                         |
 | ``patch_contain_engine_faults`` | any exception in the scheduler/detokenizer thread SIGQUITs the process;    |
 |                                 | contained: recorded, callers get ``EngineFaultError``, the process lives   |
-| ``warn_tunix_rope_theta``       | Tunix 0.1.7's Qwen3 and Llama3 ignore ``config.rope_theta`` (always 1e6)   |
+| ``warn_tunix_rope_theta``       | Tunix 0.1.7's Qwen3 (dense and MoE) and Llama3 ignore ``rope_theta``       |
+|                                 | (always 1e6); its Gemma always uses 1e4                                     |
+| ``HYBRID_SWA_OFF``              | sliding-window models on CPU: the hybrid SWA KV pool lacks the method the   |
+| (``hybrid_swa_memory_on_cpu``)  | native backend calls -> AttributeError -> SIGQUIT; engine arg turns it off  |
+| ``gemma4_engine_dtype``         | Gemma 4: the engine dtype comes from text_config only (float32 without it) |
+| ``check_gemma4``                | Gemma 4: tp > KV heads outside k_eq_v layers, mixed head dims / KV counts   |
+|                                 | on CPU, per-layer embeddings: refused; ``ep_size`` is ignored: warned       |
+| ``check_moe_sparse_layers``     | Qwen3-MoE: ``decoder_sparse_step`` > 1 ignored (every layer MoE): refused   |
+| ``check_expert_parallel``       | ``ep_size`` not dividing tp or the experts, fused MoE on CPU: refused       |
+| ``warn_tunix_query_scale``      | Tunix 0.1.7's Gemma scales queries by head_dim**-0.5, ignoring              |
+|                                 | ``query_pre_attn_scalar``                                                   |
+| ``warn_tunix_moe_routing``      | Tunix 0.1.7's Qwen3-MoE always renormalises top-k and makes every layer MoE |
 | ``multinode`` (several JAX      | rank > 0 ``Engine()`` blocks in a health server, drops ``scheduler_info``,  |
 | processes, one engine)          | crashes with the loop daemon; followers wait for process 0 forever and      |
 |                                 | cannot be stopped or parked at one iteration (``LockstepPark``); see the    |
@@ -40,6 +51,7 @@ fails once it is no longer needed, and a test that it works.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 from sampler.compat.internals import (
@@ -66,6 +78,14 @@ from sampler.compat.lifecycle import (
     thread_fault,
     watch_thread_faults,
 )
+from sampler.compat.models import (
+    HYBRID_SWA_OFF,
+    check_expert_parallel,
+    check_gemma4,
+    check_moe_sparse_layers,
+    gemma4_engine_dtype,
+    native_attention,
+)
 from sampler.compat.patches import (
     SGLANG_JAX_VERSION,
     UnsupportedModelError,
@@ -77,21 +97,52 @@ from sampler.compat.patches import (
     upstream_version,
     warn_if_untested_version,
 )
-from sampler.compat.tunix import TUNIX_FIXED_ROPE_THETA, TUNIX_VERSION, warn_tunix_rope_theta
+from sampler.compat.tunix import (
+    TUNIX_FIXED_ROPE_THETA,
+    TUNIX_VERSION,
+    warn_tunix_moe_routing,
+    warn_tunix_query_scale,
+    warn_tunix_rope_theta,
+)
+
+HfConfig = Mapping[str, Any]
 
 
-def _native_attention(kwargs: Mapping[str, Any]) -> bool:
-    return kwargs.get("attention_backend") == "native"
+def _always(kwargs: Mapping[str, Any]) -> bool:
+    return True
 
 
-#: Workarounds an architecture module may name in ``Architecture.quirks``:
-#: name -> (when it applies, given the engine kwargs; what to call before the engine starts).
-ENGINE_QUIRKS: dict[str, tuple[Callable[[Mapping[str, Any]], bool], Callable[[], Any]]] = {
-    "merge_kv_sharding": (_native_attention, patch_merge_kv_sharding),
+@dataclasses.dataclass(frozen=True)
+class EngineQuirk:
+    """What one architecture's engine needs before it starts, when ``applies(engine kwargs)``:
+    a ``check`` that refuses (UnsupportedModelError) or warns, engine arguments to set (a
+    mapping, or a function of the HF config and the kwargs), an idempotent upstream ``patch``."""
+
+    applies: Callable[[Mapping[str, Any]], bool] = _always
+    check: Callable[[HfConfig, Mapping[str, Any]], None] | None = None
+    engine_kwargs: Mapping[str, Any] | Callable[[HfConfig, Mapping[str, Any]], Mapping[str, Any]] = dataclasses.field(
+        default_factory=dict
+    )
+    patch: Callable[[], Any] | None = None
+
+    def kwargs_for(self, hf_config: HfConfig, kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
+        return self.engine_kwargs(hf_config, kwargs) if callable(self.engine_kwargs) else self.engine_kwargs
+
+
+#: Workarounds and limits an architecture module may name in ``Architecture.quirks``.
+ENGINE_QUIRKS: dict[str, EngineQuirk] = {
+    "merge_kv_sharding": EngineQuirk(applies=native_attention, patch=patch_merge_kv_sharding),
+    "hybrid_swa_memory_on_cpu": EngineQuirk(applies=native_attention, engine_kwargs=HYBRID_SWA_OFF),
+    "gemma4_text_dtype": EngineQuirk(engine_kwargs=gemma4_engine_dtype),
+    "gemma4_limits": EngineQuirk(check=check_gemma4),
+    "moe_sparse_layers": EngineQuirk(check=check_moe_sparse_layers),
+    "moe_expert_parallel": EngineQuirk(check=check_expert_parallel),
 }
 #: Trainer-side quirks: name -> called with the HF config dict when a Tunix model is built.
 TUNIX_QUIRKS: dict[str, Callable[[dict], Any]] = {
     "tunix_fixed_rope_theta": lambda hf: warn_tunix_rope_theta(hf["architectures"][0], hf.get("rope_theta", 10000)),
+    "tunix_query_pre_attn_scalar": warn_tunix_query_scale,
+    "tunix_moe_routing": warn_tunix_moe_routing,
 }
 
 
@@ -107,18 +158,26 @@ def _quirks(architecture: str) -> tuple[str, ...]:
     return quirks
 
 
-def prepare_engine(architecture: str, kwargs: Mapping[str, Any]) -> None:
-    """Apply, before an Engine starts, every patch it needs: the generic ones and the
-    architecture's own quirks."""
-    for name in _quirks(architecture):
-        if name in ENGINE_QUIRKS:
-            applies, patch = ENGINE_QUIRKS[name]
-            if applies(kwargs):
-                patch()
+def prepare_engine(architecture: str, kwargs: Mapping[str, Any], hf_config: HfConfig | None = None) -> dict[str, Any]:
+    """Before an Engine starts: refuse what upstream cannot serve (UnsupportedModelError),
+    apply every patch it needs (the generic ones and the architecture's own quirks); returns
+    the engine kwargs with the arguments the quirks set."""
+    hf_config = hf_config or {}
+    quirks = [ENGINE_QUIRKS[name] for name in _quirks(architecture) if name in ENGINE_QUIRKS]
+    quirks = [q for q in quirks if q.applies(kwargs)]
+    for quirk in quirks:
+        if quirk.check is not None:
+            quirk.check(hf_config, kwargs)
+    out = dict(kwargs)
+    for quirk in quirks:
+        out.update(quirk.kwargs_for(hf_config, kwargs))
+        if quirk.patch is not None:
+            quirk.patch()
     patch_zmq_linger()
     patch_non_stream_chunks()
     patch_contain_engine_faults()
     patch_mixed_logprob_batches()
+    return out
 
 
 def warn_tunix_quirks(hf_config: dict) -> None:
@@ -130,6 +189,14 @@ def warn_tunix_quirks(hf_config: dict) -> None:
 
 __all__ = [
     "ENGINE_QUIRKS",
+    "EngineQuirk",
+    "HYBRID_SWA_OFF",
+    "check_expert_parallel",
+    "check_gemma4",
+    "check_moe_sparse_layers",
+    "gemma4_engine_dtype",
+    "warn_tunix_moe_routing",
+    "warn_tunix_query_scale",
     "EngineFault",
     "SGLANG_JAX_VERSION",
     "SchedulerPark",
@@ -163,5 +230,6 @@ __all__ = [
     "wait_no_requests",
     "warn_if_untested_version",
     "warn_tunix_quirks",
+    "warn_tunix_rope_theta",
     "watch_thread_faults",
 ]
