@@ -125,3 +125,36 @@ def write_tiny_model(
     if weights:
         write_weights(path, random_hf_weights(config, seed=seed))
     return path
+
+
+# --------------------------------------------------------------------------------------
+# real engine faults, for tests of fault containment and recovery
+# --------------------------------------------------------------------------------------
+
+#: Requests that crash one engine thread of sglang-jax 0.1.0rc0 if they get past request
+#: validation (``sampler.validation`` refuses all of them):
+#: - ``scheduler``: a prompt id beyond int32 overflows the scheduler's int32 packing of the
+#:   prompt (``schedule_batch.py`` ``prepare_for_extend``);
+#: - ``detokenizer``: a negative id among a prompt's last 5 tokens, which the detokenizer
+#:   decodes with the Rust tokenizer (OverflowError);
+#: - ``tokenizer``: a negative id in ``token_ids_logprob``: the tokenizer manager's output
+#:   loop decodes it (fatal only where ``compat.patch_logprob_token_decoding`` is undone).
+POISON_REQUESTS: dict[str, dict[str, Any]] = {
+    "scheduler": {"input_ids": [5, 6, 2**31]},
+    "detokenizer": {"input_ids": [5, 6, -1]},
+    "tokenizer": {"input_ids": [5, 6, 7], "return_logprob": True, "token_ids_logprob": [-1]},
+}
+POISON_SAMPLING = {"max_new_tokens": 2, "temperature": 0.0}
+
+
+async def generate_unchecked(tokenizer_manager: Any, **fields: Any) -> Any:
+    """One generation request past the request checks (``compat.check_requests_with``):
+    only for tests that need an input the checks refuse, e.g. to cause a real engine fault.
+    Run it on the engine's event loop."""
+    from sgl_jax.srt.managers.io_struct import GenerateReqInput
+
+    from sampler import compat
+
+    generate = compat.unchecked_generate_request(tokenizer_manager)
+    fields.setdefault("sampling_params", dict(POISON_SAMPLING))
+    return await generate(GenerateReqInput(**fields), None).__anext__()

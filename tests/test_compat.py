@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -215,3 +216,65 @@ def test_upstream_internals_the_sampler_reads_still_exist(model_dir, engines):
     tm = sampler.engine.tokenizer_manager
     for name in ("is_pause", "is_pause_cond", "rid_to_state"):
         assert hasattr(tm, name), f"TokenizerManager.{name} is gone"
+
+
+def test_tokenizer_loop_containment_still_needed(model_dir):
+    """A negative id among the logprob token ids kills the whole process (SIGKILL) upstream."""
+    rc, result, out = probe("logprob_negative_id", model_dir("qwen3-tied"))
+    assert result is None and rc != 0, (
+        f"upstream survives a failing tokenizer-manager loop now ({result}): drop "
+        "patch_contain_tokenizer_loop_faults and patch_logprob_token_decoding"
+    )
+    assert "TokenizerManager hit an exception" in out and "OverflowError" in out
+
+
+def test_tokenizer_loop_containment_works(model_dir):
+    """With the decoding patch undone, the same input fails the tokenizer manager's loop: the
+    fault is contained (callers told, the process lives)."""
+    rc, result, out = probe("tokenizer_loop_contained", model_dir("qwen3-tied"))
+    assert rc == 0 and result is not None, out[-3000:]
+    assert result["finish"]["type"] == "abort" and "tokenizer manager" in result["finish"]["message"], result
+    assert result["healthy"] is False and "tokenizer manager (handle_loop)" in result["next_call"], result
+    assert result["alive"]
+
+
+def test_logprob_decoding_workaround_still_needed(model_dir):
+    from sgl_jax.srt.managers.tokenizer_manager import TokenizerManager
+    from transformers import AutoTokenizer
+
+    compat.patch_logprob_token_decoding()
+    upstream = TokenizerManager.detokenize_logprob_tokens.__wrapped__
+    tm = types.SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(str(model_dir("qwen3-tied"))))
+    with pytest.raises(OverflowError):
+        upstream(tm, [-1.5], [-1], True)
+
+
+def test_logprob_decoding_workaround_works(model_dir, engines):
+    from sampler.testing import POISON_REQUESTS, generate_unchecked
+
+    sampler = engines.get(model_dir("qwen3-tied"), load_format="safetensors")
+    tm = sampler.engine.tokenizer_manager
+    known = helpers.raw_generate(sampler, [5, 6, 7], 4)
+    decoded = tm.detokenize_logprob_tokens([-1.0, -2.0, -3.0], [5, -1, 2**40], True)
+    assert [text for _, _, text in decoded] == [tm.tokenizer.decode([5]), None, None]
+    out = sampler._handle.run(generate_unchecked(tm, **POISON_REQUESTS["tokenizer"]), 120)
+    assert out["meta_info"]["finish_reason"]["type"] == "length"
+    ((_, token, text),) = out["meta_info"]["output_token_ids_logprobs"][0]
+    assert token == -1 and text is None
+    assert sampler.healthy and helpers.raw_generate(sampler, [5, 6, 7], 4) == known
+
+
+def test_invalid_grammar_workaround_still_needed(model_dir):
+    rc, result, out = probe("invalid_grammar", model_dir("qwen3-tied"))
+    assert result is None and rc != 0, f"an invalid grammar no longer crashes upstream ({result}): drop it"
+    assert "NotImplementedError" in out
+
+
+def test_invalid_grammar_workaround_works(model_dir, engines):
+    sampler = engines.get(model_dir("qwen3-tied"), load_format="safetensors")
+    known = helpers.raw_generate(sampler, [5, 6, 7], 4)
+    for _ in range(2):  # the second one hits upstream's cache of invalid grammars
+        for kind, grammar in (("regex", "("), ("json_schema", "{"), ("ebnf", "root ::= ("), ("structural_tag", "x")):
+            with pytest.raises(ValueError, match="Invalid grammar request"):
+                sampler.generate_ids([[5, 6, 7]], {"max_new_tokens": 2, kind: grammar})
+    assert sampler.healthy and helpers.raw_generate(sampler, [5, 6, 7], 4) == known

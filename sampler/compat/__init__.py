@@ -31,6 +31,14 @@ fails once it is no longer needed, and a test that it works.
 |                                 | the scheduler thread -> SIGQUIT -> the process dies                         |
 | ``patch_contain_engine_faults`` | any exception in the scheduler/detokenizer thread SIGQUITs the process;    |
 |                                 | contained: recorded, callers get ``EngineFaultError``, the process lives   |
+| ``patch_contain_tokenizer_loop_ | any exception in the tokenizer manager's output loop (``handle_loop``)     |
+| faults``                        | SIGKILLs the process (``kill_process_tree``); contained the same way       |
+| ``patch_invalid_grammar_copy``  | an invalid regex / JSON schema / EBNF / structural tag crashes the         |
+|                                 | scheduler thread (``INVALID_GRAMMAR_OBJ.copy()`` raises NotImplementedError)|
+|                                 | -> SIGQUIT; patched: the request gets "Invalid grammar request" (400)      |
+| ``patch_logprob_token_decoding``| a negative id among the logprob token ids (``token_ids_logprob``, input     |
+|                                 | logprobs from 0) raises OverflowError in the tokenizer manager's loop ->   |
+|                                 | the process is killed; patched: such ids decode to ``None`` text           |
 | ``warn_tunix_rope_theta``       | Tunix 0.1.7's Qwen3 and Llama3 ignore ``config.rope_theta`` (always 1e6)   |
 """
 
@@ -40,6 +48,8 @@ from typing import Any, Callable, Mapping
 
 from sampler.compat.internals import (
     abort_pending,
+    check_requests_with,
+    engine_limits,
     fast_value_setter,
     flush_prefix_cache,
     model_runner_of,
@@ -47,6 +57,8 @@ from sampler.compat.internals import (
     scheduler_idle,
     scheduler_of,
     set_paused,
+    tokenize_texts,
+    unchecked_generate_request,
     upstream_http_app,
     wait_no_requests,
 )
@@ -54,18 +66,22 @@ from sampler.compat.lifecycle import (
     EngineFault,
     SchedulerPark,
     patch_contain_engine_faults,
+    patch_contain_tokenizer_loop_faults,
     quiet_idle_scheduler,
     restore_signal_handlers,
     save_signal_handlers,
     started_threads,
     stop_engine_threads,
     thread_fault,
+    unwatch_thread_faults,
     watch_thread_faults,
 )
 from sampler.compat.patches import (
     SGLANG_JAX_VERSION,
     UnsupportedModelError,
     check_head_dim,
+    patch_invalid_grammar_copy,
+    patch_logprob_token_decoding,
     patch_merge_kv_sharding,
     patch_mixed_logprob_batches,
     patch_non_stream_chunks,
@@ -114,7 +130,10 @@ def prepare_engine(architecture: str, kwargs: Mapping[str, Any]) -> None:
     patch_zmq_linger()
     patch_non_stream_chunks()
     patch_contain_engine_faults()
+    patch_contain_tokenizer_loop_faults()
     patch_mixed_logprob_batches()
+    patch_invalid_grammar_copy()
+    patch_logprob_token_decoding()
 
 
 def warn_tunix_quirks(hf_config: dict) -> None:
@@ -135,10 +154,15 @@ __all__ = [
     "UnsupportedModelError",
     "abort_pending",
     "check_head_dim",
+    "check_requests_with",
+    "engine_limits",
     "fast_value_setter",
     "flush_prefix_cache",
     "model_runner_of",
     "patch_contain_engine_faults",
+    "patch_contain_tokenizer_loop_faults",
+    "patch_invalid_grammar_copy",
+    "patch_logprob_token_decoding",
     "patch_merge_kv_sharding",
     "patch_mixed_logprob_batches",
     "patch_non_stream_chunks",
@@ -154,6 +178,9 @@ __all__ = [
     "started_threads",
     "stop_engine_threads",
     "thread_fault",
+    "tokenize_texts",
+    "unchecked_generate_request",
+    "unwatch_thread_faults",
     "upstream_http_app",
     "upstream_version",
     "wait_no_requests",

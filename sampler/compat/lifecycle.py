@@ -58,11 +58,18 @@ def watch_thread_faults(threads: list[threading.Thread], callback: Callable[[Eng
         _fault_callbacks[t] = callback
 
 
-def _record_fault(error: BaseException) -> EngineFault:
+def unwatch_thread_faults(threads: list[threading.Thread]) -> None:
+    """Forget ``threads`` (a stopped engine's): no callback, no recorded fault kept alive."""
+    for t in threads:
+        _fault_callbacks.pop(t, None)
+        _thread_faults.pop(t, None)
+
+
+def _record_fault(error: BaseException, name: str | None = None) -> EngineFault:
     import traceback
 
     thread = threading.current_thread()
-    fault = EngineFault(thread.name, f"{type(error).__name__}: {error}", traceback.format_exc())
+    fault = EngineFault(name or thread.name, f"{type(error).__name__}: {error}", traceback.format_exc())
     _thread_faults[thread] = fault
     logger.error("sglang-jax %s thread failed (contained; the process lives on): %s", fault.thread, fault.traceback)
     callback = _fault_callbacks.pop(thread, None)
@@ -121,6 +128,41 @@ def patch_contain_engine_faults() -> bool:
 
     detokenizer_event_loop.__wrapped__ = event_loop  # type: ignore[attr-defined]
     detok.DetokenizerManager.event_loop = detokenizer_event_loop
+    return True
+
+
+#: The name a fault of the tokenizer manager's output loop is reported under.
+TOKENIZER_LOOP = "tokenizer manager (handle_loop)"
+
+
+def patch_contain_tokenizer_loop_faults() -> bool:
+    """Keep an exception in the tokenizer manager's output loop from killing the process
+    (idempotent).
+
+    sglang-jax 0.1.0rc0 runs ``TokenizerManager.handle_loop`` (which turns every output of the
+    detokenizer into answers) under ``print_exception_wrapper``, which calls
+    ``kill_process_tree(os.getpid(), include_parent=True)`` on any exception: the trainer or
+    the server dies (SIGKILL) with the engine. The wrapper here records the fault, as for
+    the scheduler and detokenizer threads (callers get ``EngineFaultError``, requests in
+    flight are aborted), and lets the loop thread live on. Returns True when applied now.
+    """
+    import importlib
+
+    tm = importlib.import_module("sgl_jax.srt.managers.tokenizer_manager")
+    original = tm.print_exception_wrapper
+    if getattr(original, "_contained", False):
+        return False
+
+    async def print_exception_wrapper(func):
+        try:
+            await func()
+        except Exception as e:  # noqa: BLE001 - CancelledError (our stop) passes through
+            name = TOKENIZER_LOOP if getattr(func, "__name__", "") == "handle_loop" else None
+            _record_fault(e, name)
+
+    print_exception_wrapper._contained = True  # type: ignore[attr-defined]
+    print_exception_wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+    tm.print_exception_wrapper = print_exception_wrapper
     return True
 
 

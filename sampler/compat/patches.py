@@ -217,3 +217,63 @@ def check_head_dim(head_dim: int, *, backend: str, attention_backend: str) -> No
             "the KV head width to a multiple of 128 and then fails in o_proj; use a model whose "
             "head_dim is a multiple of 128 on CPU (TPU has no such limit)"
         )
+
+
+# --------------------------------------------------------------------------------------
+# invalid grammars, logprob token text
+# --------------------------------------------------------------------------------------
+
+
+def patch_invalid_grammar_copy() -> bool:
+    """Let an invalid grammar end its request with a clear error (idempotent).
+
+    sglang-jax 0.1.0rc0 compiles a request's regex / JSON schema / EBNF / structural tag in
+    the scheduler thread; an invalid one compiles to the shared ``INVALID_GRAMMAR_OBJ``, and
+    ``Scheduler.move_ready_grammar_requests`` calls ``.copy()`` on it (to cache it) before it
+    checks for it: a bare ``BaseGrammarObject.copy`` raises NotImplementedError, the scheduler
+    thread dies and upstream kills the process. A ``copy`` that returns the object itself
+    lets the check that follows abort the request ("Invalid grammar request: key=...", a
+    ValueError to the caller, HTTP 400). Returns True when applied now.
+    """
+    base = importlib.import_module("sgl_jax.srt.constrained.base_grammar_backend")
+    invalid = base.INVALID_GRAMMAR_OBJ
+    if "copy" in vars(invalid):
+        return False
+    invalid.copy = lambda: invalid
+    return True
+
+
+#: Token ids the Rust tokenizer can decode at all (it takes u32).
+DECODABLE_IDS = 1 << 32
+
+
+def patch_logprob_token_decoding() -> bool:
+    """Decode logprob token ids outside ``[0, 2**32)`` to ``None`` text instead of raising
+    (idempotent).
+
+    The tokenizer manager decodes the token ids of logprobs (``token_ids_logprob``, or the
+    prompt ids when input logprobs start at 0) to text on its event loop; a negative id makes
+    the Rust tokenizer raise OverflowError there, and upstream's ``print_exception_wrapper``
+    then kills the whole process. Request validation refuses such ids before they reach the
+    engine; this keeps a miss from being fatal. Returns True when applied now.
+    """
+    tm = importlib.import_module("sgl_jax.srt.managers.tokenizer_manager").TokenizerManager
+    original = tm.detokenize_logprob_tokens
+    if getattr(original, "_range_patched", False):
+        return False
+
+    import numbers
+
+    def decodable(t) -> bool:
+        return isinstance(t, numbers.Integral) and 0 <= t < DECODABLE_IDS
+
+    def detokenize_logprob_tokens(self, token_logprobs_val, token_logprobs_idx, decode_to_text):
+        if decode_to_text and not all(decodable(t) for t in token_logprobs_idx):
+            texts = [self.tokenizer.decode([int(t)]) if decodable(t) else None for t in token_logprobs_idx]
+            return list(zip(token_logprobs_val, token_logprobs_idx, texts))
+        return original(self, token_logprobs_val, token_logprobs_idx, decode_to_text)
+
+    detokenize_logprob_tokens._range_patched = True  # type: ignore[attr-defined]
+    detokenize_logprob_tokens.__wrapped__ = original  # type: ignore[attr-defined]
+    tm.detokenize_logprob_tokens = detokenize_logprob_tokens
+    return True
