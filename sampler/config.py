@@ -42,6 +42,9 @@ class SamplerConfig:
     #: live array of the process twice per update (``update_params(track_peak_memory=True)``
     #: measures them for one call).
     track_memory: bool = False
+    #: Most prompts (times ``n``) one generation request may hold; None: no limit. Larger
+    #: requests are refused (``InvalidRequestError``) before anything is sent.
+    max_batch_size: int | None = None
     #: How long update_params waits for in-flight generation before raising.
     update_timeout_s: float = 600.0
     #: Progress bars for checkpoint loads and engine start-up: None shows them only on a terminal.

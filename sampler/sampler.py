@@ -3,7 +3,7 @@ weights the trainer replaces in place after every step."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -15,6 +15,7 @@ from sampler.config import SamplerConfig
 from sampler.core import WeightSync, is_path
 from sampler.engine import EngineFaultError, EngineHandle, UpdateTimeoutError
 from sampler.reports import SharingReport, UpdateReport
+from sampler.validation import RequestLimits, per_prompt, prompt_ids
 
 
 class SglangJaxSampler(RolloutEngine):
@@ -158,8 +159,31 @@ class SglangJaxSampler(RolloutEngine):
         return self.sync.verify_sharing(updated_weights, filter_types, source_format=source_format)
 
     # ------------------------------------------------------------------ generation
+    @property
+    def request_limits(self) -> RequestLimits:
+        return self._handle.limits
+
     def check_servable(self) -> None:
         self.sync.check_servable()
+
+    def check_request(
+        self,
+        prompts: list[list[int]],
+        sampling_params: Sequence[dict] | dict,
+        *,
+        return_logprob: bool | list[bool] = True,
+        logprob_start_len: int | list[int] | None = None,
+    ) -> None:
+        """Raise ``InvalidRequestError`` as ``generate_ids`` would, sending nothing."""
+        from sgl_jax.srt.managers.io_struct import GenerateReqInput
+
+        request = GenerateReqInput(
+            input_ids=prompts,
+            sampling_params=sampling_params if isinstance(sampling_params, Mapping) else list(sampling_params),
+            return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len,
+        )
+        self._handle.validator.check(request)
 
     def generate_ids(
         self,
@@ -170,13 +194,20 @@ class SglangJaxSampler(RolloutEngine):
         logprob_start_len: int | list[int] | None = None,
         timeout: float | None = None,
     ) -> list[dict]:
-        """Raw engine results for token-id prompts (one dict per prompt)."""
+        """Raw engine results for token-id prompts (one dict per prompt).
+
+        The whole call is validated before any prompt is sent (``sampler.validation``): a
+        bad prompt or option raises ``InvalidRequestError`` (a ValueError) naming it.
+        """
+        prompts = prompt_ids(prompts)
+        if not isinstance(sampling_params, Mapping):
+            sampling_params = per_prompt(sampling_params, len(prompts), "sampling_params")
         self.check_servable()
         with self.sync.gate.generating():
             out = self._handle.run(
                 self.engine.async_generate(
-                    input_ids=[list(map(int, p)) for p in prompts],
-                    sampling_params=sampling_params if isinstance(sampling_params, dict) else list(sampling_params),
+                    input_ids=prompts,
+                    sampling_params=sampling_params,
                     return_logprob=return_logprob,
                     logprob_start_len=logprob_start_len,
                 ),
