@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 20
 #: How long shutdown waits for the engine's threads to end (s).
 THREAD_STOP_TIMEOUT_S = 10.0
+#: How long the engine's cancelled event-loop tasks get to unwind before the loop stops (s).
+LOOP_UNWIND_TIMEOUT_S = 2.0
 
 
 # --------------------------------------------------------------------------------------
@@ -374,15 +376,19 @@ def stop_engine_threads(
     # Event loop thread (enable_engine_loop_run_forever_daemon).
     loop = getattr(engine, "loop", None)
     if loop is not None and loop.is_running():
+        import asyncio
 
-        def _cancel_and_stop():
-            import asyncio
-
-            for task in asyncio.all_tasks(loop):
+        async def cancel_then_stop():
+            # Stop the loop only once the cancelled tasks have unwound: a caller waiting on one
+            # (through run_coroutine_threadsafe) gets its answer, not a future left pending.
+            tasks = [t for t in asyncio.all_tasks(loop) if t is not asyncio.current_task()]
+            for task in tasks:
                 task.cancel()
-            loop.call_soon(loop.stop)
+            if tasks:
+                await asyncio.wait(tasks, timeout=LOOP_UNWIND_TIMEOUT_S)
+            loop.stop()
 
-        loop.call_soon_threadsafe(_cancel_and_stop)
+        loop.call_soon_threadsafe(lambda: loop.create_task(cancel_then_stop()))
     if engine.send_to_rpc is not None:
         engine.send_to_rpc.close(linger=0)
 
