@@ -45,6 +45,10 @@ class SamplerConfig:
     #: Most prompts (times ``n``) one generation request may hold; None: no limit. Larger
     #: requests are refused (``InvalidRequestError``) before anything is sent.
     max_batch_size: int | None = None
+    #: How many times the sampler may restart its engine by itself after a fault (before a
+    #: call, on the main thread; see ``SglangJaxSampler.restart``). 0: never, callers get
+    #: ``EngineFaultError`` and may call ``restart()`` themselves.
+    auto_restart: int = 0
     #: How long update_params waits for in-flight generation before raising.
     update_timeout_s: float = 600.0
     #: Progress bars for checkpoint loads and engine start-up: None shows them only on a terminal.

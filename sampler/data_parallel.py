@@ -23,6 +23,7 @@ from converters import ModelSpec
 from sampler.base import RolloutEngine, as_tokenizer_adapter
 from sampler.config import SamplerConfig
 from sampler.core import Push, UpdateGate, is_path
+from sampler.recovery import RestartReport
 from sampler.reports import SharingReport, UpdateReport
 from sampler.sampler import SglangJaxSampler
 from sampler.validation import RequestLimits, per_prompt, prompt_ids
@@ -284,6 +285,12 @@ class DataParallelSampler(RolloutEngine):
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ lifecycle
+    def restart(self) -> list[RestartReport]:
+        """Restart every engine whose thread failed (``SglangJaxSampler.restart``), under the
+        update gate (no call sees an engine mid-restart); main thread only."""
+        with self._gate.updating(self.config.update_timeout_s):
+            return [s.restart() for s in self.samplers if s.fault is not None]
+
     def shutdown(self) -> None:
         """Stop every engine and the thread pool (idempotent)."""
         with self._lock:

@@ -3,6 +3,10 @@ weights the trainer replaces in place after every step."""
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,10 +14,12 @@ import jax
 from flax import nnx
 
 from converters import ConversionPlan, ModelSpec
+from sampler import recovery
 from sampler.base import RolloutEngine, SglangSamplerOutput, as_tokenizer_adapter
 from sampler.config import SamplerConfig
 from sampler.core import WeightSync, is_path
 from sampler.engine import EngineFaultError, EngineHandle, UpdateTimeoutError
+from sampler.recovery import RestartReport, WeightsLostError, WeightSource
 from sampler.reports import SharingReport, UpdateReport
 from sampler.validation import RequestLimits, per_prompt, prompt_ids
 
@@ -37,13 +43,21 @@ class SglangJaxSampler(RolloutEngine):
             )
         self.config = config
         self.tokenizer = as_tokenizer_adapter(tokenizer, config.model_path)
-        self._handle = EngineHandle(config)
+        #: Where the served weights came from last (what ``restart`` can reload).
+        self.weight_source = WeightSource()
+        self._weights_lost: str | None = None  # set by a restart that could not restore them
+        self._auto_restarts = 0
+        self._start(config)
+
+    def _start(self, config: SamplerConfig) -> None:
+        handle = EngineHandle(config)
         try:
-            self.sync = WeightSync(self._handle, config)
+            self.sync = WeightSync(handle, config)
         except BaseException:
-            self._handle.shutdown()
+            handle.shutdown()
             raise
-        self.engine = self._handle.engine
+        self._handle = handle
+        self.engine = handle.engine
 
     # ------------------------------------------------------------------ properties
     @property
@@ -74,8 +88,54 @@ class SglangJaxSampler(RolloutEngine):
 
     @property
     def healthy(self) -> bool:
-        """False once an engine thread has failed (then every call raises EngineFaultError)."""
+        """False once an engine thread has failed (then every call raises EngineFaultError
+        until ``restart()``)."""
         return not self._handle.closed and self._handle.fault() is None
+
+    @property
+    def fault(self) -> str | None:
+        """What ended one of the engine's threads ("<thread>: <error>"), if anything did."""
+        fault = self._handle.fault()
+        return None if fault is None else f"{fault.thread}: {fault.error}"
+
+    # ------------------------------------------------------------------ recovery
+    def restart(self) -> RestartReport:
+        """Replace the engine (after a fault, or any time) with a new one serving the same
+        weights: the served arrays themselves while they are alive, else the checkpoint
+        loaded last, else the configuration's (see ``sampler.recovery``); if none applies the
+        new engine refuses to generate until weights are pushed (``WeightsLostError``).
+
+        Must run on the main thread (sglang-jax installs signal handlers while an engine
+        starts). Calls waiting on the old engine get an exception; the version is kept.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("restart() must run on the main thread: sglang-jax installs signal handlers at start")
+        t0 = time.perf_counter()
+        fault = self.fault
+        served = recovery.capture(self)
+        self.sync.close()
+        self._start(recovery.restart_config(self.config, served))
+        self._weights_lost = "the restart is restoring them"
+        restored = recovery.restore(self, served)
+        self._weights_lost = (
+            f"the engine was restarted after {fault or 'a restart request'} and the weights it served "
+            "(pushed from memory, no longer alive) could not be restored"
+            if restored == "none"
+            else None
+        )
+        report = RestartReport(restored, served.fingerprint, time.perf_counter() - t0, fault)
+        logger.warning("%s (fault: %s)", report.summary(), fault)
+        return report
+
+    def _recover_if_faulted(self) -> None:
+        """Opt-in automatic restart (``SamplerConfig.auto_restart``) before a call."""
+        if self._handle.fault() is None or self._auto_restarts >= self.config.auto_restart:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("the engine faulted; an automatic restart needs the main thread, this call fails instead")
+            return
+        self._auto_restarts += 1
+        self.restart()
 
     # ------------------------------------------------------------------ weights
     def engine_params(self) -> dict[str, jax.Array]:
@@ -124,7 +184,8 @@ class SglangJaxSampler(RolloutEngine):
         ``check_finite=True`` refuses params holding NaN or Inf (ValueError naming the
         paths; costs one reduction over every leaf).
         """
-        return self.sync.update_params(
+        self._recover_if_faulted()
+        report = self.sync.update_params(
             updated_weights,
             filter_types,
             source_format=source_format,
@@ -133,6 +194,10 @@ class SglangJaxSampler(RolloutEngine):
             alias=alias,
             check_finite=check_finite,
         )
+        self.weight_source = WeightSource("pushed")
+        if strict:
+            self._weights_lost = None
+        return report
 
     def load_checkpoint(
         self, path_or_weights: Any, *, strict: bool = True, track_peak_memory: bool = False
@@ -147,7 +212,13 @@ class SglangJaxSampler(RolloutEngine):
         """
         if not is_path(path_or_weights):
             return self.update_params(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
-        return self.sync.load_checkpoint(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
+        self._recover_if_faulted()
+        report = self.sync.load_checkpoint(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
+        self.weight_source = WeightSource("pushed")  # a partial load: only the arrays tell what is served
+        if strict:
+            self.weight_source = WeightSource("checkpoint", os.fsdecode(path_or_weights))
+            self._weights_lost = None
+        return report
 
     def check_checkpoint(self, path: Any, *, strict: bool = True) -> None:
         self.sync.check_checkpoint(path, strict=strict)
@@ -165,6 +236,8 @@ class SglangJaxSampler(RolloutEngine):
 
     def check_servable(self) -> None:
         self.sync.check_servable()
+        if self._weights_lost is not None:
+            raise WeightsLostError(f"{self._weights_lost}; push them with update_params (or load a checkpoint)")
 
     def check_request(
         self,
@@ -202,6 +275,7 @@ class SglangJaxSampler(RolloutEngine):
         prompts = prompt_ids(prompts)
         if not isinstance(sampling_params, Mapping):
             sampling_params = per_prompt(sampling_params, len(prompts), "sampling_params")
+        self._recover_if_faulted()
         self.check_servable()
         with self.sync.gate.generating():
             out = self._handle.run(
@@ -222,4 +296,13 @@ class SglangJaxSampler(RolloutEngine):
         self.sync.close()
 
 
-__all__ = ["EngineFaultError", "SglangJaxSampler", "SglangSamplerOutput", "UpdateTimeoutError"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EngineFaultError",
+    "RestartReport",
+    "SglangJaxSampler",
+    "SglangSamplerOutput",
+    "UpdateTimeoutError",
+    "WeightsLostError",
+]

@@ -411,6 +411,8 @@ def stop_engine_threads(
     if not any(t.is_alive() and "watchdog" not in t.name for t in threads):
         if not destroy_engine_contexts([e for e in endpoints if e]):
             logger.warning("terminating the engine's zmq contexts did not finish in time; left to the process exit")
+        if scheduler is not None:
+            _release_stopped_scheduler(scheduler)
     # Upstream registered Engine.shutdown with atexit; it would kill our children at exit.
     atexit.unregister(engine.shutdown)
     # Upstream leaves its IPC socket files in the temp directory.
@@ -426,6 +428,26 @@ def stop_engine_threads(
             with contextlib.suppress(OSError):
                 os.unlink(address[len("ipc://") :])
     return [t.name for t in threads if t.is_alive() and "watchdog" not in t.name]
+
+
+#: What the scheduler's watchdog thread reads while it sleeps out its last interval.
+_WATCHDOG_FIELDS = frozenset(
+    {"cur_batch", "forward_ct", "watchdog_timeout", "watchdog_last_forward_ct", "watchdog_last_time"}
+)
+
+
+def _release_stopped_scheduler(scheduler: Any) -> None:
+    """Drop a stopped scheduler's state (its model runner, KV cache, weights, batches).
+
+    Its watchdog thread sleeps ``watchdog_timeout // 2`` (150 s by default) between checks
+    and holds the scheduler until it wakes; without this, a stopped engine's memory stays
+    allocated that long (a restarted engine would briefly hold two). The watchdog then
+    wakes, reads only these fields and ends.
+    """
+    scheduler.cur_batch = None
+    for name in [n for n in vars(scheduler) if n not in _WATCHDOG_FIELDS]:
+        with contextlib.suppress(AttributeError):
+            delattr(scheduler, name)
 
 
 def restore_signal_handlers(saved: dict[int, Any]) -> None:
