@@ -46,6 +46,7 @@ class SglangJaxSampler(RolloutEngine):
         #: Where the served weights came from last (what ``restart`` can reload).
         self.weight_source = WeightSource()
         self._weights_lost: str | None = None  # set by a restart that could not restore them
+        self._unrestored: recovery.ServedWeights | None = None
         self._auto_restarts = 0
         self._start(config)
 
@@ -93,6 +94,11 @@ class SglangJaxSampler(RolloutEngine):
         return not self._handle.closed and self._handle.fault() is None
 
     @property
+    def handle(self) -> EngineHandle:
+        """The running engine and its threads (replaced by ``restart``)."""
+        return self._handle
+
+    @property
     def fault(self) -> str | None:
         """What ended one of the engine's threads ("<thread>: <error>"), if anything did."""
         fault = self._handle.fault()
@@ -112,11 +118,15 @@ class SglangJaxSampler(RolloutEngine):
             raise RuntimeError("restart() must run on the main thread: sglang-jax installs signal handlers at start")
         t0 = time.perf_counter()
         fault = self.fault
-        served = recovery.capture(self)
+        # A restart that failed after its new engine started left that engine's (empty)
+        # weights in place: what to restore is still what was captured then.
+        served = self._unrestored or recovery.capture(self)
+        self._unrestored = served
         self.sync.close()
         self._start(recovery.restart_config(self.config, served))
         self._weights_lost = "the restart is restoring them"
         restored = recovery.restore(self, served)
+        self._unrestored = None
         self._weights_lost = (
             f"the engine was restarted after {fault or 'a restart request'} and the weights it served "
             "(pushed from memory, no longer alive) could not be restored"

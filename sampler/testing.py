@@ -158,3 +158,37 @@ async def generate_unchecked(tokenizer_manager: Any, **fields: Any) -> Any:
     generate = compat.unchecked_generate_request(tokenizer_manager)
     fields.setdefault("sampling_params", dict(POISON_SAMPLING))
     return await generate(GenerateReqInput(**fields), None).__anext__()
+
+
+#: How long ``inject_fault`` waits for the scheduler to park or a request to arrive (s).
+INJECT_TIMEOUT_S = 60.0
+
+
+def inject_fault(sampler: Any, *, park: bool = False, thread: str | None = None) -> dict[str, Any]:
+    """Test-only (``python -m sampler.serve --enable-fault-injection``): cause a real fault.
+
+    ``park=True`` parks the scheduler between two iterations, so that requests sent meanwhile
+    stay in flight; ``thread`` (a key of ``POISON_REQUESTS``) sends that poison request past
+    validation, waits until the engine holds it, and lets the scheduler go: the thread fails
+    on it, with every request that was held in flight still waiting.
+    """
+    import asyncio
+    import time
+    import uuid
+
+    handle = sampler.handle
+    if park and not handle._park.park(INJECT_TIMEOUT_S):
+        raise ValueError("the scheduler did not park")
+    if thread is None:
+        return {"parked": park}
+    if thread not in POISON_REQUESTS:
+        handle._park.release()
+        raise ValueError(f"thread must be one of {sorted(POISON_REQUESTS)}, got {thread!r}")
+    tm = sampler.engine.tokenizer_manager
+    rid = f"inject-fault-{uuid.uuid4().hex}"
+    asyncio.run_coroutine_threadsafe(generate_unchecked(tm, rid=rid, **POISON_REQUESTS[thread]), handle.loop)
+    deadline = time.monotonic() + INJECT_TIMEOUT_S
+    while rid not in tm.rid_to_state and time.monotonic() < deadline:
+        time.sleep(0.002)
+    handle._park.release()
+    return {"sent": thread, "rid": rid}

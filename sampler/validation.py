@@ -23,6 +23,7 @@ scheduler's real prompt and request limits.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
@@ -450,11 +451,69 @@ class RequestValidator:
             raise InvalidRequestError("rid", busy[0], "an id that no request in flight uses")
 
 
+# --------------------------------------------------------------------------------------
+# the OpenAI routes: fields upstream fails on before it builds an engine request
+# --------------------------------------------------------------------------------------
+
+
+def openai_prompt(value, field, limits) -> None:
+    """A completion prompt: a non-empty text, a list of token ids, or a list of either."""
+    items = value if isinstance(value, list) and value and not is_int(value[0]) else [value]
+    if not items:
+        raise InvalidRequestError(field, value, "a non-empty text or list of token ids, or a non-empty list of them")
+    for i, item in enumerate(items):
+        where = field if len(items) == 1 and items[0] is value else f"{field}[{i}]"
+        if isinstance(item, str):
+            if not item:
+                raise InvalidRequestError(where, item, "a non-empty text")
+        else:
+            token_ids(item, where, limits, allow_empty=False)
+
+
+def openai_messages(value, field, limits) -> None:
+    if not isinstance(value, list) or not value or not all(isinstance(m, Mapping) for m in value):
+        raise InvalidRequestError(field, value, "a non-empty list of message objects")
+
+
+#: Route -> the request fields checked before upstream's handler sees them (the engine
+#: request it builds is then checked as every request is).
+OPENAI_FIELDS: dict[str, dict[str, Check]] = {
+    "/v1/completions": {
+        "prompt": openai_prompt,
+        "n": optional(integer(1, lambda limits: limits.max_batch_size)),
+        "logprobs": optional(integer(0, lambda limits: limits.vocab_size)),
+    },
+    "/v1/chat/completions": {
+        "messages": openai_messages,
+        "n": optional(integer(1, lambda limits: limits.max_batch_size)),
+        "top_logprobs": optional(integer(0, lambda limits: limits.vocab_size)),
+    },
+}
+OPENAI_FIELDS["/invocations"] = OPENAI_FIELDS["/v1/chat/completions"]
+
+
+def check_openai_request(path: str, body: bytes, limits: RequestLimits) -> None:
+    """Check an OpenAI route's JSON body (other paths, and bodies that are not a JSON
+    object, are left to the route: it answers 400 for those itself)."""
+    fields = OPENAI_FIELDS.get(path)
+    if fields is None:
+        return
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return
+    if isinstance(request, dict):
+        for key, check in fields.items():
+            if key in request:
+                check(request[key], key, limits)
+
+
 __all__ = [
     "InvalidRequestError",
     "RequestLimits",
     "RequestValidator",
     "SAMPLING_PARAMS",
+    "check_openai_request",
     "check_sampling_params",
     "per_prompt",
     "prompt_ids",

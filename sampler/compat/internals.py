@@ -117,6 +117,14 @@ def upstream_http_app(engine: Any):
     return app
 
 
+async def enter_upstream_app(app: Any) -> Any:
+    """Run the startup half of upstream's lifespan on the engine's loop (it builds the
+    OpenAI route handlers on ``app.state``); returns the context to exit, if ever."""
+    context = app.router.lifespan_context(app)
+    await context.__aenter__()
+    return context
+
+
 # --------------------------------------------------------------------------------------
 # flax nnx Variables
 # --------------------------------------------------------------------------------------
