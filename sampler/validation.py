@@ -493,8 +493,9 @@ OPENAI_FIELDS["/invocations"] = OPENAI_FIELDS["/v1/chat/completions"]
 
 
 def check_openai_request(path: str, body: bytes, limits: RequestLimits) -> None:
-    """Check an OpenAI route's JSON body (other paths, and bodies that are not a JSON
-    object, are left to the route: it answers 400 for those itself)."""
+    """Check an OpenAI route's JSON body (other paths, and bodies that are not JSON, are left
+    to the route: it answers 400 for those itself). A JSON value that is not an object made
+    upstream's chat request model raise AttributeError (500)."""
     fields = OPENAI_FIELDS.get(path)
     if fields is None:
         return
@@ -502,10 +503,11 @@ def check_openai_request(path: str, body: bytes, limits: RequestLimits) -> None:
         request = json.loads(body)
     except ValueError:
         return
-    if isinstance(request, dict):
-        for key, check in fields.items():
-            if key in request:
-                check(request[key], key, limits)
+    if not isinstance(request, dict):
+        raise InvalidRequestError("body", request, "a JSON object")
+    for key, check in fields.items():
+        if key in request:
+            check(request[key], key, limits)
 
 
 __all__ = [

@@ -46,14 +46,16 @@ async def send_json(send, status: int, body: bytes, headers: dict[str, str] | No
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _sse_error(chunk: bytes) -> tuple[int, bytes]:
-    """Status and JSON body of a stream's error event (``data: {"error": {...}}``)."""
+def _sse_error(chunk: bytes, flat: bool) -> tuple[int, bytes]:
+    """Status and JSON body of a stream's error event (``data: {"error": {...}}``), in the
+    form the route answers errors of non-streamed requests: ``{"error": {...}}`` for
+    ``/generate``, the error object itself (upstream's ``ErrorResponse``) for ``/v1/*``."""
     payload = chunk[len(b"data: ") :].split(b"\n\n", 1)[0]
     try:
         error = json.loads(payload)["error"]
         code = error.get("code")
         status = code if isinstance(code, int) and 400 <= code < 600 else 400
-        return status, json.dumps({"ok": False, "error": error}).encode()
+        return status, json.dumps(error if flat else {"error": error}).encode()
     except (ValueError, KeyError, TypeError, AttributeError):
         return 400, error_body(400, payload.decode("utf-8", "replace"))
 
@@ -62,9 +64,10 @@ class _Relay:
     """Forwards one inner response to the client, holding its start line back until the
     first body part (see the module docstring)."""
 
-    def __init__(self, send, problem: Callable[[], str | None]):
+    def __init__(self, send, problem: Callable[[], str | None], flat_errors: bool):
         self._send = send
         self._problem = problem
+        self._flat_errors = flat_errors
         self.start: dict | None = None
         self.started = False  # the start line went out
         self.complete = False  # the last body part went out (or a replacement did)
@@ -87,7 +90,7 @@ class _Relay:
             if problem is not None:
                 return await self.replace(ENGINE_GONE_STATUS, error_body(ENGINE_GONE_STATUS, problem, "engine_fault"))
             if self.sse and body.startswith(SSE_ERROR_PREFIX):
-                return await self.replace(*_sse_error(body))
+                return await self.replace(*_sse_error(body, self._flat_errors))
             await self._send(self.start)
             self.started = True
         elif problem is not None and self.sse:
@@ -105,12 +108,12 @@ class _Relay:
         await self._send({"type": "http.response.body", "body": f"data: {event}\n\ndata: [DONE]\n\n".encode()})
         await self._send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def finish(self, status: int, message: str) -> None:
+    async def finish(self, status: int, message: str, kind: str) -> None:
         """The inner app is done (or gone): make sure the client got a whole response."""
         if self.complete:
             return
         if not self.started:
-            await self.replace(status, error_body(status, message, "engine_fault" if status == 503 else "error"))
+            await self.replace(status, error_body(status, message, kind))
         elif self.sse:
             await self.end_stream(message)
         else:
@@ -159,7 +162,7 @@ class EngineApp:
             reason = self.closed or "the engine is not running"
             return await send_json(send, ENGINE_GONE_STATUS, error_body(ENGINE_GONE_STATUS, reason, "unavailable"))
         server_loop = asyncio.get_running_loop()
-        relay = _Relay(send, self.problem)
+        relay = _Relay(send, self.problem, flat_errors=scope.get("path", "").startswith("/v1/"))
 
         def on_server(coro):
             return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, server_loop))
@@ -172,7 +175,7 @@ class EngineApp:
 
         call = asyncio.run_coroutine_threadsafe(self.app(scope, inner_receive, inner_send), self.loop)
         self._calls.add(call)
-        status, message = ENGINE_GONE_STATUS, None
+        status, message, kind = ENGINE_GONE_STATUS, None, "unavailable"
         try:
             await asyncio.wrap_future(call)
         except asyncio.CancelledError:
@@ -180,11 +183,12 @@ class EngineApp:
                 raise
             message = self.closed
         except Exception as e:  # noqa: BLE001 - the client gets an answer, the server lives on
-            logger.exception("the engine's app failed on %s", scope.get("path"))
-            status, message = 500, f"internal error: {type(e).__name__}: {e}"
+            if not relay.complete:  # (otherwise upstream answered 500 and logged it already)
+                logger.exception("the engine's app failed on %s", scope.get("path"))
+            status, message, kind = 500, f"internal error: {type(e).__name__}: {e}", "error"
         finally:
             self._calls.discard(call)
         problem = self.problem()
         if problem is not None:
-            status, message = ENGINE_GONE_STATUS, problem
-        await relay.finish(status, message or "the request ended without a response")
+            status, message, kind = ENGINE_GONE_STATUS, problem, "engine_fault"
+        await relay.finish(status, message or "the request ended without a response", kind)

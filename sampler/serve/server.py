@@ -12,6 +12,7 @@ that faults and is rebuilt (``sampler.serve.recovery``).
 
 import asyncio
 import hmac
+import json
 import logging
 import math
 import time
@@ -48,6 +49,7 @@ RECOVERY_RETRY_AFTER_S = 5
 #: sglang-jax routes that change the engine's state: they need the admin token here.
 UPSTREAM_CONTROL_PATHS = frozenset(
     {
+        "/abort_request",  # abort_all ends every client's requests
         "/flush_cache",
         "/pause_generation",
         "/continue_generation",
@@ -164,10 +166,16 @@ class WeightServer:
 
     def _build_admin_app(self):
         from fastapi import FastAPI
+        from fastapi.exceptions import RequestValidationError
         from fastapi.responses import JSONResponse
         from pydantic import BaseModel
 
         app = FastAPI(openapi_url=None)
+
+        @app.exception_handler(RequestValidationError)
+        async def bad_body(_request, exc: RequestValidationError):
+            where = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors())
+            return _error(400, f"invalid request body: {where}", "BadRequestError")
 
         class ReloadBody(BaseModel):
             model_path: str
@@ -331,8 +339,10 @@ class WeightServer:
     async def perturb(self, seed: int, scale: float, num_leaves: int):
         if not self.enable_weight_perturb:
             return _error(403, "weight perturbation is disabled: start the server with --enable-weight-perturb")
-        if num_leaves < 1 or not math.isfinite(scale) or scale < 0:
-            return _error(400, f"need num_leaves >= 1 and a finite scale >= 0 (got {num_leaves}, {scale})")
+        if num_leaves < 1 or not math.isfinite(scale) or scale < 0 or seed < 0:
+            return _error(
+                400, f"need num_leaves >= 1, a finite scale >= 0 and a seed >= 0 (got {num_leaves}, {scale}, {seed})"
+            )
         result: dict[str, Any] = {}
 
         def apply():
@@ -410,24 +420,48 @@ def _bearer(headers) -> str | None:
     return auth[7:].strip() if auth.lower().startswith("bearer ") else None
 
 
+#: Bytes of a too-large body read and dropped before the 413, so that the client (still
+#: sending) reads the answer instead of a reset connection; beyond it the connection is cut.
+DRAIN_BYTES = 64 * 2**20
+
+
 class _BodyTooLarge(Exception):
     pass
 
 
-async def _read_body(receive, limit: int) -> bytes:
+async def _read_body(receive, limit: int, declared: int | None) -> bytes:
+    """The whole request body, or _BodyTooLarge once it exceeds ``limit`` (the rest, up to
+    DRAIN_BYTES, read and dropped)."""
     chunks, size = [], 0
-    while True:
+    if declared is None or declared <= limit:
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"".join(chunks)
+            chunk, more = message.get("body", b""), message.get("more_body", False)
+            size += len(chunk)
+            if size > limit:
+                await _drain(receive, declared, size)
+                raise _BodyTooLarge()
+            chunks.append(chunk)
+        return b"".join(chunks)
+    await _drain(receive, declared, 0)
+    raise _BodyTooLarge()
+
+
+async def _drain(receive, declared: int | None, read: int) -> None:
+    """Read and drop the rest of a body the server answers without using (up to
+    DRAIN_BYTES), so that a client still sending reads the answer, not a reset connection."""
+    if declared is not None and declared - read > DRAIN_BYTES:
+        return
+    more = True
+    while more and read <= DRAIN_BYTES:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _BodyTooLarge()
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
+            return
+        read += len(message.get("body", b""))
+        more = message.get("more_body", False)
 
 
 def _replay(body: bytes, receive):
@@ -463,16 +497,15 @@ class _Admission:
             return await self.app(scope, receive, send)
         server = self.server
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        declared = int(headers["content-length"]) if headers.get("content-length", "").isdigit() else None
         admin = path.startswith("/admin/") or path in UPSTREAM_CONTROL_PATHS
         problem = server.auth_problem(headers) if admin else server.key_problem(headers)
         if problem is not None:
+            await _drain(receive, declared, 0)
             return await _reply(send, problem[0], problem[1], headers={"WWW-Authenticate": "Bearer"})
         limit = server.max_body_bytes
-        declared = headers.get("content-length", "")
         try:
-            if declared.isdigit() and int(declared) > limit:
-                raise _BodyTooLarge()
-            body = await _read_body(receive, limit)
+            body = await _read_body(receive, limit, declared)
         except _BodyTooLarge:
             return await _reply(send, 413, f"the request body is larger than {limit} bytes (--max-body-bytes)")
         if path.startswith("/admin/"):
@@ -485,8 +518,9 @@ class _Admission:
                 return await _reply(send, 503, reason, "unavailable", headers)
             try:
                 check_openai_request(path, body, server.sampler.request_limits)
-            except InvalidRequestError as e:
-                return await _reply(send, 400, str(e), "BadRequestError")
+            except InvalidRequestError as e:  # in the form upstream answers errors on these routes
+                error = {"object": "error", "message": str(e), "type": "BadRequestError", "param": e.field, "code": 400}
+                return await send_json(send, 400, json.dumps(error).encode())
         engine_app = server.engine_app
         server.in_flight += 1
         try:
