@@ -211,10 +211,17 @@ class RolloutEngine(base_sampler.BaseSampler, abc.ABC):
             if not isinstance(text, str):  # numpy str_ (from data pipelines) is a str
                 raise InvalidRequestError(f"input_strings[{i}]", text, "a string")
         input_strings = [str(s) for s in input_strings]
-        integer(0)(max_generation_steps, "max_generation_steps", self.request_limits)
-        integer(1)(multi_sampling, "multi_sampling", self.request_limits)
+        limits = self.request_limits
+        integer(0)(max_generation_steps, "max_generation_steps", limits)
+        integer(1, limits.max_batch_size)(multi_sampling, "multi_sampling", limits)
+        if limits.max_batch_size is not None and len(input_strings) * multi_sampling > limits.max_batch_size:
+            raise InvalidRequestError(
+                "multi_sampling",
+                multi_sampling,
+                f"at most {limits.max_batch_size} prompts x multi_sampling per call ({len(input_strings)} prompts)",
+            )
         if max_prompt_length is not None:
-            integer(1)(max_prompt_length, "max_prompt_length", self.request_limits)
+            integer(1)(max_prompt_length, "max_prompt_length", limits)
         if max_generation_steps > self.config.context_length:
             raise ValueError(
                 f"max_generation_steps={max_generation_steps} exceeds context_length={self.config.context_length}"

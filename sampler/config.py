@@ -42,9 +42,10 @@ class SamplerConfig:
     #: live array of the process twice per update (``update_params(track_peak_memory=True)``
     #: measures them for one call).
     track_memory: bool = False
-    #: Most prompts (times ``n``) one generation request may hold; None: no limit. Larger
-    #: requests are refused (``InvalidRequestError``) before anything is sent.
-    max_batch_size: int | None = None
+    #: Most prompts (times ``n``) one generation call may hold. Larger calls are refused
+    #: (``InvalidRequestError``) before anything is sent: a runaway ``multi_sampling`` or ``n``
+    #: would otherwise exhaust host memory building requests. None: no limit.
+    max_batch_size: int | None = 65536
     #: How many times the sampler may restart its engine by itself after a fault (before a
     #: call, on the main thread; see ``SglangJaxSampler.restart``). 0: never, callers get
     #: ``EngineFaultError`` and may call ``restart()`` themselves.

@@ -181,6 +181,10 @@ class EngineHandle:
         """What ended one of this engine's threads, if anything did."""
         return getattr(self.scheduler, "_contained_fault", None) or compat.thread_fault(self.threads)
 
+    def fault_message(self) -> str | None:
+        fault = self.fault()
+        return None if fault is None else f"the engine's {fault.thread} thread failed ({fault.error})"
+
     def _on_fault(self, fault: compat.EngineFault) -> None:
         """From the failing thread: end every request still waiting on this engine."""
         message = f"the engine's {fault.thread} thread failed ({fault.error}); the request was aborted"

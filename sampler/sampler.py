@@ -100,9 +100,9 @@ class SglangJaxSampler(RolloutEngine):
 
     @property
     def fault(self) -> str | None:
-        """What ended one of the engine's threads ("<thread>: <error>"), if anything did."""
-        fault = self._handle.fault()
-        return None if fault is None else f"{fault.thread}: {fault.error}"
+        """What ended one of the engine's threads ("the engine's <thread> thread failed
+        (<error>)"), if anything did."""
+        return self._handle.fault_message()
 
     # ------------------------------------------------------------------ recovery
     def restart(self) -> RestartReport:

@@ -191,8 +191,15 @@ def stop_strings(value, field, limits) -> None:
 
 
 def grammar(value, field, limits) -> None:
-    if not isinstance(value, str):
-        raise InvalidRequestError(field, value, "a string")
+    """A regex / EBNF: a non-empty string (an empty structural tag crashed the scheduler)."""
+    if not isinstance(value, str) or not value:
+        raise InvalidRequestError(field, value, "a non-empty string")
+
+
+def schema(value, field, limits) -> None:
+    """A JSON schema or structural tag: a non-empty string, or an object upstream serialises."""
+    if not (isinstance(value, str) and value) and not (isinstance(value, Mapping) and value):
+        raise InvalidRequestError(field, value, "a non-empty string or object")
 
 
 def logit_bias(value, field, limits) -> None:
@@ -221,9 +228,9 @@ SAMPLING_PARAMS: dict[str, Check] = {
     "stop": optional(stop_strings),
     "stop_token_ids": optional(token_ids),
     "regex": optional(grammar),
-    "json_schema": optional(grammar),
+    "json_schema": optional(schema),
     "ebnf": optional(grammar),
-    "structural_tag": optional(grammar),
+    "structural_tag": optional(schema),
     "ignore_eos": boolean,
     "skip_special_tokens": boolean,
     "spaces_between_special_tokens": boolean,

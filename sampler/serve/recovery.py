@@ -57,7 +57,7 @@ class EngineRecovery:
         fault = server.sampler.fault
         if fault is None or server.engine_state != "serving":
             return False
-        reason = f"the engine's {fault}; the server is rebuilding its engine"
+        reason = f"{fault}; the server is rebuilding its engine"
         logger.error("%s", reason)
         self.on_server(server.begin_recovery(reason))
         if server.engine_events["restarts"] >= self.max_restarts:

@@ -155,9 +155,9 @@ class WeightServer:
         handle = self.sampler.handle
 
         def problem() -> str | None:
-            fault = handle.fault()
+            fault = handle.fault_message()
             if fault is not None:
-                return f"the engine's {fault.thread} thread failed ({fault.error}); the server rebuilds its engine"
+                return f"{fault}; the server rebuilds its engine"
             return "the engine was shut down" if handle.closed else None
 
         app = EngineApp(compat.upstream_http_app(self.sampler.engine), handle.loop, problem)
@@ -287,7 +287,7 @@ class WeightServer:
             return self.engine_reason or f"the engine is {self.engine_state}", retry
         fault = self.sampler.fault
         if fault is not None:  # noticed before the rebuild starts
-            return f"the engine's {fault}; the server rebuilds its engine", RECOVERY_RETRY_AFTER_S
+            return f"{fault}; the server rebuilds its engine", RECOVERY_RETRY_AFTER_S
         if self.gating:
             return f"the server is changing its weights ({self.operation}); retry shortly", max(
                 1, math.ceil(self.last_seconds)
@@ -303,7 +303,7 @@ class WeightServer:
         status, reason = self.engine_state, self.engine_reason
         if status == "serving":
             fault = self.sampler.fault
-            status, reason = ("faulted", f"the engine's {fault}") if fault is not None else ("ok", None)
+            status, reason = ("faulted", fault) if fault is not None else ("ok", None)
         return {"status": status, "reason": reason, "version": self.sampler.version, **self.engine_events}
 
     def status(self) -> dict[str, Any]:
