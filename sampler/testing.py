@@ -131,14 +131,10 @@ def write_tiny_model(
 # real engine faults, for tests of fault containment and recovery
 # --------------------------------------------------------------------------------------
 
-#: Requests that crash one engine thread of sglang-jax 0.1.0rc0 if they get past request
-#: validation (``sampler.validation`` refuses all of them):
-#: - ``scheduler``: a prompt id beyond int32 overflows the scheduler's int32 packing of the
-#:   prompt (``schedule_batch.py`` ``prepare_for_extend``);
-#: - ``detokenizer``: a negative id among a prompt's last 5 tokens, which the detokenizer
-#:   decodes with the Rust tokenizer (OverflowError);
-#: - ``tokenizer``: a negative id in ``token_ids_logprob``: the tokenizer manager's output
-#:   loop decodes it (fatal only where ``compat.patch_logprob_token_decoding`` is undone).
+#: Requests that crash one engine thread if they get past request validation (two of
+#: ``compat.crashes.UPSTREAM_CRASHES``, which lists them all), and one that failed the
+#: tokenizer manager's output loop (fatal only where ``compat.patch_logprob_token_decoding``
+#: is undone): a negative id in ``token_ids_logprob``.
 POISON_REQUESTS: dict[str, dict[str, Any]] = {
     "scheduler": {"input_ids": [5, 6, 2**31]},
     "detokenizer": {"input_ids": [5, 6, -1]},

@@ -278,3 +278,25 @@ def test_invalid_grammar_workaround_works(model_dir, engines):
             with pytest.raises(ValueError, match="Invalid grammar request"):
                 sampler.generate_ids([[5, 6, 7]], {"max_new_tokens": 2, kind: grammar})
     assert sampler.healthy and helpers.raw_generate(sampler, [5, 6, 7], 4) == known
+
+
+def test_inputs_validation_refuses_still_crash_upstream(model_dir):
+    """Each request of compat.UPSTREAM_CRASHES, sent past request validation, still fails the
+    engine thread it is listed for (contained here; upstream alone then kills the process).
+    A dedicated sampler, restarted after each fault."""
+    from sampler.testing import generate_unchecked
+
+    path = str(model_dir("qwen3-tied"))
+    sampler = SglangJaxSampler(config=SamplerConfig(model_path=path, load_format="safetensors", context_length=128))
+    fixed = []
+    try:
+        for name, crash in compat.UPSTREAM_CRASHES.items():
+            sampler.handle.run(generate_unchecked(sampler.engine.tokenizer_manager, **crash.request), 300)
+            fault = sampler.fault
+            if fault is None or crash.thread not in fault or crash.error not in fault:
+                fixed.append(f"{name}: {fault}")
+            if fault is not None:
+                sampler.restart()
+    finally:
+        sampler.shutdown()
+    assert not fixed, f"upstream no longer crashes as listed in compat.UPSTREAM_CRASHES: {fixed}"

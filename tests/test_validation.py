@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 
+from sampler.compat import UPSTREAM_CRASHES
 from sampler.testing import POISON_REQUESTS
 from sampler.validation import SAMPLING_PARAMS, InvalidRequestError, RequestLimits, RequestValidator
 from tests import helpers
@@ -351,3 +352,11 @@ def test_score_completions_and_greedy_unchanged(sampler, known):
     expected = [lp for lp, *_ in out["meta_info"]["output_token_logprobs"]]
     np.testing.assert_allclose(scores[0, :4], expected, atol=1e-2)
     assert helpers.raw_generate(sampler, KNOWN_IDS, 4) == known
+
+
+@pytest.mark.parametrize("name", sorted(UPSTREAM_CRASHES))
+def test_every_known_upstream_crash_is_refused(name):
+    crash = UPSTREAM_CRASHES[name]
+    with pytest.raises(InvalidRequestError) as err:
+        RequestValidator(LIMITS).check(request(**crash.request))
+    assert err.value.field == crash.refused_as, str(err.value)

@@ -6,7 +6,8 @@ every touch of an upstream private, in one package. Nothing outside it patches u
   shutdown, signal handlers;
 - ``internals``: accessors of upstream internals that are not patches (model runner,
   tokenizer-manager pause flag and request table, HTTP server global state, flax slots);
-- ``tunix``: Tunix workarounds.
+- ``tunix``: Tunix workarounds;
+- ``crashes``: requests that crash an engine thread upstream (``sampler.validation`` refuses them).
 
 Each workaround has a test in ``tests/test_compat.py`` that runs unpatched upstream and
 fails once it is no longer needed, and a test that it works.
@@ -39,6 +40,9 @@ fails once it is no longer needed, and a test that it works.
 | ``patch_logprob_token_decoding``| a negative id among the logprob token ids (``token_ids_logprob``, input     |
 |                                 | logprobs from 0) raises OverflowError in the tokenizer manager's loop ->   |
 |                                 | the process is killed; patched: such ids decode to ``None`` text           |
+| ``crashes.UPSTREAM_CRASHES``    | requests with out-of-range ids, int32 overflows, wrong types or logprob    |
+| (``sampler.validation``)        | options crash the scheduler/detokenizer thread; refused before they are    |
+|                                 | sent, naming the field                                                     |
 | ``warn_tunix_rope_theta``       | Tunix 0.1.7's Qwen3 and Llama3 ignore ``config.rope_theta`` (always 1e6)   |
 """
 
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+from sampler.compat.crashes import UPSTREAM_CRASHES, UpstreamCrash
 from sampler.compat.internals import (
     abort_pending,
     check_requests_with,
@@ -152,7 +157,9 @@ __all__ = [
     "TUNIX_FIXED_ROPE_THETA",
     "TUNIX_QUIRKS",
     "TUNIX_VERSION",
+    "UPSTREAM_CRASHES",
     "UnsupportedModelError",
+    "UpstreamCrash",
     "abort_pending",
     "check_head_dim",
     "check_requests_with",
