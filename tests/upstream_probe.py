@@ -29,12 +29,12 @@ def busy_fraction(seconds: float = 2.0) -> float:
     return (cpu_seconds() - c0) / (time.monotonic() - t0)
 
 
-def engine(model_dir):
+def engine(model_dir, load_format="safetensors"):
     from sgl_jax.srt.entrypoints.engine import Engine
 
     return Engine(
         model_path=model_dir,
-        load_format="safetensors",
+        load_format=load_format,
         enable_single_process=True,
         device="cpu",
         attention_backend="native",
@@ -170,6 +170,13 @@ def main(mode: str, model_dir: str) -> None:
         sampler.shutdown()
         time.sleep(2)
         result["alive"] = True
+    elif mode == "greedy_in_mixed_batch":  # zero weights: every logit ties
+        e = engine(model_dir, load_format="dummy")
+        greedy = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True, "skip_special_tokens": False}
+        sampled = {"max_new_tokens": 8, "temperature": 1.0, "ignore_eos": True, "skip_special_tokens": False}
+        result["solo"] = e.generate(input_ids=[5, 6, 7], sampling_params=greedy)["output_ids"]
+        out = e.generate(input_ids=[[5, 6, 7], [8, 9, 10]], sampling_params=[greedy, sampled])
+        result["mixed"] = out[0]["output_ids"]
     elif mode == "lifecycle":  # idle spin, threads after shutdown, signal handlers, child processes
         before = signal.getsignal(signal.SIGCHLD)
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -40,6 +40,8 @@ fails once it is no longer needed, and a test that it works.
 | ``patch_logprob_token_decoding``| a negative id among the logprob token ids (``token_ids_logprob``, input     |
 |                                 | logprobs from 0) raises OverflowError in the tokenizer manager's loop ->   |
 |                                 | the process is killed; patched: such ids decode to ``None`` text           |
+| ``patch_greedy_rows_in_mixed_ | a greedy request batched with a sampled one is sampled among the tokens    |
+| batches``                       | tied with its top logit: its tokens depend on what other clients send     |
 | ``crashes.UPSTREAM_CRASHES``    | requests with out-of-range ids, int32 overflows, wrong types or logprob    |
 | (``sampler.validation``)        | options crash the scheduler/detokenizer thread; refused before they are    |
 |                                 | sent, naming the field                                                     |
@@ -86,6 +88,7 @@ from sampler.compat.patches import (
     SGLANG_JAX_VERSION,
     UnsupportedModelError,
     check_head_dim,
+    patch_greedy_rows_in_mixed_batches,
     patch_invalid_grammar_copy,
     patch_logprob_token_decoding,
     patch_merge_kv_sharding,
@@ -140,6 +143,7 @@ def prepare_engine(architecture: str, kwargs: Mapping[str, Any]) -> None:
     patch_mixed_logprob_batches()
     patch_invalid_grammar_copy()
     patch_logprob_token_decoding()
+    patch_greedy_rows_in_mixed_batches()
 
 
 def warn_tunix_quirks(hf_config: dict) -> None:
@@ -170,6 +174,7 @@ __all__ = [
     "model_runner_of",
     "patch_contain_engine_faults",
     "patch_contain_tokenizer_loop_faults",
+    "patch_greedy_rows_in_mixed_batches",
     "patch_invalid_grammar_copy",
     "patch_logprob_token_decoding",
     "patch_merge_kv_sharding",

@@ -277,3 +277,43 @@ def patch_logprob_token_decoding() -> bool:
     detokenize_logprob_tokens.__wrapped__ = original  # type: ignore[attr-defined]
     tm.detokenize_logprob_tokens = detokenize_logprob_tokens
     return True
+
+
+# --------------------------------------------------------------------------------------
+# greedy requests batched with sampled ones
+# --------------------------------------------------------------------------------------
+
+
+def patch_greedy_rows_in_mixed_batches() -> bool:
+    """Give greedy requests (``top_k == 1``, which upstream makes of ``temperature == 0``)
+    the argmax of their logits in every batch (idempotent).
+
+    sglang-jax 0.1.0rc0 takes the argmax only when the whole batch is greedy
+    (``Sampler.__call__``: ``lax.cond(is_all_greedy, ...)``); in a batch that also holds a
+    sampled request, a greedy row goes through top-k masking, which keeps every token tied
+    with the top one (``binary_search.topk_mask``: "in presence of ties, more than k values
+    might be returned"), and then samples among them: a greedy client's tokens change with
+    what other clients send. Returns True when applied now.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    sampler = importlib.import_module("sgl_jax.srt.layers.sampler")
+    original = sampler.top_k_top_p_min_p_sampling_from_probs_jax
+    if getattr(original, "_greedy_patched", False):
+        return False
+
+    def top_k_top_p_min_p_sampling_from_probs_jax(args, use_sort_for_toppk_minp):
+        ids = original(args, use_sort_for_toppk_minp)
+        logits, top_ks = args[0], args[2]
+        greedy = jnp.argmax(logits, axis=-1).astype(ids.dtype).reshape(ids.shape)
+        is_greedy = top_ks.reshape(ids.shape) == 1
+        sharding = jax.typeof(ids).sharding
+        if getattr(sharding, "spec", None) is not None:  # the engine's explicit mesh: the ids' sharding
+            greedy, is_greedy = jax.sharding.reshard(greedy, sharding), jax.sharding.reshard(is_greedy, sharding)
+        return jnp.where(is_greedy, greedy, ids)
+
+    top_k_top_p_min_p_sampling_from_probs_jax._greedy_patched = True  # type: ignore[attr-defined]
+    top_k_top_p_min_p_sampling_from_probs_jax.__wrapped__ = original  # type: ignore[attr-defined]
+    sampler.top_k_top_p_min_p_sampling_from_probs_jax = top_k_top_p_min_p_sampling_from_probs_jax
+    return True
