@@ -198,8 +198,8 @@ class EngineHandle:
         if fault is not None:
             raise EngineFaultError(
                 f"the sglang-jax engine's {fault.thread} thread failed ({fault.error}); this engine cannot "
-                "serve any more. Shut the sampler down and build a new one (the process and the trainer's "
-                "state are unaffected)."
+                "serve any more. Call sampler.restart() for a new engine serving the same weights (or "
+                "SamplerConfig(auto_restart=N)); the process and the trainer's state are unaffected."
             )
 
     @contextlib.contextmanager
