@@ -10,8 +10,10 @@ from sampler.compat import UnsupportedModelError
 from sampler.config import SamplerConfig
 from sampler.data_parallel import DataParallelSampler, create_sampler
 from sampler.engine import EngineFaultError, UpdateTimeoutError
+from sampler.recovery import RestartReport, WeightsLostError
 from sampler.reports import SharingReport, UpdateReport
 from sampler.sampler import SglangJaxSampler
+from sampler.validation import InvalidRequestError
 
 
 def __getattr__(name):  # SglangJaxRollout pulls in tunix.rl; import it on first use
@@ -25,6 +27,8 @@ def __getattr__(name):  # SglangJaxRollout pulls in tunix.rl; import it on first
 __all__ = [
     "DataParallelSampler",
     "EngineFaultError",
+    "InvalidRequestError",
+    "RestartReport",
     "RolloutEngine",
     "SamplerConfig",
     "SharingReport",
@@ -34,5 +38,6 @@ __all__ = [
     "UnsupportedModelError",
     "UpdateReport",
     "UpdateTimeoutError",
+    "WeightsLostError",
     "create_sampler",
 ]

@@ -22,6 +22,7 @@ from tunix.generate import tokenizer_adapter as tok_adapter
 from converters import ModelSpec
 from sampler.config import SamplerConfig
 from sampler.reports import SharingReport, UpdateReport
+from sampler.validation import InvalidRequestError, RequestLimits, integer, is_int, token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,11 @@ class RolloutEngine(base_sampler.BaseSampler, abc.ABC):
     @abc.abstractmethod
     def healthy(self) -> bool: ...
 
+    @property
+    @abc.abstractmethod
+    def request_limits(self) -> RequestLimits:
+        """What the engine(s) accept (vocabulary, prompt and request lengths, batch size)."""
+
     @abc.abstractmethod
     def check_servable(self) -> None:
         """Raise if generating now would crash the engine or use a mixed set of weights."""
@@ -144,6 +150,16 @@ class RolloutEngine(base_sampler.BaseSampler, abc.ABC):
         pad = self.tokenizer.pad_id()
         prompt_tokens = np.asarray(prompt_tokens)
         completion_tokens = np.asarray(completion_tokens)
+        for name, x in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens)):
+            if x.ndim != 2 or x.dtype.kind not in "iu":
+                raise InvalidRequestError(name, f"<{x.dtype} array of shape {x.shape}>", "a 2-D integer array")
+        if len(prompt_tokens) != len(completion_tokens):
+            raise InvalidRequestError(
+                "completion_tokens", f"<{len(completion_tokens)} rows>", f"{len(prompt_tokens)} rows (one per prompt)"
+            )
+        limits = self.request_limits
+        for i, row in enumerate(completion_tokens):
+            token_ids(row[row != pad], f"completion_tokens[{i}]", limits)
         out = np.zeros(completion_tokens.shape, np.float32)
         inputs, starts, lengths = [], [], []
         if completion_mask is not None and np.shape(completion_mask) != completion_tokens.shape:
@@ -196,12 +212,31 @@ class RolloutEngine(base_sampler.BaseSampler, abc.ABC):
             raise NotImplementedError("beam search is not supported by the sglang-jax engine")
         if isinstance(input_strings, str):
             input_strings = [input_strings]
-        input_strings = [str(s) for s in input_strings]  # numpy str_ from data pipelines
+        if not isinstance(input_strings, (list, tuple, np.ndarray)) or len(input_strings) == 0:
+            raise InvalidRequestError("input_strings", input_strings, "a string or a non-empty list of strings")
+        for i, text in enumerate(input_strings):
+            if not isinstance(text, str):  # numpy str_ (from data pipelines) is a str
+                raise InvalidRequestError(f"input_strings[{i}]", text, "a string")
+        input_strings = [str(s) for s in input_strings]
+        limits = self.request_limits
+        integer(0)(max_generation_steps, "max_generation_steps", limits)
+        integer(1, limits.max_batch_size)(multi_sampling, "multi_sampling", limits)
+        if limits.max_batch_size is not None and len(input_strings) * multi_sampling > limits.max_batch_size:
+            raise InvalidRequestError(
+                "multi_sampling",
+                multi_sampling,
+                f"at most {limits.max_batch_size} prompts x multi_sampling per call ({len(input_strings)} prompts)",
+            )
+        if max_prompt_length is not None:
+            integer(1)(max_prompt_length, "max_prompt_length", limits)
         if max_generation_steps > self.config.context_length:
             raise ValueError(
                 f"max_generation_steps={max_generation_steps} exceeds context_length={self.config.context_length}"
             )
         prompts = [self.tokenize(s) for s in input_strings]
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise InvalidRequestError(f"input_strings[{i}]", input_strings[i], "a text of at least one token")
         prompts = [p for p in prompts for _ in range(multi_sampling)]
         base = dict(
             max_new_tokens=max_generation_steps,
@@ -220,11 +255,16 @@ class RolloutEngine(base_sampler.BaseSampler, abc.ABC):
                 "seed=%s is ignored: per-request seeds need SamplerConfig(deterministic_sampling=True)", seed
             )
         elif seed is not None:
-            seeds = (
-                list(seed)
-                if isinstance(seed, (list, tuple, np.ndarray))
-                else [int(seed) + i for i in range(len(prompts))]
-            )
+            if isinstance(seed, np.ndarray):
+                seed = seed.tolist()
+            if isinstance(seed, (list, tuple)):
+                seeds = list(seed)
+            elif is_int(seed):
+                seeds = [int(seed) + i for i in range(len(prompts))]
+            else:
+                seeds = [seed]
+            if not all(is_int(x) for x in seeds):
+                raise InvalidRequestError("seed", seed, "an integer or a list of integers (one per prompt)")
             if len(seeds) != len(prompts):
                 raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
             for p, s in zip(params, seeds):

@@ -53,6 +53,14 @@ class SamplerConfig:
     #: live array of the process twice per update (``update_params(track_peak_memory=True)``
     #: measures them for one call).
     track_memory: bool = False
+    #: Most prompts (times ``n``) one generation call may hold. Larger calls are refused
+    #: (``InvalidRequestError``) before anything is sent: a runaway ``multi_sampling`` or ``n``
+    #: would otherwise exhaust host memory building requests. None: no limit.
+    max_batch_size: int | None = 65536
+    #: How many times the sampler may restart its engine by itself after a fault (before a
+    #: call, on the main thread; see ``SglangJaxSampler.restart``). 0: never, callers get
+    #: ``EngineFaultError`` and may call ``restart()`` themselves.
+    auto_restart: int = 0
     #: How long update_params waits for in-flight generation before raising.
     update_timeout_s: float = 600.0
     #: Progress bars for checkpoint loads and engine start-up: None shows them only on a terminal.

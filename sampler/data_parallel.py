@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -23,9 +23,11 @@ from converters import ModelSpec
 from sampler.base import RolloutEngine, as_tokenizer_adapter
 from sampler.config import SamplerConfig
 from sampler.core import Push, UpdateGate, is_path
+from sampler.recovery import RestartReport
 from sampler.reports import SharingReport, UpdateReport
 from sampler.sampler import SglangJaxSampler
 from sampler.tunix_config import as_sampler_config, is_tunix_config
+from sampler.validation import RequestLimits, per_prompt, prompt_ids
 
 #: The warm-up request that compiles an engine's forward passes before the next one starts.
 WARMUP_PROMPT = [1, 2, 3]
@@ -123,6 +125,10 @@ class DataParallelSampler(RolloutEngine):
     @property
     def version(self) -> int:
         return min(s.version for s in self.samplers)
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        return self.samplers[0].request_limits
 
     @property
     def transformer(self):
@@ -252,9 +258,16 @@ class DataParallelSampler(RolloutEngine):
         logprob_start_len: int | list[int] | None = None,
         timeout: float | None = None,
     ) -> list[dict]:
-        """``SglangJaxSampler.generate_ids`` over all engines; results in input order."""
-        prompts = [list(p) for p in prompts]
-        per = [sampling_params] * len(prompts) if isinstance(sampling_params, dict) else list(sampling_params)
+        """``SglangJaxSampler.generate_ids`` over all engines; results in input order.
+
+        The whole call is validated before any engine gets a prompt."""
+        prompts = prompt_ids(prompts)
+        per = (
+            [sampling_params] * len(prompts)
+            if isinstance(sampling_params, Mapping)
+            else per_prompt(sampling_params, len(prompts), "sampling_params")
+        )
+        self.samplers[0].check_request(prompts, per, return_logprob=return_logprob, logprob_start_len=logprob_start_len)
         starts = logprob_start_len if isinstance(logprob_start_len, list) else [logprob_start_len] * len(prompts)
         budget = [len(p) + int(sp.get("max_new_tokens", 0) or 0) for p, sp in zip(prompts, per)]
 
@@ -275,6 +288,12 @@ class DataParallelSampler(RolloutEngine):
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ lifecycle
+    def restart(self) -> list[RestartReport]:
+        """Restart every engine whose thread failed (``SglangJaxSampler.restart``), under the
+        update gate (no call sees an engine mid-restart); main thread only."""
+        with self._gate.updating(self.config.update_timeout_s):
+            return [s.restart() for s in self.samplers if s.fault is not None]
+
     def shutdown(self) -> None:
         """Stop every engine and the thread pool (idempotent)."""
         with self._lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -17,6 +18,7 @@ from converters.spec import config_getter, head_dim_of, read_hf_config
 from sampler import compat
 from sampler.config import SamplerConfig
 from sampler.progress import progress
+from sampler.validation import RequestLimits, RequestValidator
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,6 +83,10 @@ def engine_kwargs(config: SamplerConfig) -> dict[str, Any]:
     return kwargs
 
 
+#: What a call waiting on the engine gets when the engine is shut down under it.
+SHUT_DOWN_WHILE_WAITING = "the engine was shut down while this call waited for it"
+
+
 class EngineFaultError(RuntimeError):
     """An engine thread failed; this engine cannot serve again (the process is fine)."""
 
@@ -129,6 +135,9 @@ class EngineHandle:
         compat.watch_thread_faults(self.threads, self._on_fault)
         self.loop: asyncio.AbstractEventLoop = self.engine.loop
         self.closed = False
+        #: Calls waiting in ``run`` (ended at once by ``shutdown``).
+        self._waiting: set[concurrent.futures.Future] = set()
+        self._attach_validator(config)
         bar.update(1)
         bar.close()
         logger.info("engine ready: %d threads, mesh %s", len(self.threads), dict(self.mesh.shape))
@@ -142,6 +151,12 @@ class EngineHandle:
         self.model_runner = compat.model_runner_of(self.engine)
         self._scheduler_stop = compat.quiet_idle_scheduler(self.scheduler)
         self._park = compat.SchedulerPark(self.scheduler, self._scheduler_stop.wake)
+
+    def _attach_validator(self, config: SamplerConfig) -> None:
+        """Every request to this engine, from any caller, is checked before it is sent."""
+        self.limits = RequestLimits.of(self.engine, config.max_batch_size)
+        self.validator = RequestValidator(self.limits, compat.tokenize_texts(self.tokenizer_manager))
+        compat.check_requests_with(self.tokenizer_manager, self.validator.check)
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
@@ -158,22 +173,37 @@ class EngineHandle:
             raise RuntimeError("the engine has been shut down")
         self.raise_if_faulted()
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        self._waiting.add(future)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            wait = FAULT_POLL_S if deadline is None else min(FAULT_POLL_S, max(0.0, deadline - time.monotonic()))
-            try:
-                return future.result(wait)
-            except TimeoutError:
-                if self.fault() is not None:
-                    future.cancel()
-                    self.raise_if_faulted()
-                if deadline is not None and time.monotonic() >= deadline:
-                    future.cancel()
+        try:
+            while True:
+                wait = FAULT_POLL_S if deadline is None else min(FAULT_POLL_S, max(0.0, deadline - time.monotonic()))
+                try:
+                    return future.result(wait)
+                except TimeoutError:
+                    if self.fault() is not None:
+                        future.cancel()
+                        self.raise_if_faulted()
+                    if self.closed:
+                        future.cancel()
+                        raise RuntimeError(SHUT_DOWN_WHILE_WAITING) from None
+                    if deadline is not None and time.monotonic() >= deadline:
+                        future.cancel()
+                        raise
+                except concurrent.futures.CancelledError:
+                    if self.closed:  # shutdown() ended the call
+                        raise RuntimeError(SHUT_DOWN_WHILE_WAITING) from None
                     raise
+        finally:
+            self._waiting.discard(future)
 
     def fault(self) -> compat.EngineFault | None:
         """What ended one of this engine's threads, if anything did."""
         return getattr(self.scheduler, "_contained_fault", None) or compat.thread_fault(self.threads)
+
+    def fault_message(self) -> str | None:
+        fault = self.fault()
+        return None if fault is None else f"the engine's {fault.thread} thread failed ({fault.error})"
 
     def _on_fault(self, fault: compat.EngineFault) -> None:
         """From the failing thread: end every request still waiting on this engine."""
@@ -188,8 +218,8 @@ class EngineHandle:
         if fault is not None:
             raise EngineFaultError(
                 f"the sglang-jax engine's {fault.thread} thread failed ({fault.error}); this engine cannot "
-                "serve any more. Shut the sampler down and build a new one (the process and the trainer's "
-                "state are unaffected)."
+                "serve any more. Call sampler.restart() for a new engine serving the same weights (or "
+                "SamplerConfig(auto_restart=N)); the process and the trainer's state are unaffected."
             )
 
     @contextlib.contextmanager
@@ -239,7 +269,11 @@ class EngineHandle:
             return
         self.closed = True
         atexit.unregister(self.shutdown)
+        for future in list(self._waiting):  # callers waiting in run() get their answer now
+            future.cancel()
+        self._park.release()  # a parked scheduler could not see its stop
         alive = compat.stop_engine_threads(self.engine, self.threads, self._scheduler_stop)
+        compat.unwatch_thread_faults(self.threads)
         if alive:
             logger.warning("engine threads still running after shutdown: %s", alive)
         if not any("scheduler" in name for name in alive):

@@ -328,6 +328,14 @@ class MultiNodeEngineHandle(EngineHandle):
         else:
             self._scheduler_stop = self.lockstep.stop
 
+    def _attach_validator(self, config: SamplerConfig) -> None:
+        """The leader checks every request (followers have no tokenizer manager: their
+        prompts reach the leader's engine through collective generation)."""
+        if self.leader:
+            super()._attach_validator(config)
+        else:
+            self.limits = self.validator = None
+
     def _idle(self) -> bool:
         """From the leader's scheduler thread: nothing in flight, nothing queued or running."""
         return not compat.requests_in_flight(self.tokenizer_manager) and compat.scheduler_idle(self.scheduler)

@@ -4,19 +4,26 @@ weights the trainer replaces in place after every step."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 from flax import nnx
 
 from converters import ConversionPlan, ModelSpec
-from sampler import multiprocess
+from sampler import multiprocess, recovery
 from sampler.base import RolloutEngine, SglangSamplerOutput, as_tokenizer_adapter
+from sampler.config import SamplerConfig
 from sampler.core import is_path
-from sampler.engine import EngineFaultError, UpdateTimeoutError
+from sampler.engine import EngineFaultError, EngineHandle, UpdateTimeoutError
+from sampler.recovery import RestartReport, WeightsLostError, WeightSource
 from sampler.reports import SharingReport, UpdateReport
 from sampler.tunix_config import as_sampler_config, is_tunix_config, mapping_format
+from sampler.validation import RequestLimits, per_prompt, prompt_ids
 
 
 class SglangJaxSampler(RolloutEngine):
@@ -40,11 +47,19 @@ class SglangJaxSampler(RolloutEngine):
             )
         self.config = config
         self.tokenizer = as_tokenizer_adapter(tokenizer, config.model_path)
+        #: Where the served weights came from last (what ``restart`` can reload).
+        self.weight_source = WeightSource()
+        self._weights_lost: str | None = None  # set by a restart that could not restore them
+        self._unrestored: recovery.ServedWeights | None = None
+        self._auto_restarts = 0
+        self._start(config)
+        if tunix_mapping is not None:
+            mapping_format(self.architecture, tunix_mapping)
+
+    def _start(self, config: SamplerConfig) -> None:
         # one engine in this process, or this process's part of one spanning several
         self._handle, self.sync, self._collective = multiprocess.engine_parts(config)
         self.engine = self._handle.engine
-        if tunix_mapping is not None:
-            mapping_format(self.architecture, tunix_mapping)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -75,8 +90,70 @@ class SglangJaxSampler(RolloutEngine):
 
     @property
     def healthy(self) -> bool:
-        """False once an engine thread has failed (then every call raises EngineFaultError)."""
+        """False once an engine thread has failed (then every call raises EngineFaultError
+        until ``restart()``)."""
         return not self._handle.closed and self._handle.fault() is None
+
+    @property
+    def handle(self) -> EngineHandle:
+        """The running engine and its threads (replaced by ``restart``)."""
+        return self._handle
+
+    @property
+    def fault(self) -> str | None:
+        """What ended one of the engine's threads ("the engine's <thread> thread failed
+        (<error>)"), if anything did."""
+        return self._handle.fault_message()
+
+    # ------------------------------------------------------------------ recovery
+    def restart(self) -> RestartReport:
+        """Replace the engine (after a fault, or any time) with a new one serving the same
+        weights: the served arrays themselves while they are alive, else the checkpoint
+        loaded last, else the configuration's (see ``sampler.recovery``); if none applies the
+        new engine refuses to generate until weights are pushed (``WeightsLostError``).
+
+        Must run on the main thread (sglang-jax installs signal handlers while an engine
+        starts). Calls waiting on the old engine get an exception; the version is kept.
+        """
+        if self._collective is not None:
+            raise RuntimeError(
+                "restart() replaces one process's engine; an engine spanning several processes is "
+                "restarted by restarting every process"
+            )
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("restart() must run on the main thread: sglang-jax installs signal handlers at start")
+        t0 = time.perf_counter()
+        fault = self.fault
+        # A restart that failed after its new engine started left that engine's (empty)
+        # weights in place: what to restore is still what was captured then.
+        served = self._unrestored or recovery.capture(self)
+        self._unrestored = served
+        self.sync.close()
+        self._start(recovery.restart_config(self.config, served))
+        self._weights_lost = "the restart is restoring them"
+        restored = recovery.restore(self, served)
+        self._unrestored = None
+        self._weights_lost = (
+            f"the engine was restarted after {fault or 'a restart request'} and the weights it served "
+            "(pushed from memory, no longer alive) could not be restored"
+            if restored == "none"
+            else None
+        )
+        report = RestartReport(restored, served.fingerprint, time.perf_counter() - t0, fault)
+        logger.warning("%s (fault: %s)", report.summary(), fault)
+        return report
+
+    def _recover_if_faulted(self) -> None:
+        """Opt-in automatic restart (``SamplerConfig.auto_restart``) before a call."""
+        if self._handle.fault() is None or self._auto_restarts >= self.config.auto_restart:
+            return
+        if self._collective is not None:
+            return  # every process would have to restart together
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("the engine faulted; an automatic restart needs the main thread, this call fails instead")
+            return
+        self._auto_restarts += 1
+        self.restart()
 
     # ------------------------------------------------------------------ weights
     def engine_params(self) -> dict[str, jax.Array]:
@@ -125,7 +202,8 @@ class SglangJaxSampler(RolloutEngine):
         ``check_finite=True`` refuses params holding NaN or Inf (ValueError naming the
         paths; costs one reduction over every leaf).
         """
-        return self.sync.update_params(
+        self._recover_if_faulted()
+        report = self.sync.update_params(
             updated_weights,
             filter_types,
             source_format=source_format,
@@ -134,6 +212,10 @@ class SglangJaxSampler(RolloutEngine):
             alias=alias,
             check_finite=check_finite,
         )
+        self.weight_source = WeightSource("pushed")
+        if strict:
+            self._weights_lost = None
+        return report
 
     def load_checkpoint(
         self, path_or_weights: Any, *, strict: bool = True, track_peak_memory: bool = False
@@ -148,7 +230,13 @@ class SglangJaxSampler(RolloutEngine):
         """
         if not is_path(path_or_weights):
             return self.update_params(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
-        return self.sync.load_checkpoint(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
+        self._recover_if_faulted()
+        report = self.sync.load_checkpoint(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
+        self.weight_source = WeightSource("pushed")  # a partial load: only the arrays tell what is served
+        if strict:
+            self.weight_source = WeightSource("checkpoint", os.fsdecode(path_or_weights))
+            self._weights_lost = None
+        return report
 
     def check_checkpoint(self, path: Any, *, strict: bool = True) -> None:
         self.sync.check_checkpoint(path, strict=strict)
@@ -160,8 +248,33 @@ class SglangJaxSampler(RolloutEngine):
         return self.sync.verify_sharing(updated_weights, filter_types, source_format=source_format)
 
     # ------------------------------------------------------------------ generation
+    @property
+    def request_limits(self) -> RequestLimits:
+        return self._handle.limits
+
     def check_servable(self) -> None:
         self.sync.check_servable()
+        if self._weights_lost is not None:
+            raise WeightsLostError(f"{self._weights_lost}; push them with update_params (or load a checkpoint)")
+
+    def check_request(
+        self,
+        prompts: list[list[int]],
+        sampling_params: Sequence[dict] | dict,
+        *,
+        return_logprob: bool | list[bool] = True,
+        logprob_start_len: int | list[int] | None = None,
+    ) -> None:
+        """Raise ``InvalidRequestError`` as ``generate_ids`` would, sending nothing."""
+        from sgl_jax.srt.managers.io_struct import GenerateReqInput
+
+        request = GenerateReqInput(
+            input_ids=prompts,
+            sampling_params=sampling_params if isinstance(sampling_params, Mapping) else list(sampling_params),
+            return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len,
+        )
+        self._handle.validator.check(request)
 
     def generate_ids(
         self,
@@ -175,7 +288,15 @@ class SglangJaxSampler(RolloutEngine):
         """Raw engine results for token-id prompts (one dict per prompt).
 
         On a multi-process engine: on process 0 only, or on every process inside
-        ``collective_generation()`` (each gets the results of its own prompts)."""
+        ``collective_generation()`` (each gets the results of its own prompts).
+
+        The whole call is validated before any prompt is sent (``sampler.validation``): a
+        bad prompt or option raises ``InvalidRequestError`` (a ValueError) naming it.
+        """
+        prompts = prompt_ids(prompts)
+        if not isinstance(sampling_params, Mapping):
+            sampling_params = per_prompt(sampling_params, len(prompts), "sampling_params")
+        self._recover_if_faulted()
         if self._collective is not None:
             if self._collective.active:
                 return self._collective.generate(
@@ -227,8 +348,8 @@ class SglangJaxSampler(RolloutEngine):
         with self.sync.gate.generating():
             out = self._handle.run(
                 self.engine.async_generate(
-                    input_ids=[list(map(int, p)) for p in prompts],
-                    sampling_params=sampling_params if isinstance(sampling_params, dict) else list(sampling_params),
+                    input_ids=prompts,
+                    sampling_params=sampling_params,
                     return_logprob=return_logprob,
                     logprob_start_len=logprob_start_len,
                 ),
@@ -243,4 +364,13 @@ class SglangJaxSampler(RolloutEngine):
         self.sync.close()
 
 
-__all__ = ["EngineFaultError", "SglangJaxSampler", "SglangSamplerOutput", "UpdateTimeoutError"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EngineFaultError",
+    "RestartReport",
+    "SglangJaxSampler",
+    "SglangSamplerOutput",
+    "UpdateTimeoutError",
+    "WeightsLostError",
+]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -307,3 +308,112 @@ def test_tunix_gemma_and_moe_differences_still_exist():
     assert not compat.warn_tunix_moe_routing({"norm_topk_prob": True, "mlp_only_layers": []})
     assert compat.warn_tunix_rope_theta("Gemma2ForCausalLM", 1_000_000)
     assert not compat.warn_tunix_rope_theta("Gemma2ForCausalLM", 10_000.0)
+
+
+def test_tokenizer_loop_containment_still_needed(model_dir):
+    """A negative id among the logprob token ids kills the whole process (SIGKILL) upstream."""
+    rc, result, out = probe("logprob_negative_id", model_dir("qwen3-tied"))
+    assert result is None and rc != 0, (
+        f"upstream survives a failing tokenizer-manager loop now ({result}): drop "
+        "patch_contain_tokenizer_loop_faults and patch_logprob_token_decoding"
+    )
+    assert "TokenizerManager hit an exception" in out and "OverflowError" in out
+
+
+def test_tokenizer_loop_containment_works(model_dir):
+    """With the decoding patch undone, the same input fails the tokenizer manager's loop: the
+    fault is contained (callers told, the process lives)."""
+    rc, result, out = probe("tokenizer_loop_contained", model_dir("qwen3-tied"))
+    assert rc == 0 and result is not None, out[-3000:]
+    assert result["finish"]["type"] == "abort" and "tokenizer manager" in result["finish"]["message"], result
+    assert result["healthy"] is False and "tokenizer manager (handle_loop)" in result["next_call"], result
+    assert result["alive"]
+
+
+def test_logprob_decoding_workaround_still_needed(model_dir):
+    from sgl_jax.srt.managers.tokenizer_manager import TokenizerManager
+    from transformers import AutoTokenizer
+
+    compat.patch_logprob_token_decoding()
+    upstream = TokenizerManager.detokenize_logprob_tokens.__wrapped__
+    tm = types.SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(str(model_dir("qwen3-tied"))))
+    with pytest.raises(OverflowError):
+        upstream(tm, [-1.5], [-1], True)
+
+
+def test_logprob_decoding_workaround_works(model_dir, engines):
+    from sampler.testing import POISON_REQUESTS, generate_unchecked
+
+    sampler = engines.get(model_dir("qwen3-tied"), load_format="safetensors")
+    tm = sampler.engine.tokenizer_manager
+    known = helpers.raw_generate(sampler, [5, 6, 7], 4)
+    decoded = tm.detokenize_logprob_tokens([-1.0, -2.0, -3.0], [5, -1, 2**40], True)
+    assert [text for _, _, text in decoded] == [tm.tokenizer.decode([5]), None, None]
+    out = sampler._handle.run(generate_unchecked(tm, **POISON_REQUESTS["tokenizer"]), 120)
+    assert out["meta_info"]["finish_reason"]["type"] == "length"
+    ((_, token, text),) = out["meta_info"]["output_token_ids_logprobs"][0]
+    assert token == -1 and text is None
+    assert sampler.healthy and helpers.raw_generate(sampler, [5, 6, 7], 4) == known
+
+
+def test_invalid_grammar_workaround_still_needed(model_dir):
+    rc, result, out = probe("invalid_grammar", model_dir("qwen3-tied"))
+    assert result is None and rc != 0, f"an invalid grammar no longer crashes upstream ({result}): drop it"
+    assert "NotImplementedError" in out
+
+
+def test_invalid_grammar_workaround_works(model_dir, engines):
+    sampler = engines.get(model_dir("qwen3-tied"), load_format="safetensors")
+    known = helpers.raw_generate(sampler, [5, 6, 7], 4)
+    for _ in range(2):  # the second one hits upstream's cache of invalid grammars
+        for kind, grammar in (("regex", "("), ("json_schema", "{"), ("ebnf", "root ::= ("), ("structural_tag", "x")):
+            with pytest.raises(ValueError, match="Invalid grammar request"):
+                sampler.generate_ids([[5, 6, 7]], {"max_new_tokens": 2, kind: grammar})
+    assert sampler.healthy and helpers.raw_generate(sampler, [5, 6, 7], 4) == known
+
+
+def test_inputs_validation_refuses_still_crash_upstream(model_dir):
+    """Each request of compat.UPSTREAM_CRASHES, sent past request validation, still fails the
+    engine thread it is listed for (contained here; upstream alone then kills the process).
+    A dedicated sampler, restarted after each fault."""
+    from sampler.testing import generate_unchecked
+
+    path = str(model_dir("qwen3-tied"))
+    sampler = SglangJaxSampler(config=SamplerConfig(model_path=path, load_format="safetensors", context_length=128))
+    fixed = []
+    try:
+        for name, crash in compat.UPSTREAM_CRASHES.items():
+            sampler.handle.run(generate_unchecked(sampler.engine.tokenizer_manager, **crash.request), 300)
+            fault = sampler.fault
+            if fault is None or crash.thread not in fault or crash.error not in fault:
+                fixed.append(f"{name}: {fault}")
+            if fault is not None:
+                sampler.restart()
+    finally:
+        sampler.shutdown()
+    assert not fixed, f"upstream no longer crashes as listed in compat.UPSTREAM_CRASHES: {fixed}"
+
+
+def test_greedy_in_mixed_batch_workaround_still_needed(model_dir):
+    """Zero weights: every logit ties. Alone, a greedy request gets token 0 (the argmax); next to
+    a sampled request it is sampled among the tied tokens."""
+    rc, result, out = probe("greedy_in_mixed_batch", model_dir("qwen3-tied"))
+    assert rc == 0 and result is not None, out[-3000:]
+    assert result["solo"] == [0] * 8
+    assert result["mixed"] != result["solo"], f"greedy rows are argmax in mixed batches now ({result}): drop the patch"
+
+
+def test_greedy_in_mixed_batch_workaround_works(model_dir, engines):
+    sampler = engines.get(model_dir("qwen3-tied"))
+    served = {p: x for p, x in sampler.engine_params().items() if p in set(sampler.weight_paths())}
+    zeros = {p: jax.numpy.zeros_like(x) for p, x in served.items()}
+    sampler.update_params(zeros, source_format="sglang")
+    try:
+        greedy = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True, "skip_special_tokens": False}
+        sampled = {**greedy, "temperature": 1.0}
+        assert sampler.generate_ids([[5, 6, 7]], greedy)[0]["output_ids"] == [0] * 8
+        for _ in range(3):
+            out = sampler.generate_ids([[5, 6, 7], [8, 9, 10]], [greedy, sampled])
+            assert out[0]["output_ids"] == [0] * 8 and out[1]["output_ids"] != [0] * 8
+    finally:
+        sampler.update_params(served, source_format="sglang")

@@ -221,6 +221,24 @@ def test_a_push_failing_midway_blocks_generation_until_a_complete_push(dp, model
     assert all(len(t) for t in dp(PROMPTS[:2], max_generation_steps=2).tokens)
 
 
+def test_a_bad_prompt_sends_nothing_to_any_engine(dp):
+    """The whole call is validated before it is split: with every scheduler parked, anything
+    sent would still be in some engine's tokenizer manager table."""
+    from sampler.validation import InvalidRequestError
+
+    prompts = [[5, 6, 7]] * 7 + [[5, 6, -1]]  # the bad prompt is the last: another engine's share
+    for s in dp.samplers:
+        assert s._handle._park.park(60)
+    try:
+        with pytest.raises(InvalidRequestError, match=r"input_ids\[7\]\[2\]"):
+            dp.generate_ids(prompts, {"max_new_tokens": 2, "temperature": 0.0})
+        assert [len(s.engine.tokenizer_manager.rid_to_state) for s in dp.samplers] == [0] * 4
+    finally:
+        for s in dp.samplers:
+            s._handle._park.release()
+    assert dp.healthy and len(dp.generate_ids(prompts[:4], {"max_new_tokens": 2, "temperature": 0.0})) == 4
+
+
 def test_sampled_duplicates_differ_across_engines(dp):
     out = dp(["the quick brown"] * 8, max_generation_steps=8, temperature=1.0)
     assert len({tuple(t.tolist()) for t in out.tokens}) > 1

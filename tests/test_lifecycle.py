@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,35 @@ def test_interpreter_exits_cleanly(model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("bye")
     assert "Traceback" not in proc.stderr and "Exception in thread" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_shutdown_answers_callers_waiting_on_the_engine(model_dir):
+    """shutdown() while generate_ids waits in other threads: each gets an exception at once
+    instead of waiting forever. The requests are held in flight by parking the scheduler."""
+    s = SglangJaxSampler(
+        config=SamplerConfig(model_path=str(model_dir("qwen3-tied")), context_length=128, max_running_requests=2)
+    )
+    results: dict[int, BaseException | list] = {}
+
+    def call(i):
+        try:
+            results[i] = s.generate_ids([[5, 6, 7]], {"max_new_tokens": 8, "temperature": 0.0})
+        except BaseException as e:  # noqa: BLE001
+            results[i] = e
+
+    assert s._handle._park.park(60)
+    callers = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in callers:
+        t.start()
+    deadline = time.monotonic() + 60
+    while len(s.engine.tokenizer_manager.rid_to_state) < 2:
+        assert time.monotonic() < deadline, "the requests never reached the engine"
+        time.sleep(0.005)
+    s.shutdown()
+    for t in callers:
+        t.join(60)
+    assert not any(t.is_alive() for t in callers), "a caller still waits on an engine that was shut down"
+    for r in results.values():
+        assert isinstance(r, RuntimeError) and "shut down" in str(r), repr(r)
+    with pytest.raises(RuntimeError, match="shut down"):
+        s.generate_ids([[5]], {"max_new_tokens": 1})

@@ -34,12 +34,12 @@ def busy_fraction(seconds: float = 2.0) -> float:
     return (cpu_seconds() - c0) / (time.monotonic() - t0)
 
 
-def engine(model_dir):
+def engine(model_dir, load_format="safetensors"):
     from sgl_jax.srt.entrypoints.engine import Engine
 
     return Engine(
         model_path=model_dir,
-        load_format="safetensors",
+        load_format=load_format,
         enable_single_process=True,
         device="cpu",
         attention_backend="native",
@@ -147,6 +147,55 @@ def main(mode: str, model_dir: str) -> None:
             sampler.shutdown()
             time.sleep(2)
             result["alive"] = True
+    elif mode == "logprob_negative_id":  # a negative id among the logprob token ids
+        e = engine(model_dir)
+        out = e.generate(
+            input_ids=[5, 6, 7],
+            sampling_params={"max_new_tokens": 2, "temperature": 0},
+            return_logprob=True,
+            token_ids_logprob=[-1],
+        )
+        result["served"] = out["meta_info"]["finish_reason"]
+        time.sleep(5)  # the kill comes from the tokenizer manager's loop, after the answer may be out
+    elif mode == "invalid_grammar":  # an invalid regex
+        e = engine(model_dir)
+        try:
+            out = e.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 2, "regex": "("})
+            result["served"] = out["meta_info"]["finish_reason"]
+        except ValueError as err:
+            result["error"] = str(err)
+    elif mode == "tokenizer_loop_contained":  # our containment, with the logprob decoding patch undone
+        from sgl_jax.srt.managers.tokenizer_manager import TokenizerManager
+
+        from sampler import EngineFaultError, SamplerConfig, SglangJaxSampler
+        from sampler.testing import POISON_REQUESTS, generate_unchecked
+
+        config = SamplerConfig(model_path=model_dir, load_format="safetensors", context_length=128)
+        sampler = SglangJaxSampler(config=config)
+        patched = TokenizerManager.detokenize_logprob_tokens
+        TokenizerManager.detokenize_logprob_tokens = patched.__wrapped__
+        try:
+            poison = generate_unchecked(sampler.engine.tokenizer_manager, **POISON_REQUESTS["tokenizer"])
+            out = sampler._handle.run(poison, 120)
+            result["raised"], result["finish"] = None, out["meta_info"]["finish_reason"]
+        except Exception as err:  # noqa: BLE001
+            result["raised"], result["message"] = type(err).__name__, str(err)
+        TokenizerManager.detokenize_logprob_tokens = patched
+        result["healthy"] = sampler.healthy
+        try:
+            sampler.generate_ids([[5]], {"max_new_tokens": 1})
+        except EngineFaultError as err:
+            result["next_call"] = str(err)
+        sampler.shutdown()
+        time.sleep(2)
+        result["alive"] = True
+    elif mode == "greedy_in_mixed_batch":  # zero weights: every logit ties
+        e = engine(model_dir, load_format="dummy")
+        greedy = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True, "skip_special_tokens": False}
+        sampled = {"max_new_tokens": 8, "temperature": 1.0, "ignore_eos": True, "skip_special_tokens": False}
+        result["solo"] = e.generate(input_ids=[5, 6, 7], sampling_params=greedy)["output_ids"]
+        out = e.generate(input_ids=[[5, 6, 7], [8, 9, 10]], sampling_params=[greedy, sampled])
+        result["mixed"] = out[0]["output_ids"]
     elif mode == "lifecycle":  # idle spin, threads after shutdown, signal handlers, child processes
         before = signal.getsignal(signal.SIGCHLD)
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -6,7 +6,8 @@ every touch of an upstream private, in one package. Nothing outside it patches u
   shutdown, signal handlers;
 - ``internals``: accessors of upstream internals that are not patches (model runner,
   tokenizer-manager pause flag and request table, HTTP server global state, flax slots);
-- ``tunix``: Tunix workarounds.
+- ``tunix``: Tunix workarounds;
+- ``crashes``: requests that crash an engine thread upstream (``sampler.validation`` refuses them).
 
 Each workaround has a test in ``tests/test_compat.py`` that runs unpatched upstream and
 fails once it is no longer needed, and a test that it works.
@@ -31,6 +32,19 @@ fails once it is no longer needed, and a test that it works.
 |                                 | the scheduler thread -> SIGQUIT -> the process dies                         |
 | ``patch_contain_engine_faults`` | any exception in the scheduler/detokenizer thread SIGQUITs the process;    |
 |                                 | contained: recorded, callers get ``EngineFaultError``, the process lives   |
+| ``patch_contain_tokenizer_loop_ | any exception in the tokenizer manager's output loop (``handle_loop``)     |
+| faults``                        | SIGKILLs the process (``kill_process_tree``); contained the same way       |
+| ``patch_invalid_grammar_copy``  | an invalid regex / JSON schema / EBNF / structural tag crashes the         |
+|                                 | scheduler thread (``INVALID_GRAMMAR_OBJ.copy()`` raises NotImplementedError)|
+|                                 | -> SIGQUIT; patched: the request gets "Invalid grammar request" (400)      |
+| ``patch_logprob_token_decoding``| a negative id among the logprob token ids (``token_ids_logprob``, input     |
+|                                 | logprobs from 0) raises OverflowError in the tokenizer manager's loop ->   |
+|                                 | the process is killed; patched: such ids decode to ``None`` text           |
+| ``patch_greedy_rows_in_mixed_ | a greedy request batched with a sampled one is sampled among the tokens    |
+| batches``                       | tied with its top logit: its tokens depend on what other clients send     |
+| ``crashes.UPSTREAM_CRASHES``    | requests with out-of-range ids, int32 overflows, wrong types or logprob    |
+| (``sampler.validation``)        | options crash the scheduler/detokenizer thread; refused before they are    |
+|                                 | sent, naming the field                                                     |
 | ``warn_tunix_rope_theta``       | Tunix 0.1.7's Qwen3 (dense and MoE) and Llama3 ignore ``rope_theta``       |
 |                                 | (always 1e6); its Gemma always uses 1e4                                     |
 | ``HYBRID_SWA_OFF``              | sliding-window models on CPU: the hybrid SWA KV pool lacks the method the   |
@@ -54,8 +68,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
+from sampler.compat.crashes import UPSTREAM_CRASHES, UpstreamCrash
 from sampler.compat.internals import (
     abort_pending,
+    check_requests_with,
+    engine_limits,
+    enter_upstream_app,
     fast_value_setter,
     flush_prefix_cache,
     model_runner_of,
@@ -63,6 +81,8 @@ from sampler.compat.internals import (
     scheduler_idle,
     scheduler_of,
     set_paused,
+    tokenize_texts,
+    unchecked_generate_request,
     upstream_http_app,
     wait_no_requests,
 )
@@ -70,12 +90,14 @@ from sampler.compat.lifecycle import (
     EngineFault,
     SchedulerPark,
     patch_contain_engine_faults,
+    patch_contain_tokenizer_loop_faults,
     quiet_idle_scheduler,
     restore_signal_handlers,
     save_signal_handlers,
     started_threads,
     stop_engine_threads,
     thread_fault,
+    unwatch_thread_faults,
     watch_thread_faults,
 )
 from sampler.compat.models import (
@@ -90,6 +112,9 @@ from sampler.compat.patches import (
     SGLANG_JAX_VERSION,
     UnsupportedModelError,
     check_head_dim,
+    patch_greedy_rows_in_mixed_batches,
+    patch_invalid_grammar_copy,
+    patch_logprob_token_decoding,
     patch_merge_kv_sharding,
     patch_mixed_logprob_batches,
     patch_non_stream_chunks,
@@ -176,7 +201,11 @@ def prepare_engine(architecture: str, kwargs: Mapping[str, Any], hf_config: HfCo
     patch_zmq_linger()
     patch_non_stream_chunks()
     patch_contain_engine_faults()
+    patch_contain_tokenizer_loop_faults()
     patch_mixed_logprob_batches()
+    patch_invalid_grammar_copy()
+    patch_logprob_token_decoding()
+    patch_greedy_rows_in_mixed_batches()
     return out
 
 
@@ -203,13 +232,22 @@ __all__ = [
     "TUNIX_FIXED_ROPE_THETA",
     "TUNIX_QUIRKS",
     "TUNIX_VERSION",
+    "UPSTREAM_CRASHES",
     "UnsupportedModelError",
+    "UpstreamCrash",
     "abort_pending",
     "check_head_dim",
+    "check_requests_with",
+    "engine_limits",
+    "enter_upstream_app",
     "fast_value_setter",
     "flush_prefix_cache",
     "model_runner_of",
     "patch_contain_engine_faults",
+    "patch_contain_tokenizer_loop_faults",
+    "patch_greedy_rows_in_mixed_batches",
+    "patch_invalid_grammar_copy",
+    "patch_logprob_token_decoding",
     "patch_merge_kv_sharding",
     "patch_mixed_logprob_batches",
     "patch_non_stream_chunks",
@@ -225,6 +263,9 @@ __all__ = [
     "started_threads",
     "stop_engine_threads",
     "thread_fault",
+    "tokenize_texts",
+    "unchecked_generate_request",
+    "unwatch_thread_faults",
     "upstream_http_app",
     "upstream_version",
     "wait_no_requests",

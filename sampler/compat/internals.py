@@ -117,6 +117,14 @@ def upstream_http_app(engine: Any):
     return app
 
 
+async def enter_upstream_app(app: Any) -> Any:
+    """Run the startup half of upstream's lifespan on the engine's loop (it builds the
+    OpenAI route handlers on ``app.state``); returns the context to exit, if ever."""
+    context = app.router.lifespan_context(app)
+    await context.__aenter__()
+    return context
+
+
 # --------------------------------------------------------------------------------------
 # flax nnx Variables
 # --------------------------------------------------------------------------------------
@@ -141,3 +149,49 @@ def fast_value_setter(var: Any) -> Callable[[Any], None]:
     if plain:
         return lambda value: object.__setattr__(var, "_raw_value", value)
     return var.set_value
+
+
+# --------------------------------------------------------------------------------------
+# request checks and limits
+# --------------------------------------------------------------------------------------
+
+
+def engine_limits(engine: Any) -> dict[str, Any]:
+    """The request limits of a running engine: the model's vocabulary (embedding rows),
+    the tokenizer manager's context length, the scheduler's real prompt and request
+    limits, and whether upstream truncates long prompts."""
+    tm = engine.tokenizer_manager
+    scheduler = scheduler_of(engine)
+    return dict(
+        vocab_size=int(tm.model_config.vocab_size),
+        context_len=int(tm.context_len),
+        max_req_len=int(scheduler.max_req_len),
+        max_req_input_len=int(scheduler.max_req_input_len),
+        truncates_prompts=bool(engine.server_args.allow_auto_truncate),
+    )
+
+
+def tokenize_texts(tm: Any) -> Callable[[list[str]], list[list[int]]]:
+    """Token ids of texts, as the tokenizer manager computes them for a text prompt."""
+    return lambda texts: tm.tokenizer(texts)["input_ids"]
+
+
+def check_requests_with(tm: Any, check: Callable[[Any, Any], None]) -> None:
+    """Run ``check(obj, in_flight_rids)`` on every request before the tokenizer manager
+    takes it (every route, every Python call goes through ``generate_request``); whatever
+    it raises goes to the caller, and the request is not sent."""
+    original = tm.generate_request
+
+    async def generate_request(obj, request=None):
+        check(obj, tm.rid_to_state)
+        async for out in original(obj, request):
+            yield out
+
+    generate_request.__wrapped__ = original  # type: ignore[attr-defined]
+    tm.generate_request = generate_request
+
+
+def unchecked_generate_request(tm: Any) -> Callable:
+    """The tokenizer manager's own ``generate_request``, past ``check_requests_with``
+    (only for tests that need an input the checks refuse)."""
+    return getattr(tm.generate_request, "__wrapped__", tm.generate_request)

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 20
 #: How long shutdown waits for the engine's threads to end (s).
 THREAD_STOP_TIMEOUT_S = 10.0
+#: How long the engine's cancelled event-loop tasks get to unwind before the loop stops (s).
+LOOP_UNWIND_TIMEOUT_S = 2.0
 
 
 # --------------------------------------------------------------------------------------
@@ -58,11 +60,18 @@ def watch_thread_faults(threads: list[threading.Thread], callback: Callable[[Eng
         _fault_callbacks[t] = callback
 
 
-def _record_fault(error: BaseException) -> EngineFault:
+def unwatch_thread_faults(threads: list[threading.Thread]) -> None:
+    """Forget ``threads`` (a stopped engine's): no callback, no recorded fault kept alive."""
+    for t in threads:
+        _fault_callbacks.pop(t, None)
+        _thread_faults.pop(t, None)
+
+
+def _record_fault(error: BaseException, name: str | None = None) -> EngineFault:
     import traceback
 
     thread = threading.current_thread()
-    fault = EngineFault(thread.name, f"{type(error).__name__}: {error}", traceback.format_exc())
+    fault = EngineFault(name or thread.name, f"{type(error).__name__}: {error}", traceback.format_exc())
     _thread_faults[thread] = fault
     logger.error("sglang-jax %s thread failed (contained; the process lives on): %s", fault.thread, fault.traceback)
     callback = _fault_callbacks.pop(thread, None)
@@ -121,6 +130,41 @@ def patch_contain_engine_faults() -> bool:
 
     detokenizer_event_loop.__wrapped__ = event_loop  # type: ignore[attr-defined]
     detok.DetokenizerManager.event_loop = detokenizer_event_loop
+    return True
+
+
+#: The name a fault of the tokenizer manager's output loop is reported under.
+TOKENIZER_LOOP = "tokenizer manager (handle_loop)"
+
+
+def patch_contain_tokenizer_loop_faults() -> bool:
+    """Keep an exception in the tokenizer manager's output loop from killing the process
+    (idempotent).
+
+    sglang-jax 0.1.0rc0 runs ``TokenizerManager.handle_loop`` (which turns every output of the
+    detokenizer into answers) under ``print_exception_wrapper``, which calls
+    ``kill_process_tree(os.getpid(), include_parent=True)`` on any exception: the trainer or
+    the server dies (SIGKILL) with the engine. The wrapper here records the fault, as for
+    the scheduler and detokenizer threads (callers get ``EngineFaultError``, requests in
+    flight are aborted), and lets the loop thread live on. Returns True when applied now.
+    """
+    import importlib
+
+    tm = importlib.import_module("sgl_jax.srt.managers.tokenizer_manager")
+    original = tm.print_exception_wrapper
+    if getattr(original, "_contained", False):
+        return False
+
+    async def print_exception_wrapper(func):
+        try:
+            await func()
+        except Exception as e:  # noqa: BLE001 - CancelledError (our stop) passes through
+            name = TOKENIZER_LOOP if getattr(func, "__name__", "") == "handle_loop" else None
+            _record_fault(e, name)
+
+    print_exception_wrapper._contained = True  # type: ignore[attr-defined]
+    print_exception_wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+    tm.print_exception_wrapper = print_exception_wrapper
     return True
 
 
@@ -332,15 +376,19 @@ def stop_engine_threads(
     # Event loop thread (enable_engine_loop_run_forever_daemon).
     loop = getattr(engine, "loop", None)
     if loop is not None and loop.is_running():
+        import asyncio
 
-        def _cancel_and_stop():
-            import asyncio
-
-            for task in asyncio.all_tasks(loop):
+        async def cancel_then_stop():
+            # Stop the loop only once the cancelled tasks have unwound: a caller waiting on one
+            # (through run_coroutine_threadsafe) gets its answer, not a future left pending.
+            tasks = [t for t in asyncio.all_tasks(loop) if t is not asyncio.current_task()]
+            for task in tasks:
                 task.cancel()
-            loop.call_soon(loop.stop)
+            if tasks:
+                await asyncio.wait(tasks, timeout=LOOP_UNWIND_TIMEOUT_S)
+            loop.stop()
 
-        loop.call_soon_threadsafe(_cancel_and_stop)
+        loop.call_soon_threadsafe(lambda: loop.create_task(cancel_then_stop()))
     if engine.send_to_rpc is not None:
         engine.send_to_rpc.close(linger=0)
 
@@ -363,6 +411,8 @@ def stop_engine_threads(
     if not any(t.is_alive() and "watchdog" not in t.name for t in threads):
         if not destroy_engine_contexts([e for e in endpoints if e]):
             logger.warning("terminating the engine's zmq contexts did not finish in time; left to the process exit")
+        if scheduler is not None:
+            _release_stopped_scheduler(scheduler)
     # Upstream registered Engine.shutdown with atexit; it would kill our children at exit.
     atexit.unregister(engine.shutdown)
     # Upstream leaves its IPC socket files in the temp directory.
@@ -378,6 +428,26 @@ def stop_engine_threads(
             with contextlib.suppress(OSError):
                 os.unlink(address[len("ipc://") :])
     return [t.name for t in threads if t.is_alive() and "watchdog" not in t.name]
+
+
+#: What the scheduler's watchdog thread reads while it sleeps out its last interval.
+_WATCHDOG_FIELDS = frozenset(
+    {"cur_batch", "forward_ct", "watchdog_timeout", "watchdog_last_forward_ct", "watchdog_last_time"}
+)
+
+
+def _release_stopped_scheduler(scheduler: Any) -> None:
+    """Drop a stopped scheduler's state (its model runner, KV cache, weights, batches).
+
+    Its watchdog thread sleeps ``watchdog_timeout // 2`` (150 s by default) between checks
+    and holds the scheduler until it wakes; without this, a stopped engine's memory stays
+    allocated that long (a restarted engine would briefly hold two). The watchdog then
+    wakes, reads only these fields and ends.
+    """
+    scheduler.cur_batch = None
+    for name in [n for n in vars(scheduler) if n not in _WATCHDOG_FIELDS]:
+        with contextlib.suppress(AttributeError):
+            delattr(scheduler, name)
 
 
 def restore_signal_handlers(saved: dict[int, Any]) -> None:

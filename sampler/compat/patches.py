@@ -217,3 +217,103 @@ def check_head_dim(head_dim: int, *, backend: str, attention_backend: str) -> No
             "the KV head width to a multiple of 128 and then fails in o_proj; use a model whose "
             "head_dim is a multiple of 128 on CPU (TPU has no such limit)"
         )
+
+
+# --------------------------------------------------------------------------------------
+# invalid grammars, logprob token text
+# --------------------------------------------------------------------------------------
+
+
+def patch_invalid_grammar_copy() -> bool:
+    """Let an invalid grammar end its request with a clear error (idempotent).
+
+    sglang-jax 0.1.0rc0 compiles a request's regex / JSON schema / EBNF / structural tag in
+    the scheduler thread; an invalid one compiles to the shared ``INVALID_GRAMMAR_OBJ``, and
+    ``Scheduler.move_ready_grammar_requests`` calls ``.copy()`` on it (to cache it) before it
+    checks for it: a bare ``BaseGrammarObject.copy`` raises NotImplementedError, the scheduler
+    thread dies and upstream kills the process. A ``copy`` that returns the object itself
+    lets the check that follows abort the request ("Invalid grammar request: key=...", a
+    ValueError to the caller, HTTP 400). Returns True when applied now.
+    """
+    base = importlib.import_module("sgl_jax.srt.constrained.base_grammar_backend")
+    invalid = base.INVALID_GRAMMAR_OBJ
+    if "copy" in vars(invalid):
+        return False
+    invalid.copy = lambda: invalid
+    return True
+
+
+#: Token ids the Rust tokenizer can decode at all (it takes u32).
+DECODABLE_IDS = 1 << 32
+
+
+def patch_logprob_token_decoding() -> bool:
+    """Decode logprob token ids outside ``[0, 2**32)`` to ``None`` text instead of raising
+    (idempotent).
+
+    The tokenizer manager decodes the token ids of logprobs (``token_ids_logprob``, or the
+    prompt ids when input logprobs start at 0) to text on its event loop; a negative id makes
+    the Rust tokenizer raise OverflowError there, and upstream's ``print_exception_wrapper``
+    then kills the whole process. Request validation refuses such ids before they reach the
+    engine; this keeps a miss from being fatal. Returns True when applied now.
+    """
+    tm = importlib.import_module("sgl_jax.srt.managers.tokenizer_manager").TokenizerManager
+    original = tm.detokenize_logprob_tokens
+    if getattr(original, "_range_patched", False):
+        return False
+
+    import numbers
+
+    def decodable(t) -> bool:
+        return isinstance(t, numbers.Integral) and 0 <= t < DECODABLE_IDS
+
+    def detokenize_logprob_tokens(self, token_logprobs_val, token_logprobs_idx, decode_to_text):
+        if decode_to_text and not all(decodable(t) for t in token_logprobs_idx):
+            texts = [self.tokenizer.decode([int(t)]) if decodable(t) else None for t in token_logprobs_idx]
+            return list(zip(token_logprobs_val, token_logprobs_idx, texts))
+        return original(self, token_logprobs_val, token_logprobs_idx, decode_to_text)
+
+    detokenize_logprob_tokens._range_patched = True  # type: ignore[attr-defined]
+    detokenize_logprob_tokens.__wrapped__ = original  # type: ignore[attr-defined]
+    tm.detokenize_logprob_tokens = detokenize_logprob_tokens
+    return True
+
+
+# --------------------------------------------------------------------------------------
+# greedy requests batched with sampled ones
+# --------------------------------------------------------------------------------------
+
+
+def patch_greedy_rows_in_mixed_batches() -> bool:
+    """Give greedy requests (``top_k == 1``, which upstream makes of ``temperature == 0``)
+    the argmax of their logits in every batch (idempotent).
+
+    sglang-jax 0.1.0rc0 takes the argmax only when the whole batch is greedy
+    (``Sampler.__call__``: ``lax.cond(is_all_greedy, ...)``); in a batch that also holds a
+    sampled request, a greedy row goes through top-k masking, which keeps every token tied
+    with the top one (``binary_search.topk_mask``: "in presence of ties, more than k values
+    might be returned"), and then samples among them: a greedy client's tokens change with
+    what other clients send. Returns True when applied now.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    sampler = importlib.import_module("sgl_jax.srt.layers.sampler")
+    original = sampler.top_k_top_p_min_p_sampling_from_probs_jax
+    if getattr(original, "_greedy_patched", False):
+        return False
+
+    def top_k_top_p_min_p_sampling_from_probs_jax(args, use_sort_for_toppk_minp):
+        ids = original(args, use_sort_for_toppk_minp)
+        logits, top_ks = args[0], args[2]
+        greedy = jnp.argmax(logits, axis=-1).astype(ids.dtype).reshape(ids.shape)
+        is_greedy = top_ks.reshape(ids.shape) == 1
+        sharding = jax.typeof(ids).sharding
+        if getattr(sharding, "spec", None) is not None:  # the engine's explicit mesh: the ids' sharding
+            greedy, is_greedy = jax.sharding.reshard(greedy, sharding), jax.sharding.reshard(is_greedy, sharding)
+        return jnp.where(is_greedy, greedy, ids)
+
+    top_k_top_p_min_p_sampling_from_probs_jax._greedy_patched = True  # type: ignore[attr-defined]
+    top_k_top_p_min_p_sampling_from_probs_jax.__wrapped__ = original  # type: ignore[attr-defined]
+    sampler.top_k_top_p_min_p_sampling_from_probs_jax = top_k_top_p_min_p_sampling_from_probs_jax
+    return True

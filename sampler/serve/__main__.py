@@ -1,5 +1,10 @@
 """``python -m sampler.serve``: serve an in-process sglang-jax engine over HTTP with hot
-weight reloads (see ``sampler.serve.server.WeightServer``)."""
+weight reloads (see ``sampler.serve.server.WeightServer``).
+
+The main thread builds the engine, starts the HTTP server on a thread and event loop of its
+own, and then watches: it rebuilds the engine after a fault (``sampler.serve.recovery``;
+engines can only be built on the main thread) and runs the shutdown on SIGTERM/SIGINT.
+"""
 
 import argparse
 import asyncio
@@ -7,11 +12,14 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 
 from sampler.config import SamplerConfig
 from sampler.sampler import SglangJaxSampler
 from sampler.serve.admin_client import ADMIN_TOKEN_ENV
-from sampler.serve.server import WeightServer
+from sampler.serve.recovery import MAX_ENGINE_RESTARTS, EngineRecovery, caller_on
+from sampler.serve.server import API_KEY_ENV, MAX_BATCH_SIZE, MAX_BODY_BYTES, WeightServer
 
 logger = logging.getLogger("sampler.serve")
 #: How often the main thread looks at the server while it runs (s).
@@ -19,6 +27,9 @@ SERVE_POLL_S = 0.2
 #: The warm-up request that compiles the forward passes before the first client waits on them.
 WARMUP_PROMPT = [1, 2, 3]
 WARMUP_PARAMS = {"max_new_tokens": 2, "temperature": 0.0}
+#: Extra time uvicorn gives open connections beyond --graceful-timeout (by then every request
+#: has been answered: after the grace period the engine's requests get a 503).
+UVICORN_GRACE_MARGIN_S = 30.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,7 +42,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context-length", type=int, default=1024)
     p.add_argument("--max-running-requests", type=int, default=8)
     p.add_argument("--admin-token", default=None, help=f"token for /admin/* (or set ${ADMIN_TOKEN_ENV})")
+    p.add_argument(
+        "--api-key", default=None, help=f"key the inference routes require as a Bearer token (or set ${API_KEY_ENV})"
+    )
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get 413")
+    p.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE, help="most prompts (times n) in one request")
+    p.add_argument(
+        "--max-engine-restarts",
+        type=int,
+        default=MAX_ENGINE_RESTARTS,
+        help="engine rebuilds after faults before the server gives up",
+    )
     p.add_argument("--enable-weight-perturb", action="store_true", help="enable POST /admin/perturb_weights")
+    p.add_argument(
+        "--enable-fault-injection",
+        action="store_true",
+        help="enable POST /admin/inject_fault (for tests of fault recovery only: it crashes the engine)",
+    )
     p.add_argument(
         "--reload-timeout",
         type=float,
@@ -44,9 +71,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import uvicorn
+class HttpThread:
+    """uvicorn serving ``app`` on a thread and event loop of its own."""
 
+    def __init__(self, app, args: argparse.Namespace):
+        import uvicorn
+
+        self.uv = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=args.host,
+                port=args.port,
+                log_level=args.log_level,
+                timeout_keep_alive=5,
+                timeout_graceful_shutdown=args.graceful_timeout + UVICORN_GRACE_MARGIN_S,
+            )
+        )
+        self.loop = asyncio.new_event_loop()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="sampler-http", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.uv.serve())
+        except BaseException as e:  # noqa: BLE001 - uvicorn exits (SystemExit) when it cannot bind
+            self.error = e
+        finally:
+            self.done.set()
+
+
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     config = SamplerConfig(
@@ -56,50 +112,47 @@ def main(argv: list[str] | None = None) -> int:
         context_length=args.context_length,
         max_running_requests=args.max_running_requests,
         update_timeout_s=args.reload_timeout,
+        max_batch_size=args.max_batch_size,
     )
     sampler = SglangJaxSampler(config=config)
     try:
         server = WeightServer(
             sampler,
             admin_token=args.admin_token or os.environ.get(ADMIN_TOKEN_ENV),
+            api_key=args.api_key or os.environ.get(API_KEY_ENV),
             enable_weight_perturb=args.enable_weight_perturb,
+            enable_fault_injection=args.enable_fault_injection,
+            max_body_bytes=args.max_body_bytes,
         )
         if not args.no_warmup:  # compile the forward passes before the first client waits on them
             sampler.generate_ids([WARMUP_PROMPT], WARMUP_PARAMS, return_logprob=False)
-        uv = uvicorn.Server(
-            uvicorn.Config(
-                server.app,
-                host=args.host,
-                port=args.port,
-                log_level=args.log_level,
-                timeout_keep_alive=5,
-                timeout_graceful_shutdown=args.graceful_timeout,
-            )
-        )
+        http = HttpThread(server.app, args)
+        on_server = caller_on(http.loop)
+        recovery = EngineRecovery(server, on_server, max_restarts=args.max_engine_restarts)
+        stop_at: list[float] = []
 
         def stop(signum, _frame):
             logger.info("signal %d: shutting down", signum)
-            uv.should_exit = True
+            http.uv.should_exit = True
+            stop_at.append(time.monotonic())
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-
-        async def serve():
-            try:
-                await uv.serve()
-            except SystemExit as e:  # uvicorn exits when it cannot bind
-                raise RuntimeError(f"the HTTP server could not start on {args.host}:{args.port}") from e
-
-        done = asyncio.run_coroutine_threadsafe(serve(), sampler.event_loop)
-        announced = False
-        while True:
-            try:
-                done.result(timeout=SERVE_POLL_S)
-                break
-            except TimeoutError:
-                if uv.started and not announced:
-                    announced = True
-                    print(f"sampler.serve: listening on http://{args.host}:{args.port} (pid {os.getpid()})", flush=True)
+        http.thread.start()
+        announced = engine_stopped = False
+        while not http.done.wait(SERVE_POLL_S):
+            if http.uv.started and not announced:
+                announced = True
+                print(f"sampler.serve: listening on http://{args.host}:{args.port} (pid {os.getpid()})", flush=True)
+            if not stop_at:
+                recovery.poll()
+            elif not engine_stopped and (
+                server.in_flight == 0 or time.monotonic() - stop_at[0] >= args.graceful_timeout
+            ):  # open requests had their grace period: each still waiting gets a 503 now
+                on_server(server.stop_engine("the server is shutting down"))
+                engine_stopped = True
+        if http.error is not None and not stop_at:
+            raise RuntimeError(f"the HTTP server could not start on {args.host}:{args.port}") from http.error
     except Exception as e:  # noqa: BLE001
         print(f"sampler.serve: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1

@@ -5,11 +5,14 @@
 sglang-jax's own routes (``/generate``, ``/v1/completions``, ``/v1/chat/completions``,
 ``/health``, ...) from an in-process, single-process engine, plus admin endpoints that
 hot-reload weights through the converters (see ``WeightServer``). The HTTP server runs
-on the engine's own event loop, the loop its tokenizer manager lives on.
+on an event loop of its own; sglang-jax's routes run on the engine's loop (where its
+tokenizer manager lives) through ``bridge.EngineApp``, so the server outlives an engine
+that faults and is rebuilt (``sampler.serve.recovery``).
 """
 
 import asyncio
 import hmac
+import json
 import logging
 import math
 import time
@@ -27,14 +30,26 @@ from sampler.base import RolloutEngine
 from sampler.engine import UpdateTimeoutError
 from sampler.reports import UpdateReport
 from sampler.serve.admin_client import ADMIN_TOKEN_ENV
+from sampler.serve.bridge import EngineApp, error_body, send_json
+from sampler.validation import InvalidRequestError, check_openai_request
 
 logger = logging.getLogger(__name__)
 
-#: Always answered, even during a reload: the process is alive.
+#: Always answered, without a key, even during a reload or a rebuild (``/health`` says how
+#: the engine is).
 UNGATED_PATHS = frozenset({"/health"})
+#: The default cap on request bodies (bytes).
+MAX_BODY_BYTES = 16 * 2**20
+#: The default cap on prompts (times ``n``) per generation request.
+MAX_BATCH_SIZE = 1024
+#: Where the API key may come from when ``--api-key`` is not given.
+API_KEY_ENV = "SAMPLER_API_KEY"
+#: Retry-After (s) while the engine is rebuilt.
+RECOVERY_RETRY_AFTER_S = 5
 #: sglang-jax routes that change the engine's state: they need the admin token here.
 UPSTREAM_CONTROL_PATHS = frozenset(
     {
+        "/abort_request",  # abort_all ends every client's requests
         "/flush_cache",
         "/pause_generation",
         "/continue_generation",
@@ -99,10 +114,22 @@ class WeightServer:
     ``RolloutEngine`` with an ``engine`` (the in-process sglang-jax Engine it serves).
     """
 
-    def __init__(self, sampler: RolloutEngine, *, admin_token: str | None = None, enable_weight_perturb: bool = False):
+    def __init__(
+        self,
+        sampler: RolloutEngine,
+        *,
+        admin_token: str | None = None,
+        api_key: str | None = None,
+        enable_weight_perturb: bool = False,
+        enable_fault_injection: bool = False,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ):
         self.sampler = sampler
         self.admin_token = admin_token or None
+        self.api_key = api_key or None
         self.enable_weight_perturb = enable_weight_perturb
+        self.enable_fault_injection = enable_fault_injection
+        self.max_body_bytes = max_body_bytes
         self.state = "idle"  # idle | reloading | failed
         self.operation: str | None = None  # the weight change running now
         self.gating = False  # new requests get 503 while True
@@ -113,14 +140,42 @@ class WeightServer:
         self.last_finished: float | None = None
         self.last_seconds = 1.0
         self._weights_lock: asyncio.Lock | None = None
-        self.app = self._build_app()
+        #: serving | recovering | failed | stopping, and why when not serving
+        self.engine_state = "serving"
+        self.engine_reason: str | None = None
+        self.engine_events: dict[str, Any] = {"restarts": 0, "last_fault": None, "last_restart": None}
+        self.engine_app: EngineApp | None = None
+        self.app = _Admission(self._build_admin_app(), server=self)
+        self.install_engine()
 
-    # ------------------------------------------------------------------ app
-    def _build_app(self):
+    # ------------------------------------------------------------------ apps
+    def install_engine(self) -> None:
+        """Serve sglang-jax's routes from the sampler's current engine (from any thread but
+        that engine's loop)."""
+        handle = self.sampler.handle
+
+        def problem() -> str | None:
+            fault = handle.fault_message()
+            if fault is not None:
+                return f"{fault}; the server rebuilds its engine"
+            return "the engine was shut down" if handle.closed else None
+
+        app = EngineApp(compat.upstream_http_app(self.sampler.engine), handle.loop, problem)
+        app.start()
+        self.engine_app = app
+
+    def _build_admin_app(self):
+        from fastapi import FastAPI
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import JSONResponse
         from pydantic import BaseModel
 
-        app = compat.upstream_http_app(self.sampler.engine)
-        app.add_middleware(_Admission, server=self)
+        app = FastAPI(openapi_url=None)
+
+        @app.exception_handler(RequestValidationError)
+        async def bad_body(_request, exc: RequestValidationError):
+            where = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors())
+            return _error(400, f"invalid request body: {where}", "BadRequestError")
 
         class ReloadBody(BaseModel):
             model_path: str
@@ -130,6 +185,15 @@ class WeightServer:
             seed: int = 0
             scale: float = 0.01
             num_leaves: int = 1
+
+        class FaultBody(BaseModel):
+            park: bool = False
+            thread: str | None = None
+
+        @app.get("/health")
+        async def health():
+            body = self.health()
+            return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
         @app.post("/admin/reload_weights")
         async def reload_weights(body: ReloadBody):
@@ -149,7 +213,44 @@ class WeightServer:
         async def perturb(body: PerturbBody):
             return await self.perturb(body.seed, body.scale, body.num_leaves)
 
+        @app.post("/admin/inject_fault")
+        async def inject_fault(body: FaultBody):
+            if not self.enable_fault_injection:
+                return _error(403, "fault injection is disabled: it exists for tests (--enable-fault-injection)")
+            from sampler.testing import inject_fault
+
+            try:
+                return await asyncio.to_thread(inject_fault, self.sampler, park=body.park, thread=body.thread)
+            except ValueError as e:
+                return _error(400, str(e))
+
         return app
+
+    # ------------------------------------------------------------------ engine faults and rebuilds
+    async def begin_recovery(self, reason: str) -> None:
+        """Stop serving the faulted engine: new requests get 503 naming ``reason``, requests
+        still waiting on it get a 503 now; waits for a weight change under way to end."""
+        self.engine_state, self.engine_reason = "recovering", reason
+        self.engine_events["last_fault"] = {"reason": reason, "at": time.time()}
+        if self.engine_app is not None:
+            await self.engine_app.close(reason)
+        await self._lock().acquire()
+
+    async def end_recovery(self, restart: dict[str, Any] | None, failure: str | None = None) -> None:
+        """Serve again (the engine was rebuilt), or stay down for good with ``failure``."""
+        if failure is None:
+            self.engine_events["restarts"] += 1
+            self.engine_events["last_restart"] = {**(restart or {}), "at": time.time()}
+            self.engine_state, self.engine_reason = "serving", None
+        else:
+            self.engine_state, self.engine_reason = "failed", failure
+        self._lock().release()
+
+    async def stop_engine(self, reason: str) -> None:
+        """Answer every request still waiting with a 503 naming ``reason`` (server stopping)."""
+        self.engine_state, self.engine_reason = "stopping", reason
+        if self.engine_app is not None:
+            await self.engine_app.close(reason)
 
     def _lock(self) -> asyncio.Lock:
         if self._weights_lock is None:  # created on the engine loop, where it is used
@@ -158,20 +259,35 @@ class WeightServer:
 
     # ------------------------------------------------------------------ policy
     def auth_problem(self, headers) -> tuple[int, str] | None:
+        """Why an admin request is refused (status, message), or None."""
         if self.admin_token is None:
             return 403, f"admin endpoints are disabled: start the server with --admin-token or ${ADMIN_TOKEN_ENV}"
-        given = headers.get("x-admin-token")
-        auth = headers.get("authorization", "")
-        if given is None and auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
+        given = headers.get("x-admin-token") or _bearer(headers)
         if not given:
             return 401, "missing admin token (Authorization: Bearer <token>)"
         if not hmac.compare_digest(given.encode(), self.admin_token.encode()):
             return 401, "wrong admin token"
         return None
 
+    def key_problem(self, headers) -> tuple[int, str] | None:
+        """Why an inference request is refused for its API key (only with ``api_key``)."""
+        if self.api_key is None:
+            return None
+        given = _bearer(headers)
+        if not given:
+            return 401, "missing API key (Authorization: Bearer <key>)"
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            return 401, "wrong API key"
+        return None
+
     def admission_problem(self) -> tuple[str, int | None] | None:
         """Why a new generation request cannot be served now: (reason, Retry-After)."""
+        if self.engine_state != "serving":
+            retry = RECOVERY_RETRY_AFTER_S if self.engine_state == "recovering" else None
+            return self.engine_reason or f"the engine is {self.engine_state}", retry
+        fault = self.sampler.fault
+        if fault is not None:  # noticed before the rebuild starts
+            return f"{fault}; the server rebuilds its engine", RECOVERY_RETRY_AFTER_S
         if self.gating:
             return f"the server is changing its weights ({self.operation}); retry shortly", max(
                 1, math.ceil(self.last_seconds)
@@ -182,14 +298,24 @@ class WeightServer:
             return str(e), None
         return None
 
+    def health(self) -> dict[str, Any]:
+        """``/health``: "ok" while the engine can serve; otherwise why not (HTTP 503)."""
+        status, reason = self.engine_state, self.engine_reason
+        if status == "serving":
+            fault = self.sampler.fault
+            status, reason = ("faulted", fault) if fault is not None else ("ok", None)
+        return {"status": status, "reason": reason, "version": self.sampler.version, **self.engine_events}
+
     def status(self) -> dict[str, Any]:
         return {
+            "engine": {"state": self.engine_state, "reason": self.engine_reason, **self.engine_events},
             "state": self.state,
             "operation": self.operation,
             "version": self.sampler.version,
             "accepting": not self.gating,
             "in_flight": self.in_flight,
             "engine_requests": compat.requests_in_flight(self.sampler.engine.tokenizer_manager),
+            "bridged_requests": 0 if self.engine_app is None else self.engine_app.requests,
             "last_report": self.last_report,
             "last_error": self.last_error,
             "last_started": self.last_started,
@@ -213,8 +339,10 @@ class WeightServer:
     async def perturb(self, seed: int, scale: float, num_leaves: int):
         if not self.enable_weight_perturb:
             return _error(403, "weight perturbation is disabled: start the server with --enable-weight-perturb")
-        if num_leaves < 1 or not math.isfinite(scale) or scale < 0:
-            return _error(400, f"need num_leaves >= 1 and a finite scale >= 0 (got {num_leaves}, {scale})")
+        if num_leaves < 1 or not math.isfinite(scale) or scale < 0 or seed < 0:
+            return _error(
+                400, f"need num_leaves >= 1, a finite scale >= 0 and a seed >= 0 (got {num_leaves}, {scale}, {seed})"
+            )
         result: dict[str, Any] = {}
 
         def apply():
@@ -287,34 +415,130 @@ def _error(status: int, message: str, kind: str | None = None, headers: dict | N
     )
 
 
+def _bearer(headers) -> str | None:
+    auth = headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+
+
+#: Bytes of a too-large body read and dropped before the 413, so that the client (still
+#: sending) reads the answer instead of a reset connection; beyond it the connection is cut.
+DRAIN_BYTES = 64 * 2**20
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _read_body(receive, limit: int, declared: int | None) -> bytes:
+    """The whole request body, or _BodyTooLarge once it exceeds ``limit`` (the rest, up to
+    DRAIN_BYTES, read and dropped)."""
+    chunks, size = [], 0
+    if declared is None or declared <= limit:
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"".join(chunks)
+            chunk, more = message.get("body", b""), message.get("more_body", False)
+            size += len(chunk)
+            if size > limit:
+                await _drain(receive, declared, size)
+                raise _BodyTooLarge()
+            chunks.append(chunk)
+        return b"".join(chunks)
+    await _drain(receive, declared, 0)
+    raise _BodyTooLarge()
+
+
+async def _drain(receive, declared: int | None, read: int) -> None:
+    """Read and drop the rest of a body the server answers without using (up to
+    DRAIN_BYTES), so that a client still sending reads the answer, not a reset connection."""
+    if declared is not None and declared - read > DRAIN_BYTES:
+        return
+    more = True
+    while more and read <= DRAIN_BYTES:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        read += len(message.get("body", b""))
+        more = message.get("more_body", False)
+
+
+def _replay(body: bytes, receive):
+    """A ``receive`` that yields the buffered body once, then waits on the client."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 class _Admission:
-    """ASGI middleware: 503 for generation while weights change (or cannot be served),
-    the admin token for engine-control routes, and a count of requests in flight (held
-    until the response's last byte, so streamed responses count too)."""
+    """The server's ASGI app: ``/health`` and ``/admin/*`` from the admin app; everything else
+    to the engine's app (``EngineApp``), after the admin token (engine-control routes) or the
+    API key (inference routes), the body-size cap, the OpenAI field checks, and a 503 while
+    the weights change or the engine cannot serve. Counts requests in flight until their
+    response's last byte, so streamed responses count too."""
 
     def __init__(self, app, server: WeightServer):
         self.app = app
         self.server = server
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await _lifespan(receive, send)
         path = scope.get("path", "")
         if scope["type"] != "http" or path in UNGATED_PATHS:
             return await self.app(scope, receive, send)
-        if path.startswith("/admin/") or path in UPSTREAM_CONTROL_PATHS:
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-            problem = self.server.auth_problem(headers)
-            if problem is not None:
-                return await _error(problem[0], problem[1], headers={"WWW-Authenticate": "Bearer"})(
-                    scope, receive, send
-                )
-            return await self.app(scope, receive, send)
-        problem = self.server.admission_problem()
+        server = self.server
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        declared = int(headers["content-length"]) if headers.get("content-length", "").isdigit() else None
+        admin = path.startswith("/admin/") or path in UPSTREAM_CONTROL_PATHS
+        problem = server.auth_problem(headers) if admin else server.key_problem(headers)
         if problem is not None:
-            reason, retry_after = problem
-            headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-            return await _error(503, reason, "unavailable", headers=headers)(scope, receive, send)
-        self.server.in_flight += 1
+            await _drain(receive, declared, 0)
+            return await _reply(send, problem[0], problem[1], headers={"WWW-Authenticate": "Bearer"})
+        limit = server.max_body_bytes
         try:
-            await self.app(scope, receive, send)
+            body = await _read_body(receive, limit, declared)
+        except _BodyTooLarge:
+            return await _reply(send, 413, f"the request body is larger than {limit} bytes (--max-body-bytes)")
+        if path.startswith("/admin/"):
+            return await self.app(scope, _replay(body, receive), send)
+        if not admin:
+            problem = server.admission_problem()
+            if problem is not None:
+                reason, retry_after = problem
+                headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+                return await _reply(send, 503, reason, "unavailable", headers)
+            try:
+                check_openai_request(path, body, server.sampler.request_limits)
+            except InvalidRequestError as e:  # in the form upstream answers errors on these routes
+                error = {"object": "error", "message": str(e), "type": "BadRequestError", "param": e.field, "code": 400}
+                return await send_json(send, 400, json.dumps(error).encode())
+        engine_app = server.engine_app
+        server.in_flight += 1
+        try:
+            await engine_app(scope, _replay(body, receive), send)
         finally:
-            self.server.in_flight -= 1
+            server.in_flight -= 1
+
+
+async def _reply(send, status: int, message: str, kind: str | None = None, headers: dict | None = None):
+    await send_json(send, status, error_body(status, message, kind or "error"), headers)
+
+
+async def _lifespan(receive, send) -> None:
+    """The server's own lifespan: nothing to set up (the engine's app is started apart)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
