@@ -32,6 +32,14 @@ class UpdateReport:
     #: Engine weight leaves left as they were (``strict=False`` partial updates).
     untouched: list[str] = dataclasses.field(default_factory=list)
     plan_reused: bool = False
+    #: What happened to requests in flight: "drain" (they finished first), "continue"
+    #: (they went on with their KV cache), "recompute" (their KV was recomputed).
+    in_flight: str = "drain"
+    #: Requests in flight that switched to the new weights ("continue" / "recompute").
+    requests_in_flight: int = 0
+    #: Time the caller waited before the weights could change (requests finishing with
+    #: "drain", the scheduler reaching an iteration boundary otherwise); part of ``seconds``.
+    wait_seconds: float = 0.0
     #: Data-parallel samplers: one report per engine (paths above are prefixed ``engine<i>/``).
     engines: list["UpdateReport"] = dataclasses.field(default_factory=list)
 
@@ -54,6 +62,9 @@ class UpdateReport:
             largest_copied_leaf_bytes=max(r.largest_copied_leaf_bytes for r in reports),
             untouched=list(first.untouched),
             plan_reused=all(r.plan_reused for r in reports),
+            in_flight=first.in_flight,
+            requests_in_flight=sum(r.requests_in_flight for r in reports),
+            wait_seconds=sum(r.wait_seconds for r in reports),  # engines are held one after another
             engines=list(reports),
         )
 
@@ -68,6 +79,8 @@ class UpdateReport:
             parts.append(f"live {self.live_bytes_before / mib:.1f} -> {self.live_bytes_after / mib:.1f} MiB")
         if self.peak_extra_bytes is not None:
             parts.append(f"peak extra {self.peak_extra_bytes / mib:.2f} MiB")
+        if self.in_flight != "drain":
+            parts.append(f"{self.in_flight}: {self.requests_in_flight} requests in flight switched")
         if self.engines:
             parts.append(
                 "per engine aliased/copied: "

@@ -8,6 +8,7 @@ the engine options come from Tunix's own ``rollout_sglang_jax_*`` fields.
 from __future__ import annotations
 
 import collections
+import threading
 from typing import Any, NamedTuple, Optional, Tuple
 
 import jax
@@ -19,6 +20,7 @@ from tunix.rl.rollout import base_rollout
 from sampler.base import RolloutEngine
 from sampler.config import SamplerConfig
 from sampler.data_parallel import create_sampler
+from sampler.inflight import WEIGHT_VERSIONS_KEY, check_in_flight
 from sampler.reports import UpdateReport
 
 #: How many weight syncs ``SglangJaxRollout.history`` remembers.
@@ -93,6 +95,14 @@ class SglangJaxRollout(base_rollout.BaseRollout):
     Built by RLCluster as ``SglangJaxRollout(rollout_actor=..., tokenizer=..., mesh=...,
     rollout_config=...)``; does the first full weight sync from the actor at
     construction. ``update_params`` is what ``RLCluster.sync_weights()`` calls.
+
+    ``in_flight`` / ``max_staleness`` (give them with ``functools.partial(SglangJaxRollout,
+    in_flight="recompute")`` as the ``rollout_engine``): what every sync does with requests
+    in flight (see ``sampler.inflight``). "drain" (default) is what synchronous learners
+    need; asynchronous ones (Tunix's agentic learner with
+    ``sampler.compat.tunix.enable_in_flight_sync``) sync without waiting for rollouts.
+    ``last_weight_versions()`` has the weight-version stamps of this thread's last
+    ``generate``.
     """
 
     def __init__(
@@ -104,10 +114,16 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         *,
         model: nnx.Module | None = None,
         sampler_config: SamplerConfig | None = None,
+        in_flight: str = "drain",
+        max_staleness: int | None = None,
     ):
         actor = rollout_actor if rollout_actor is not None else model
         if rollout_config is None:
             raise TypeError("SglangJaxRollout needs rollout_config=RolloutConfig(...)")
+        check_in_flight(in_flight, max_staleness)
+        self.in_flight = in_flight
+        self.max_staleness = max_staleness
+        self._local = threading.local()
         config = sampler_config or sampler_config_from_rollout(rollout_config, mesh)
         self._sampler = create_sampler(config, tokenizer)
         self.last_report: UpdateReport | None = None
@@ -147,6 +163,7 @@ class SglangJaxRollout(base_rollout.BaseRollout):
             pad_output=False,
             **kwargs,
         )
+        self._local.weight_versions = [m.get(WEIGHT_VERSIONS_KEY) for m in out.meta]
         return base_rollout.RolloutOutput(
             text=out.text,
             logits=None,
@@ -154,6 +171,11 @@ class SglangJaxRollout(base_rollout.BaseRollout):
             left_padded_prompt_tokens=out.padded_prompt_tokens,
             logprobs=out.logprobs,
         )
+
+    def last_weight_versions(self) -> list[list[tuple[int, int]] | None] | None:
+        """Per completion of this thread's last ``generate``: [(engine weight version, first
+        token index), ...] (Tunix's RLCluster drops extra output fields, so they wait here)."""
+        return getattr(self._local, "weight_versions", None)
 
     def get_per_token_logps(self, prompt_tokens: jax.Array, completion_tokens: jax.Array) -> jax.Array:
         """Logprob of every completion token under the served weights, computed by the engine
@@ -170,7 +192,13 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         types = filter_types if isinstance(filter_types, (tuple, list)) else (filter_types,) if filter_types else ()
         lora_only = bool(types) and all(isinstance(t, type) and issubclass(t, nnx.LoRAParam) for t in types)
         with jax.transfer_guard("allow"):
-            report = self._sampler.update_params(params, filter_types, strict=not lora_only)
+            report = self._sampler.update_params(
+                params,
+                filter_types,
+                strict=not lora_only,
+                in_flight=self.in_flight,
+                max_staleness=self.max_staleness,
+            )
         self.last_report = report
         self.history.append(SyncRecord(report.version, report.seconds, report.aliased_bytes, report.copied_bytes))
         return report

@@ -231,43 +231,101 @@ class SchedulerPark:
     """Stops the scheduler thread between two iterations, where no forward pass runs.
 
     Wraps the scheduler's ``recv_requests`` (called once at the top of every loop
-    iteration): while a park is requested the thread waits there, so the caller may
-    replace the weights and flush the prefix cache from its own thread.
+    iteration): while anyone holds a park the thread waits there, so the holders may
+    replace the weights, flush the prefix cache or rearrange the scheduler's queues from
+    their own threads. Parks nest: the thread resumes once every holder has released.
+    ``park_when`` parks at the first iteration boundary where a condition holds (e.g. a
+    request has produced N tokens), decided on the scheduler thread itself.
     """
 
     def __init__(self, scheduler: Any, wake: Callable[[], None] = lambda: None):
         self._wake = wake  # returns an idle scheduler from its socket wait at once
         self._cond = threading.Condition()
-        self._wanted = False
-        self._parked = False
+        self._holds = 0
+        #: Iteration number at which the thread waits now (None while it runs).
+        self._parked_at: int | None = None
+        self._iteration = 0
+        self._conditions: list[Callable[[], bool]] = []
         inner = scheduler.recv_requests
 
         def recv_requests() -> list:
             with self._cond:
-                if self._wanted:
-                    self._parked = True
+                self._iteration += 1
+                for condition in list(self._conditions):
+                    if condition():
+                        self._conditions.remove(condition)
+                        self._holds += 1  # on behalf of the caller of park_when
+                if self._holds:
+                    self._parked_at = self._iteration
                     self._cond.notify_all()
-                    self._cond.wait_for(lambda: not self._wanted)
-                    self._parked = False
+                    self._cond.wait_for(lambda: not self._holds)
+                    self._parked_at = None
             return inner()
 
         scheduler.recv_requests = recv_requests
 
-    def park(self, timeout: float) -> bool:
-        """Ask the scheduler to stop and wait until it has; False (and no park) on timeout."""
+    @property
+    def parked(self) -> bool:
+        """Whether the scheduler thread waits between two iterations now."""
+        return self._parked_at is not None
+
+    def park(self, timeout: float, *, fresh: bool = False) -> bool:
+        """Ask the scheduler to stop and wait until it has (``fresh``: at an iteration
+        boundary it has not been parked at before, i.e. after one more iteration);
+        False, and no park held, on timeout. Each successful park needs one ``release``."""
         with self._cond:
-            self._wanted = True
+            since = self._iteration
+            self._holds += 1
             self._wake()
-            if self._cond.wait_for(lambda: self._parked, timeout):
+            if self._cond.wait_for(
+                lambda: self._parked_at is not None and (not fresh or self._parked_at > since), timeout
+            ):
                 return True
-            self._wanted = False
+            self._holds -= 1
             self._cond.notify_all()
             return False
 
+    def park_when(self, condition: Callable[[], bool]) -> "ConditionalPark":
+        """Park at the first iteration boundary where ``condition()`` is true, evaluated on
+        the scheduler thread under the park's lock (keep it cheap). Returns at once; wait
+        for the park with ``.wait(timeout)``, end it with ``.release()``."""
+        with self._cond:
+            self._conditions.append(condition)
+            self._wake()
+        return ConditionalPark(self, condition)
+
     def release(self) -> None:
         with self._cond:
-            self._wanted = False
+            if self._holds <= 0:
+                raise RuntimeError("SchedulerPark.release() without a park held")
+            self._holds -= 1
             self._cond.notify_all()
+
+
+class ConditionalPark:
+    """A park that takes effect once a condition holds (``SchedulerPark.park_when``)."""
+
+    def __init__(self, park: SchedulerPark, condition: Callable[[], bool]):
+        self._park = park
+        self._condition = condition
+
+    @property
+    def fired(self) -> bool:
+        return self._condition not in self._park._conditions
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until the scheduler has parked on the condition; False on timeout."""
+        park = self._park
+        with park._cond:
+            return park._cond.wait_for(lambda: self.fired and park._parked_at is not None, timeout)
+
+    def release(self) -> None:
+        """Resume the scheduler (or, if the condition never held, stop watching for it)."""
+        with self._park._cond:
+            if not self.fired:
+                self._park._conditions.remove(self._condition)
+                return
+        self._park.release()
 
 
 def started_threads(before: set[threading.Thread]) -> list[threading.Thread]:
