@@ -175,7 +175,7 @@ class WeightSync:
         #: True while ``apply`` writes leaves (the scheduler is parked then).
         self.writing = False
         self.switch = InFlightSwitch(
-            handle.scheduler, handle.tokenizer_manager, lambda: self.version, lambda: self.weights.broken
+            handle.scheduler, handle.tokenizer_manager, handle.loop, lambda: self.version, lambda: self.weights.broken
         )
 
     @property

@@ -45,6 +45,10 @@ WEIGHT_VERSIONS_KEY = "weight_versions"
 MAX_TRACKED_REQUESTS = 1 << 16
 
 Stamps = list[tuple[int, int]]
+#: The abort answer of requests that would otherwise run on a partial set of weights.
+PARTIAL_WEIGHTS_MESSAGE = (
+    "a weight update failed midway, so the engine holds a mix of old and new leaves; the request was aborted"
+)
 
 
 def check_in_flight(in_flight: Any, max_staleness: Any = None) -> None:
@@ -142,13 +146,15 @@ class InFlightSwitch:
     rearranges the parked scheduler around a swap, and annotates every answer with its
     weight-version stamps."""
 
-    def __init__(self, scheduler: Any, tokenizer_manager: Any, version_of: Any, broken_of: Any):
+    def __init__(self, scheduler: Any, tokenizer_manager: Any, loop: Any, version_of: Any, broken_of: Any):
         self._scheduler = scheduler
+        self._tm = tokenizer_manager
+        self._loop = loop  # the engine's event loop, where the tokenizer manager lives
         self._version_of = version_of  # () -> the version served now
         self._broken_of = broken_of  # () -> True while the engine holds a partial set of weights
         self.versions = WeightVersions()
         self.radix = sched.radix_cache_enabled(scheduler)
-        sched.on_arrival(scheduler, self._arrived)
+        sched.on_arrival(scheduler, self._arrived, lambda rids: self._answer_aborted(rids, PARTIAL_WEIGHTS_MESSAGE))
         sched.annotate_answers(tokenizer_manager, self._annotate, self.versions.done)
 
     # ------------------------------------------------------------------ hooks
@@ -163,6 +169,12 @@ class InFlightSwitch:
             logger.warning("aborting %d requests: the engine holds a partial set of weights", len(requests))
             return [r.rid for r in requests]
         return []
+
+    def _answer_aborted(self, rids: list[str], message: str) -> None:
+        try:
+            self._loop.call_soon_threadsafe(sched.answer_aborted, self._tm, rids, message)
+        except RuntimeError:  # the loop is closed: nobody waits
+            pass
 
     def _annotate(self, rid: str, out: dict) -> None:
         stamps = self.versions.get(rid)
@@ -212,8 +224,10 @@ class InFlightSwitch:
 
     def abort_held(self) -> int:
         """Parked, after a swap failed midway: end every held request with an abort answer
-        (none may run a forward pass on a partial set of weights)."""
-        return sched.abort_held(self._scheduler)
+        (none may run a forward pass on a partial set of weights). Returns how many."""
+        rids = sched.abort_held(self._scheduler)
+        self._answer_aborted(rids, PARTIAL_WEIGHTS_MESSAGE)
+        return len(rids)
 
     def wait_for_staleness(self, new_version: int, max_staleness: int | None, timeout: float) -> float:
         """Before a swap to ``new_version``: wait until no request in flight would then hold

@@ -13,7 +13,9 @@ the scheduler's queues with the functions here:
   ``flush_prefix_cache_ignoring_queues`` is the workaround), or evict what is unlocked;
 - give each request a prefix-cache namespace per weight version (``extra_key``), so that
   no request matches KV computed under other weights;
-- abort what it holds; record each request's arrival; annotate each answer.
+- take what it holds out of it and answer it "abort" (upstream's abort of a queued request
+  leaves it in the tokenizer manager's table for ever); record each request's arrival;
+  annotate each answer.
 
 Every function here runs on a parked scheduler (or on its own thread, for the hooks).
 """
@@ -162,39 +164,67 @@ def move_queued_to_namespace(scheduler: Any, version: int) -> int:
     return len(queued)
 
 
-def abort_held(scheduler: Any) -> int:
-    """Finish every request the scheduler holds with an "abort" answer, without another
-    forward pass (running ones are retracted first). Returns how many."""
-    from sgl_jax.srt.managers.io_struct import AbortReq
+def take_queued(scheduler: Any, rids: set[str] | None = None) -> list:
+    """Remove queued requests (all, or those in ``rids``) from the scheduler: they hold no KV
+    and have run no forward pass. Their clients still wait: answer them (``answer_aborted``).
 
-    n = len(held_requests(scheduler))
-    retract_all(scheduler)
-    scheduler.abort_request(AbortReq(abort_all=True))
-    return n
+    Not upstream's ``abort_request``: its answer for a queued request
+    (``TokenizerManager._handle_abort_req``) never removes the request from the tokenizer
+    manager's table, so the request counts as in flight forever.
+    """
+    taken = []
+    for name in ("waiting_queue", "grammar_queue", "pending_dp_reqs"):
+        queue = getattr(scheduler, name, None)
+        if not queue:
+            continue
+        keep = []
+        for r in queue:
+            (taken if rids is None or r.rid in rids else keep).append(r)
+        setattr(scheduler, name, keep)
+    return taken
 
 
-def abort_queued(scheduler: Any, rids: list[str]) -> None:
-    """Abort queued requests by id (they have run no forward pass yet)."""
-    from sgl_jax.srt.managers.io_struct import AbortReq
-
+def answer_aborted(tm: Any, rids: list[str], message: str) -> None:
+    """Finish these requests at the tokenizer manager with an "abort" answer (what upstream
+    returns for aborted requests). Run on the engine's event loop."""
     for rid in rids:
-        scheduler.abort_request(AbortReq(rid=rid))
+        state = tm.rid_to_state.pop(rid, None)
+        if state is None:
+            continue
+        state.out_list.append(
+            {
+                "text": "",
+                "output_ids": [],
+                "meta_info": {"id": rid, "finish_reason": {"type": "abort", "message": message}},
+            }
+        )
+        state.finished = True
+        state.event.set()
 
 
-def on_arrival(scheduler: Any, arrived: Callable[[list], list[str]]) -> None:
+def abort_held(scheduler: Any) -> list[str]:
+    """Take every request the scheduler holds out of it without another forward pass
+    (running ones are retracted first); returns their ids, to answer with ``answer_aborted``."""
+    retract_all(scheduler)
+    return [r.rid for r in take_queued(scheduler)]
+
+
+def on_arrival(scheduler: Any, arrived: Callable[[list], Any], refuse: Callable[[list[str]], None]) -> None:
     """Call ``arrived(generate_requests)`` on the scheduler thread with every generation
     request as it is received, before the scheduler queues it (it may set ``extra_key``);
-    the request ids it returns are aborted right after they are queued."""
+    when it returns request ids, those are taken out of the queue again (no forward pass)
+    and handed to ``refuse``."""
     from sgl_jax.srt.managers.io_struct import TokenizedGenerateReqInput
 
     inner = scheduler.process_input_requests
 
     def process_input_requests(recv_reqs):
         new = [r for r in recv_reqs or () if isinstance(r, TokenizedGenerateReqInput)]
-        refused = arrived(new) if new else []
+        refused = arrived(new) if new else None
         out = inner(recv_reqs)
         if refused:
-            abort_queued(scheduler, refused)
+            take_queued(scheduler, set(refused))
+            refuse(list(refused))
         return out
 
     process_input_requests.__wrapped__ = inner  # type: ignore[attr-defined]
