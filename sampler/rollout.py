@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from tunix.rl.rollout import base_rollout
 
+from sampler import compat
 from sampler.base import RolloutEngine
 from sampler.config import SamplerConfig
 from sampler.data_parallel import create_sampler
@@ -34,6 +35,8 @@ class SyncRecord(NamedTuple):
     seconds: float
     aliased_bytes: int
     copied_bytes: int
+    #: Requests in flight that switched to the new weights (in_flight "continue"/"recompute").
+    requests_in_flight: int = 0
 
 
 def sampler_config_from_rollout(
@@ -70,6 +73,7 @@ def sampler_config_from_rollout(
             max_loras_per_batch=1,
         )
     engine_kwargs.update(rc.rollout_sglang_jax_kwargs or {})
+    engine_kwargs = compat.sort_free_sampling(engine_kwargs, rc.rollout_sglang_jax_enable_deterministic_sampling)
     load_format = "dummy" if rc.rollout_sglang_jax_init_with_random_weights else rc.rollout_sglang_jax_load_format
     if load_format == "auto":
         load_format = "safetensors"
@@ -200,7 +204,11 @@ class SglangJaxRollout(base_rollout.BaseRollout):
                 max_staleness=self.max_staleness,
             )
         self.last_report = report
-        self.history.append(SyncRecord(report.version, report.seconds, report.aliased_bytes, report.copied_bytes))
+        self.history.append(
+            SyncRecord(
+                report.version, report.seconds, report.aliased_bytes, report.copied_bytes, report.requests_in_flight
+            )
+        )
         return report
 
     def pad_id(self) -> int:

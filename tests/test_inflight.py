@@ -203,6 +203,7 @@ def test_swap_failing_midway_aborts_requests_in_flight(ab, monkeypatch):
     for f in (future, late):
         meta = f.result(120)["meta_info"]
         assert meta["finish_reason"]["type"] == "abort", meta
+    assert not sampler.engine.tokenizer_manager.rid_to_state  # answered and gone (upstream's abort leaves them)
     with pytest.raises(RuntimeError, match="failed midway"):
         sampler.generate_ids([prompt], {"max_new_tokens": 2})
     sampler.update_params(hf["a"])

@@ -51,6 +51,7 @@ from sampler.compat.internals import (
     wait_no_requests,
 )
 from sampler.compat.lifecycle import (
+    ConditionalPark,
     EngineFault,
     SchedulerPark,
     patch_contain_engine_faults,
@@ -73,7 +74,15 @@ from sampler.compat.patches import (
     upstream_version,
     warn_if_untested_version,
 )
-from sampler.compat.tunix import TUNIX_FIXED_ROPE_THETA, TUNIX_VERSION, warn_tunix_rope_theta
+from sampler.compat.tunix import (
+    TUNIX_FIXED_ROPE_THETA,
+    TUNIX_VERSION,
+    NonDrainingSyncLock,
+    enable_in_flight_sync,
+    record_sync_waits,
+    sort_free_sampling,
+    warn_tunix_rope_theta,
+)
 
 
 def _native_attention(kwargs: Mapping[str, Any]) -> bool:
@@ -126,8 +135,10 @@ def warn_tunix_quirks(hf_config: dict) -> None:
 
 __all__ = [
     "ENGINE_QUIRKS",
+    "ConditionalPark",
     "EngineFault",
     "SGLANG_JAX_VERSION",
+    "NonDrainingSyncLock",
     "SchedulerPark",
     "TUNIX_FIXED_ROPE_THETA",
     "TUNIX_QUIRKS",
@@ -135,6 +146,7 @@ __all__ = [
     "UnsupportedModelError",
     "abort_pending",
     "check_head_dim",
+    "enable_in_flight_sync",
     "fast_value_setter",
     "flush_prefix_cache",
     "model_runner_of",
@@ -145,12 +157,14 @@ __all__ = [
     "patch_zmq_linger",
     "prepare_engine",
     "quiet_idle_scheduler",
+    "record_sync_waits",
     "requests_in_flight",
     "restore_signal_handlers",
     "save_signal_handlers",
     "scheduler_idle",
     "scheduler_of",
     "set_paused",
+    "sort_free_sampling",
     "started_threads",
     "stop_engine_threads",
     "thread_fault",

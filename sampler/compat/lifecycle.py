@@ -233,17 +233,21 @@ class SchedulerPark:
     Wraps the scheduler's ``recv_requests`` (called once at the top of every loop
     iteration): while anyone holds a park the thread waits there, so the holders may
     replace the weights, flush the prefix cache or rearrange the scheduler's queues from
-    their own threads. Parks nest: the thread resumes once every holder has released.
-    ``park_when`` parks at the first iteration boundary where a condition holds (e.g. a
-    request has produced N tokens), decided on the scheduler thread itself.
+    their own threads. Parks nest: the thread resumes once every holder has released (and
+    then runs at least one iteration before a new park takes effect). ``park_when`` parks
+    at the first iteration boundary where a condition holds (e.g. a request has produced N
+    tokens), decided on the scheduler thread itself.
     """
 
     def __init__(self, scheduler: Any, wake: Callable[[], None] = lambda: None):
         self._wake = wake  # returns an idle scheduler from its socket wait at once
         self._cond = threading.Condition()
         self._holds = 0
-        #: Iteration number at which the thread waits now (None while it runs).
+        #: Counts the times every hold was released (the parked thread may then go on).
+        self._epoch = 0
+        #: Iteration number and epoch at which the thread waits now (None while it runs).
         self._parked_at: int | None = None
+        self._parked_epoch: int | None = None
         self._iteration = 0
         self._conditions: list[Callable[[], bool]] = []
         inner = scheduler.recv_requests
@@ -256,33 +260,40 @@ class SchedulerPark:
                         self._conditions.remove(condition)
                         self._holds += 1  # on behalf of the caller of park_when
                 if self._holds:
-                    self._parked_at = self._iteration
+                    epoch = self._epoch
+                    self._parked_at, self._parked_epoch = self._iteration, epoch
                     self._cond.notify_all()
-                    self._cond.wait_for(lambda: not self._holds)
-                    self._parked_at = None
+                    self._cond.wait_for(lambda: self._epoch != epoch)
+                    self._parked_at = self._parked_epoch = None
             return inner()
 
         scheduler.recv_requests = recv_requests
 
+    def _held_parked(self, after: int | None = None) -> bool:
+        """The thread waits between iterations and stays there until the holds are released."""
+        return (
+            self._parked_at is not None
+            and self._parked_epoch == self._epoch
+            and (after is None or self._parked_at > after)
+        )
+
     @property
     def parked(self) -> bool:
-        """Whether the scheduler thread waits between two iterations now."""
-        return self._parked_at is not None
+        """Whether the scheduler thread is held between two iterations now."""
+        with self._cond:
+            return self._held_parked()
 
     def park(self, timeout: float, *, fresh: bool = False) -> bool:
         """Ask the scheduler to stop and wait until it has (``fresh``: at an iteration
-        boundary it has not been parked at before, i.e. after one more iteration);
-        False, and no park held, on timeout. Each successful park needs one ``release``."""
+        boundary after the one it waits at now, i.e. after one more iteration); False, and
+        no park held, on timeout. Each successful park needs one ``release``."""
         with self._cond:
-            since = self._iteration
+            since = self._iteration if fresh else None
             self._holds += 1
             self._wake()
-            if self._cond.wait_for(
-                lambda: self._parked_at is not None and (not fresh or self._parked_at > since), timeout
-            ):
+            if self._cond.wait_for(lambda: self._held_parked(since), timeout):
                 return True
-            self._holds -= 1
-            self._cond.notify_all()
+            self._release_locked()
             return False
 
     def park_when(self, condition: Callable[[], bool]) -> "ConditionalPark":
@@ -294,12 +305,17 @@ class SchedulerPark:
             self._wake()
         return ConditionalPark(self, condition)
 
+    def _release_locked(self) -> None:
+        if self._holds <= 0:
+            raise RuntimeError("SchedulerPark.release() without a park held")
+        self._holds -= 1
+        if self._holds == 0:
+            self._epoch += 1
+        self._cond.notify_all()
+
     def release(self) -> None:
         with self._cond:
-            if self._holds <= 0:
-                raise RuntimeError("SchedulerPark.release() without a park held")
-            self._holds -= 1
-            self._cond.notify_all()
+            self._release_locked()
 
 
 class ConditionalPark:
@@ -317,7 +333,7 @@ class ConditionalPark:
         """Wait until the scheduler has parked on the condition; False on timeout."""
         park = self._park
         with park._cond:
-            return park._cond.wait_for(lambda: self.fired and park._parked_at is not None, timeout)
+            return park._cond.wait_for(lambda: self.fired and park._held_parked(), timeout)
 
     def release(self) -> None:
         """Resume the scheduler (or, if the condition never held, stop watching for it)."""
@@ -325,7 +341,7 @@ class ConditionalPark:
             if not self.fired:
                 self._park._conditions.remove(self._condition)
                 return
-        self._park.release()
+            self._park._release_locked()
 
 
 def started_threads(before: set[threading.Thread]) -> list[threading.Thread]:
