@@ -23,6 +23,7 @@ Every function here runs on a parked scheduler (or on its own thread, for the ho
 from __future__ import annotations
 
 import re
+import time
 from typing import Any, AsyncIterator, Callable
 
 #: Prefix of the prefix-cache namespace of each weight version (upstream's ``extra_key``).
@@ -248,3 +249,27 @@ def annotate_answers(tm: Any, annotate: Callable[[str, dict], None], done: Calla
 
     _wait_one_response.__wrapped__ = inner  # type: ignore[attr-defined]
     tm._wait_one_response = _wait_one_response
+
+
+def record_batch_seconds(scheduler: Any) -> list[tuple[str, int, float]]:
+    """Time every batch the scheduler runs (benchmarks): appends (``"decode"`` or
+    ``"prefill"``, requests in the batch, seconds from launch to processed result)."""
+    run_batch, process = scheduler.run_batch, scheduler.process_batch_result
+    records: list[tuple[str, int, float]] = []
+    started: dict[int, float] = {}
+
+    def timed_run_batch(batch):
+        started[id(batch)] = time.perf_counter()
+        return run_batch(batch)
+
+    def timed_process_batch_result(batch, result, *args, **kwargs):
+        out = process(batch, result, *args, **kwargs)
+        t0 = started.pop(id(batch), None)
+        if t0 is not None:
+            mode = "decode" if batch.forward_mode.is_decode() else "prefill"
+            records.append((mode, len(_batch_requests(batch)), time.perf_counter() - t0))
+        return out
+
+    scheduler.run_batch = timed_run_batch
+    scheduler.process_batch_result = timed_process_batch_result
+    return records
