@@ -6,7 +6,9 @@ every touch of an upstream private, in one package. Nothing outside it patches u
   shutdown, signal handlers;
 - ``internals``: accessors of upstream internals that are not patches (model runner,
   tokenizer-manager pause flag and request table, HTTP server global state, flax slots);
-- ``tunix``: Tunix workarounds.
+- ``inflight``: the scheduler's queues, retract, prefix cache and hooks around a weight swap
+  with requests in flight;
+- ``tunix``: Tunix workarounds and every touch of a Tunix private.
 
 Each workaround has a test in ``tests/test_compat.py`` that runs unpatched upstream and
 fails once it is no longer needed, and a test that it works.
@@ -32,6 +34,17 @@ fails once it is no longer needed, and a test that it works.
 | ``patch_contain_engine_faults`` | any exception in the scheduler/detokenizer thread SIGQUITs the process;    |
 |                                 | contained: recorded, callers get ``EngineFaultError``, the process lives   |
 | ``warn_tunix_rope_theta``       | Tunix 0.1.7's Qwen3 and Llama3 ignore ``config.rope_theta`` (always 1e6)   |
+| ``retract_last_prefill_batch``  | retract right after a prefill loses the request (it sat in ``last_batch``, |
+|                                 | which retract drops): it never finishes, its KV leaks                      |
+| ``flush_prefix_cache_ignoring_  | ``flush_cache`` refuses while retracted requests (no KV held) are queued   |
+| queues``                        |                                                                             |
+| ``take_queued`` +               | aborting a queued request answers it but leaves it in the tokenizer        |
+| ``answer_aborted``              | manager's table for ever (it counts as in flight)                          |
+| ``sort_free_sampling``          | seeded sampling through the sort top-k/top-p path (Tunix's default) fails  |
+|                                 | for a batch of one request (ShardingTypeError in the scheduler thread)     |
+| ``enable_in_flight_sync``       | Tunix 0.1.7's agentic ``RolloutSyncLock`` drains every episode at a sync   |
+| (``NonDrainingSyncLock``)       | and blocks the learner's event loop while a sync waits: a deadlock when    |
+|                                 | ``max_concurrency`` < episodes queued                                       |
 """
 
 from __future__ import annotations
