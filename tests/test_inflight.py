@@ -135,7 +135,8 @@ def test_recompute_flushes_the_prefix_cache_while_retracted_requests_wait(ab):
 def test_weights_change_only_between_iterations(ab, monkeypatch):
     """Every leaf write happens while the scheduler thread is parked between iterations, and
     no forward pass sees the served leaves change under it, across swaps in every mode with
-    requests in flight."""
+    requests in flight. The update is called while the scheduler runs (the request is let go
+    after n tokens), so the swap has to park it itself."""
     sampler, _, hf, prompt, _ = ab
     sync, handle = sampler.sync, sampler._handle
     runner, scheduler = handle.model_runner, handle.scheduler
@@ -168,7 +169,11 @@ def test_weights_change_only_between_iterations(ab, monkeypatch):
             if in_flight == "drain":
                 sampler.update_params(weights)
                 continue
-            _swap_mid_request(sampler, prompt, weights, in_flight, n=2 + i)
+            with helpers.parked_at_tokens(sampler, 2 + i) as wait:
+                future = helpers.send_async(sampler, prompt, L)
+                wait()
+            sampler.update_params(weights, in_flight=in_flight)  # the scheduler is decoding meanwhile
+            assert len(helpers.tokens_of(future.result(120))) == L
     finally:
         monkeypatch.undo()
         _serve_a(sampler, hf)
