@@ -291,13 +291,16 @@ def test_http_server_admits_requests_while_an_in_flight_reload_writes(ab, varied
     sampler, ref_b, hf, prompt, tokens_a = ab
     server = WeightServer(sampler, admin_token="t")
     seen = []
-    swap = sampler.sync.weights.swap
+    setters = list(sampler.sync.weights._setters)
 
-    def watched_swap(*args, **kwargs):
-        seen.append((server.admission_problem(), server.status()["accepting"]))
-        return swap(*args, **kwargs)
+    def midway(setter):  # the second leaf written: the weights are half old, half new
+        def set_value(value):
+            seen.append((server.admission_problem(), server.status()["accepting"]))
+            setter(value)
 
-    monkeypatch.setattr(sampler.sync.weights, "swap", watched_swap)
+        return set_value
+
+    monkeypatch.setattr(sampler.sync.weights, "_setters", setters[:1] + [midway(setters[1])] + setters[2:])
     loop = sampler.event_loop
     try:
         with helpers.parked_at_tokens(sampler, N) as wait:
