@@ -2,9 +2,11 @@
 sharing audit and fingerprint. Front ends (``SglangJaxSampler``, ``DataParallelSampler``,
 the rollout, the HTTP server) all swap weights through a ``WeightSync``.
 
-A swap: validate the source against the engine (a cached plan), wait until no generation
-runs (the gate for this process's callers, the engine's quiescing for everyone else),
-then ``EngineWeights.swap`` writes the new leaves and the prefix cache is flushed.
+A swap: validate the source against the engine (a cached plan); then either wait until no
+generation runs ("drain": the gate for this process's callers, the engine's quiescing for
+everyone else) or park the scheduler between two iterations with requests in flight
+("continue", "recompute", see ``sampler.inflight``); ``EngineWeights.swap`` writes the new
+leaves, and nothing the old weights computed stays reusable in the prefix cache.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -31,6 +33,7 @@ from converters.source import as_param_tree, key_paths, leaf_signature
 from converters.spec import read_hf_config
 from sampler.config import SamplerConfig
 from sampler.engine import EngineHandle, UpdateTimeoutError
+from sampler.inflight import InFlightSwitch, check_in_flight
 from sampler.progress import progress
 from sampler.reports import SharingReport, UpdateReport
 from sampler.weights import EngineWeights, buffer_pointers, live_device_bytes
@@ -39,9 +42,9 @@ logger = logging.getLogger(__name__)
 
 
 class UpdateGate:
-    """Generation calls run side by side; a weight update waits until none is in flight
-    and holds new ones back until the swap is done, so every request runs on one
-    complete set of weights."""
+    """Generation calls run side by side; a weight update holds new ones back while the
+    weights change (``holding_new_calls``), and a draining update also waits until none
+    is in flight (``updating``), so every request runs on one complete set of weights."""
 
     def __init__(self):
         self._cond = threading.Condition()
@@ -50,9 +53,12 @@ class UpdateGate:
         self._update_lock = threading.Lock()
 
     @contextlib.contextmanager
-    def generating(self):
+    def generating(self, check: Callable[[], None] | None = None):
+        """One generation call; ``check()`` runs as it is admitted, never while weights change."""
         with self._cond:
             self._cond.wait_for(lambda: not self._updating)
+            if check is not None:
+                check()
             self._active += 1
         try:
             yield
@@ -62,27 +68,49 @@ class UpdateGate:
                 self._cond.notify_all()
 
     @contextlib.contextmanager
-    def updating(self, timeout: float):
+    def one_update(self, timeout: float):
+        """Updates run one at a time."""
         if not self._update_lock.acquire(timeout=timeout):
             raise UpdateTimeoutError(f"another weight update is still running after {timeout:.0f} s")
         try:
-            with self._cond:
-                self._updating = True
-                if not self._cond.wait_for(lambda: self._active == 0, timeout):
-                    self._updating = False
-                    self._cond.notify_all()
-                    raise UpdateTimeoutError(
-                        f"{self._active} generation calls were still running after {timeout:.0f} s; "
-                        "the weights were not changed"
-                    )
-            try:
-                yield
-            finally:
-                with self._cond:
-                    self._updating = False
-                    self._cond.notify_all()
+            yield
         finally:
             self._update_lock.release()
+
+    @contextlib.contextmanager
+    def holding_new_calls(self, drain_timeout: float | None = None):
+        """New generation calls wait until the body ends; with ``drain_timeout`` the body also
+        waits until no call is in flight (UpdateTimeoutError, nothing changed, after it)."""
+        with self._cond:
+            self._updating = True
+            if drain_timeout is not None and not self._cond.wait_for(lambda: self._active == 0, drain_timeout):
+                self._updating = False
+                self._cond.notify_all()
+                raise UpdateTimeoutError(
+                    f"{self._active} generation calls were still running after {drain_timeout:.0f} s; "
+                    "the weights were not changed"
+                )
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._updating = False
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def updating(self, timeout: float):
+        """A draining update: one at a time, no generation call in flight, new ones held."""
+        with self.one_update(timeout), self.holding_new_calls(timeout):
+            yield
+
+
+@dataclasses.dataclass
+class SwapWindow:
+    """What ``WeightSync.exclusive`` obtained: the policy for requests in flight, and how
+    long the caller waited for it (requests to finish, the scheduler to park)."""
+
+    in_flight: str = "drain"
+    wait_seconds: float = 0.0
 
 
 @jax.jit
@@ -157,6 +185,11 @@ class WeightSync:
         self.gate = UpdateGate()
         self.version = 0
         self._plans: dict[Any, ConversionPlan] = {}
+        #: True while ``apply`` writes leaves (the scheduler is parked then).
+        self.writing = False
+        self.switch = InFlightSwitch(
+            handle.scheduler, handle.tokenizer_manager, handle.loop, lambda: self.version, lambda: self.weights.broken
+        )
 
     @property
     def architecture(self) -> str:
@@ -185,10 +218,16 @@ class WeightSync:
         return fingerprint_arrays(weights)
 
     def check_servable(self) -> None:
-        """Raise if generating now would crash the engine or use a mixed set of weights."""
+        """Raise if generating now would crash the engine or use a mixed set of weights.
+
+        While a swap writes the weights (only callers outside the update gate can see that,
+        e.g. the HTTP server) a request is servable: it waits at the parked scheduler, and
+        is aborted there if the swap fails."""
         if self.handle.closed:
             raise RuntimeError("this sampler has been shut down")
         self.handle.raise_if_faulted()
+        if self.writing:
+            return
         if self.weights.broken:
             raise RuntimeError(
                 "a weight update failed midway, so the engine holds a mix of old and new leaves; "
@@ -285,30 +324,70 @@ class WeightSync:
         logger.info("loading %s (%d tensors, %.1f MiB)", ckpt.path, len(ckpt.names), ckpt.nbytes / 2**20)
         return Push(plan, ckpt.leaves(), t0, track_peak_memory=track_peak_memory, show_progress=True)
 
-    def update_params(self, updated_weights: Any, filter_types: Any = None, **options: Any) -> UpdateReport:
+    def update_params(
+        self,
+        updated_weights: Any,
+        filter_types: Any = None,
+        *,
+        in_flight: str = "drain",
+        max_staleness: int | None = None,
+        **options: Any,
+    ) -> UpdateReport:
         """Serve ``updated_weights`` from the next request on (see ``SglangJaxSampler.update_params``)."""
-        return self.swap(self.prepare(updated_weights, filter_types, **options))
+        check_in_flight(in_flight, max_staleness)
+        push = self.prepare(updated_weights, filter_types, **options)
+        return self.swap(push, in_flight=in_flight, max_staleness=max_staleness)
 
-    def load_checkpoint(self, path: Any, *, strict: bool = True, track_peak_memory: bool = False) -> UpdateReport:
+    def load_checkpoint(
+        self,
+        path: Any,
+        *,
+        strict: bool = True,
+        track_peak_memory: bool = False,
+        in_flight: str = "drain",
+        max_staleness: int | None = None,
+    ) -> UpdateReport:
         """Load an HF safetensors directory tensor by tensor (host memory near one tensor)."""
-        return self.swap(self.prepare_checkpoint(path, strict=strict, track_peak_memory=track_peak_memory))
+        check_in_flight(in_flight, max_staleness)
+        push = self.prepare_checkpoint(path, strict=strict, track_peak_memory=track_peak_memory)
+        return self.swap(push, in_flight=in_flight, max_staleness=max_staleness)
 
     @contextlib.contextmanager
-    def exclusive(self, timeout: float | None = None):
-        """Hold the engine with no generation running, for anyone (UpdateTimeoutError if
-        requests still run after ``timeout``, default ``update_timeout_s``)."""
+    def exclusive(self, timeout: float | None = None, *, in_flight: str = "drain", max_staleness: int | None = None):
+        """Hold the engine where its weights may change, for anyone; yields a SwapWindow.
+
+        "drain": no generation runs (new requests wait, running ones finish first).
+        "continue" / "recompute": requests stay in flight; the scheduler thread is parked
+        between two iterations and new generation calls wait at the gate until the body
+        ends. With ``max_staleness`` it first waits until no request in flight holds tokens
+        more than that many versions older than the next one. UpdateTimeoutError, nothing
+        changed, if that takes longer than ``timeout`` (default ``update_timeout_s``).
+        """
         timeout = self.config.update_timeout_s if timeout is None else timeout
+        check_in_flight(in_flight, max_staleness)
+        self.switch.check_supported(in_flight)
         self.handle.raise_if_faulted()
-        with self.gate.updating(timeout), self.handle.quiesced(timeout):
-            yield
+        t0 = time.perf_counter()
+        if in_flight == "drain":
+            with self.gate.updating(timeout), self.handle.quiesced(timeout):
+                yield SwapWindow(in_flight, time.perf_counter() - t0)
+            return
+        deadline = time.monotonic() + timeout
+        with self.gate.one_update(timeout):
+            self.switch.wait_for_staleness(self.version + 1, max_staleness, deadline - time.monotonic())
+            ready = lambda: self.switch.ready(in_flight)
+            with self.handle.parked(deadline - time.monotonic(), ready), self.gate.holding_new_calls():
+                yield SwapWindow(in_flight, time.perf_counter() - t0)
 
-    def swap(self, push: Push) -> UpdateReport:
-        """Apply ``push`` once no request runs; returns the report."""
-        with self.exclusive():
-            return self.apply(push)
+    def swap(self, push: Push, *, in_flight: str = "drain", max_staleness: int | None = None) -> UpdateReport:
+        """Apply ``push`` under the ``in_flight`` policy; returns the report."""
+        with self.exclusive(in_flight=in_flight, max_staleness=max_staleness) as window:
+            return self.apply(push, window)
 
-    def apply(self, push: Push) -> UpdateReport:
-        """Write ``push`` into the engine; only inside ``exclusive()``."""
+    def apply(self, push: Push, window: SwapWindow | None = None) -> UpdateReport:
+        """Write ``push`` into the engine; only inside ``exclusive()`` (pass its window)."""
+        window = window or SwapWindow()
+        in_flight = window.in_flight
         plan, alias, track_peak = push.plan, push.alias, push.track_peak_memory
         track = self.config.track_memory or track_peak
         before = live_device_bytes() if track else None
@@ -322,6 +401,8 @@ class WeightSync:
             if bar is not None:
                 bar.update(1)
 
+        held = self.switch.before_write(in_flight)
+        self.writing = True
         try:
             written, paths = self.weights.swap(
                 plan,
@@ -333,9 +414,15 @@ class WeightSync:
             )
             jax.block_until_ready(written)
             del written
-            self.handle.flush_cache_parked()
             self.version += 1
+            self.switch.after_write(in_flight, self.version, held)
+        except BaseException:
+            if in_flight != "drain" and self.weights.broken:
+                aborted = self.switch.abort_held()
+                logger.error("a weight swap failed midway; %d requests in flight were aborted", aborted)
+            raise
         finally:
+            self.writing = False
             if bar is not None:
                 bar.close()
         after = live_device_bytes() if track else None
@@ -361,6 +448,9 @@ class WeightSync:
             largest_copied_leaf_bytes=max((e.nbytes for e in copied), default=0),
             untouched=list(plan.missing),
             plan_reused=push.plan_reused,
+            in_flight=in_flight,
+            requests_in_flight=len(held),
+            wait_seconds=window.wait_seconds,
         )
 
     def verify_sharing(

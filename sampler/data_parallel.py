@@ -23,6 +23,7 @@ from converters import ModelSpec
 from sampler.base import RolloutEngine, as_tokenizer_adapter
 from sampler.config import SamplerConfig
 from sampler.core import Push, UpdateGate, is_path
+from sampler.inflight import check_in_flight
 from sampler.recovery import RestartReport
 from sampler.reports import SharingReport, UpdateReport
 from sampler.sampler import SglangJaxSampler
@@ -97,6 +98,8 @@ class DataParallelSampler(RolloutEngine):
         #: True from the first engine write of an update until the last; stays True when an
         #: update failed midway, until a complete push (then engines may hold different versions).
         self._mixed = False
+        #: True while an update writes the engines (their schedulers are parked then).
+        self._writing = False
         self._closed = False
         self._lock = threading.Lock()
 
@@ -170,15 +173,20 @@ class DataParallelSampler(RolloutEngine):
         track_peak_memory: bool = False,
         alias: bool = True,
         check_finite: bool = False,
+        in_flight: str = "drain",
+        max_staleness: int | None = None,
     ) -> UpdateReport:
         """Push the weights to every engine or to none: aliased where an engine's devices and
         sharding already hold them, copied to the others.
 
-        The tree is validated against every engine, then every engine is quiesced (no request
-        runs on any of them), and only then are the weights written. If an engine cannot be
-        quiesced in time, ``UpdateTimeoutError`` and no engine changed. If a write fails
+        The tree is validated against every engine, then every engine is held where its
+        weights may change (``in_flight="drain"``: no request runs on any of them; otherwise
+        each scheduler is parked between two iterations with its requests in flight, and all
+        switch at their next iteration), and only then are the weights written. If an engine
+        cannot be held in time, ``UpdateTimeoutError`` and no engine changed. If a write fails
         midway, generation is refused until a complete push (no call sees mixed versions).
         """
+        check_in_flight(in_flight, max_staleness)
         pushes = [
             s.sync.prepare(
                 updated_weights, filter_types, source_format=source_format, strict=strict,
@@ -186,31 +194,53 @@ class DataParallelSampler(RolloutEngine):
             )
             for i, s in enumerate(self.samplers)
         ]  # fmt: skip
-        return self._apply_all(pushes)
+        return self._apply_all(pushes, in_flight=in_flight, max_staleness=max_staleness)
 
     def load_checkpoint(
-        self, path_or_weights: Any, *, strict: bool = True, track_peak_memory: bool = False
+        self,
+        path_or_weights: Any,
+        *,
+        strict: bool = True,
+        track_peak_memory: bool = False,
+        in_flight: str = "drain",
+        max_staleness: int | None = None,
     ) -> UpdateReport:
         """``SglangJaxSampler.load_checkpoint`` on every engine or on none (as ``update_params``)."""
+        options = dict(strict=strict, track_peak_memory=track_peak_memory)
         if not is_path(path_or_weights):
-            return self.update_params(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
-        pushes = [
-            s.sync.prepare_checkpoint(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
-            for s in self.samplers
-        ]
-        return self._apply_all(pushes)
+            return self.update_params(path_or_weights, in_flight=in_flight, max_staleness=max_staleness, **options)
+        check_in_flight(in_flight, max_staleness)
+        pushes = [s.sync.prepare_checkpoint(path_or_weights, **options) for s in self.samplers]
+        return self._apply_all(pushes, in_flight=in_flight, max_staleness=max_staleness)
 
-    def _apply_all(self, pushes: list[Push]) -> UpdateReport:
+    def _apply_all(
+        self, pushes: list[Push], *, in_flight: str = "drain", max_staleness: int | None = None
+    ) -> UpdateReport:
         t0 = min(p.t0 for p in pushes)
         timeout = self.config.update_timeout_s
-        with self._gate.updating(timeout), contextlib.ExitStack() as quiet:
-            for s in self.samplers:  # every engine idle before any engine changes
-                quiet.enter_context(s.sync.exclusive(timeout))
+        drain = in_flight == "drain"
+        with self._gate.one_update(timeout), contextlib.ExitStack() as held:
+            if drain:
+                held.enter_context(self._gate.holding_new_calls(timeout))
+            # every engine held (idle, or parked between iterations) before any engine changes
+            windows = [
+                held.enter_context(s.sync.exclusive(timeout, in_flight=in_flight, max_staleness=max_staleness))
+                for s in self.samplers
+            ]
+            if not drain:
+                held.enter_context(self._gate.holding_new_calls())
             was_mixed, self._mixed = self._mixed, True  # until every engine holds the new version
-            # the engines' writes overlap: each engine has its own devices and buffers
-            futures = [self._pool.submit(s.sync.apply, push) for s, push in zip(self.samplers, pushes)]
-            concurrent.futures.wait(futures)  # every write has ended before the engines resume
-            reports = [f.result() for f in futures]
+            self._writing = True
+            try:
+                # the engines' writes overlap: each engine has its own devices and buffers
+                futures = [
+                    self._pool.submit(s.sync.apply, push, window)
+                    for s, push, window in zip(self.samplers, pushes, windows)
+                ]
+                concurrent.futures.wait(futures)  # every write has ended before the engines resume
+                reports = [f.result() for f in futures]
+            finally:
+                self._writing = False
             self._mixed = was_mixed and not all(p.plan.complete for p in pushes)
         return UpdateReport.combine(reports, time.perf_counter() - t0)
 
@@ -227,6 +257,10 @@ class DataParallelSampler(RolloutEngine):
     def check_servable(self) -> None:
         if self._closed:
             raise RuntimeError("this sampler has been shut down")
+        if self._writing:  # only callers outside the gate see this; see WeightSync.check_servable
+            for s in self.samplers:
+                s.sync.handle.raise_if_faulted()
+            return
         if self._mixed:
             versions = [s.version for s in self.samplers]
             raise RuntimeError(
@@ -242,8 +276,7 @@ class DataParallelSampler(RolloutEngine):
     ) -> list[tuple[list[int], Any]]:
         """Run ``call(engine, indexes)`` on every engine with a non-empty share, concurrently."""
         groups = split_balanced(costs, len(self.samplers))
-        with self._gate.generating():
-            self.check_servable()
+        with self._gate.generating(check=self.check_servable):
             futures = [
                 (idx, self._pool.submit(call, sampler, idx)) for sampler, idx in zip(self.samplers, groups) if idx
             ]

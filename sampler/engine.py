@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Coroutine, TypeVar
+from typing import Any, Callable, Coroutine, TypeVar
 
 import jax
 
@@ -27,8 +27,6 @@ T = TypeVar("T")
 FAULT_POLL_S = 0.25
 #: How long pausing or resuming the tokenizer manager may take (s).
 PAUSE_TIMEOUT_S = 60.0
-#: Pause before looking again when a request slipped in just as the scheduler parked (s).
-PARK_RETRY_S = 0.002
 #: A park attempt is given at least this long (s).
 MIN_PARK_WAIT_S = 0.1
 #: What engine start-up shows on its progress bar.
@@ -235,6 +233,7 @@ class EngineHandle:
         tm = self.tokenizer_manager
         deadline = time.monotonic() + timeout
         self.run(compat.set_paused(tm, True), timeout=PAUSE_TIMEOUT_S)
+        fresh = False  # after a failed look: park at a later iteration boundary
         try:
             while True:
                 left = deadline - time.monotonic()
@@ -243,14 +242,14 @@ class EngineHandle:
                         f"{compat.requests_in_flight(tm)} requests were still running after {timeout:.0f} s; "
                         "the weights were not changed"
                     )
-                if not self._park.park(max(deadline - time.monotonic(), MIN_PARK_WAIT_S)):
+                if not self._park.park(max(deadline - time.monotonic(), MIN_PARK_WAIT_S), fresh=fresh):
                     continue
                 # Parked: a request sent between the check and the park is still in the
                 # request table (the tokenizer records it as it sends it).
                 if not compat.requests_in_flight(tm) and compat.scheduler_idle(self.scheduler):
                     break
                 self._park.release()
-                time.sleep(PARK_RETRY_S)
+                fresh = True
             try:
                 yield
             finally:
@@ -258,11 +257,35 @@ class EngineHandle:
         finally:
             self.run(compat.set_paused(tm, False), timeout=PAUSE_TIMEOUT_S)
 
-    def flush_cache_parked(self) -> None:
-        """Drop the prefix cache; only inside ``quiesced`` (the scheduler thread is parked)."""
-        ok, message = compat.flush_prefix_cache(self.scheduler)
-        if not ok:
-            raise RuntimeError(f"sglang-jax refused to flush its prefix cache: {message}")
+    @contextlib.contextmanager
+    def parked(self, timeout: float, ready: Callable[[], bool] | None = None):
+        """Run the body with the scheduler thread held between two iterations, requests in
+        flight left where they are (new ones queue up in front of it): no forward pass runs
+        meanwhile. ``ready()``, if given, is checked while parked; when false the scheduler
+        runs one more iteration and is looked at again. UpdateTimeoutError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        fresh = False
+        while True:
+            self.raise_if_faulted()
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._park.park(max(left, MIN_PARK_WAIT_S), fresh=fresh):
+                raise UpdateTimeoutError(
+                    f"the scheduler did not reach a point where the weights can change within {timeout:.0f} s; "
+                    "the weights were not changed"
+                )
+            if ready is None or ready():
+                break
+            self._park.release()
+            fresh = True
+        try:
+            yield
+        finally:
+            self._park.release()
+
+    @property
+    def park(self) -> compat.SchedulerPark:
+        """The scheduler's park (tests and benchmarks hold requests in flight with it)."""
+        return self._park
 
     def shutdown(self) -> None:
         if self.closed:

@@ -49,8 +49,9 @@ from converters.source import as_param_tree, key_paths
 from sampler import compat, launch
 from sampler.compat import multinode
 from sampler.config import SamplerConfig
-from sampler.core import Push, WeightSync, check_finite_leaves
+from sampler.core import Push, SwapWindow, WeightSync, check_finite_leaves
 from sampler.engine import PAUSE_TIMEOUT_S, EngineHandle, UpdateTimeoutError
+from sampler.inflight import check_in_flight
 from sampler.reports import UpdateReport
 
 logger = logging.getLogger(__name__)
@@ -416,9 +417,15 @@ class MultiProcessSync(WeightSync):
         return push
 
     @contextlib.contextmanager
-    def exclusive(self, timeout: float | None = None):
+    def exclusive(self, timeout: float | None = None, *, in_flight: str = "drain", max_staleness: int | None = None):
         """Every process's scheduler parked at the same iteration, no request running."""
+        check_in_flight(in_flight, max_staleness)
+        if in_flight != "drain":
+            raise ValueError(
+                f"in_flight={in_flight!r}: an engine spanning several processes swaps with in_flight='drain' only"
+            )
         timeout = self.config.update_timeout_s if timeout is None else timeout
+        t0 = time.perf_counter()
         self.handle.raise_if_faulted()
         with self.gate.updating(timeout), contextlib.ExitStack() as stack:
             rnd = self.group.round("parked")
@@ -447,16 +454,16 @@ class MultiProcessSync(WeightSync):
             failed = [(r, s.decode()) for r, s in enumerate(statuses) if s]
             if failed:
                 raise PeerFailureError(f"process {failed[0][0]} could not park its scheduler ({failed[0][1]})")
-            yield
+            yield SwapWindow("drain", time.perf_counter() - t0)
 
-    def apply(self, push: Push) -> UpdateReport:
+    def apply(self, push: Push, window: SwapWindow | None = None) -> UpdateReport:
         """Write ``push`` on every process (inside ``exclusive()``); all succeed or all raise."""
         error, report = None, None
         try:
             paths = getattr(push, "finite_paths", None)
             if paths is not None:  # a global reduction: the same answer on every process
                 check_finite_leaves(paths, push.leaves)
-            report = super().apply(push)
+            report = super().apply(push, window)
         except Exception as e:  # noqa: BLE001
             error = e
         agree(self.group, "applied", error)

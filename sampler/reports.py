@@ -39,6 +39,14 @@ class UpdateReport:
     paths: dict[str, str] = dataclasses.field(default_factory=dict)
     #: Bytes written per path (``copied_bytes`` is their sum; zero-copy paths move none).
     moved_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: What happened to requests in flight: "drain" (they finished first), "continue"
+    #: (they went on with their KV cache), "recompute" (their KV was recomputed).
+    in_flight: str = "drain"
+    #: Requests in flight that switched to the new weights ("continue" / "recompute").
+    requests_in_flight: int = 0
+    #: Time the caller waited before the weights could change (requests finishing with
+    #: "drain", the scheduler reaching an iteration boundary otherwise); part of ``seconds``.
+    wait_seconds: float = 0.0
     #: Data-parallel samplers: one report per engine (paths above are prefixed ``engine<i>/``).
     engines: list["UpdateReport"] = dataclasses.field(default_factory=list)
 
@@ -65,6 +73,9 @@ class UpdateReport:
             moved_bytes={
                 k: sum(r.moved_bytes.get(k, 0) for r in reports) for k in {k for r in reports for k in r.moved_bytes}
             },
+            in_flight=first.in_flight,
+            requests_in_flight=sum(r.requests_in_flight for r in reports),
+            wait_seconds=sum(r.wait_seconds for r in reports),  # engines are held one after another
             engines=list(reports),
         )
 
@@ -89,6 +100,8 @@ class UpdateReport:
                     f"{k} {n} ({self.moved_bytes.get(k, 0) / mib:.1f} MiB moved)" for k, n in sorted(counts.items())
                 )
             )
+        if self.in_flight != "drain":
+            parts.append(f"{self.in_flight}: {self.requests_in_flight} requests in flight switched")
         if self.engines:
             parts.append(
                 "per engine aliased/copied: "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import threading
 from typing import Any, NamedTuple, Optional, Tuple
 
 import jax
@@ -20,6 +21,7 @@ from tunix.rl.rollout import base_rollout
 from sampler.base import RolloutEngine
 from sampler.config import SamplerConfig
 from sampler.data_parallel import create_sampler
+from sampler.inflight import WEIGHT_VERSIONS_KEY, check_in_flight
 from sampler.reports import UpdateReport
 from sampler.tunix_config import from_rollout_config, mapping_format
 
@@ -34,6 +36,8 @@ class SyncRecord(NamedTuple):
     seconds: float
     aliased_bytes: int
     copied_bytes: int
+    #: Requests in flight that switched to the new weights (in_flight "continue"/"recompute").
+    requests_in_flight: int = 0
 
 
 class SglangJaxRollout(base_rollout.BaseRollout):
@@ -42,6 +46,14 @@ class SglangJaxRollout(base_rollout.BaseRollout):
     Built by RLCluster as ``SglangJaxRollout(rollout_actor=..., tokenizer=..., mesh=...,
     rollout_config=...)``; does the first full weight sync from the actor at
     construction. ``update_params`` is what ``RLCluster.sync_weights()`` calls.
+
+    ``in_flight`` / ``max_staleness`` (give them with ``functools.partial(SglangJaxRollout,
+    in_flight="recompute")`` as the ``rollout_engine``): what every sync does with requests
+    in flight (see ``sampler.inflight``). "drain" (default) is what synchronous learners
+    need; asynchronous ones (Tunix's agentic learner with
+    ``sampler.compat.tunix.enable_in_flight_sync``) sync without waiting for rollouts.
+    ``last_weight_versions()`` has the weight-version stamps of this thread's last
+    ``generate``.
     """
 
     def __init__(
@@ -53,10 +65,16 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         *,
         model: nnx.Module | None = None,
         sampler_config: SamplerConfig | None = None,
+        in_flight: str = "drain",
+        max_staleness: int | None = None,
     ):
         actor = rollout_actor if rollout_actor is not None else model
         if rollout_config is None:
             raise TypeError("SglangJaxRollout needs rollout_config=RolloutConfig(...)")
+        check_in_flight(in_flight, max_staleness)
+        self.in_flight = in_flight
+        self.max_staleness = max_staleness
+        self._local = threading.local()
         config = sampler_config or from_rollout_config(rollout_config, mesh)
         self._sampler = create_sampler(config, tokenizer)
         mapping = getattr(rollout_config, "rollout_mapping_config", None)
@@ -88,6 +106,7 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         (as Tunix code does); each gets the completions of its own prompts."""
         with self._collective():
             out = self._generate(prompts, rollout_config, **kwargs)
+        self._local.weight_versions = [m.get(WEIGHT_VERSIONS_KEY) for m in out.meta]
         return base_rollout.RolloutOutput(
             text=out.text,
             logits=None,
@@ -116,6 +135,11 @@ class SglangJaxRollout(base_rollout.BaseRollout):
             **kwargs,
         )
 
+    def last_weight_versions(self) -> list[list[tuple[int, int]] | None] | None:
+        """Per completion of this thread's last ``generate``: [(engine weight version, first
+        token index), ...] (Tunix's RLCluster drops extra output fields, so they wait here)."""
+        return getattr(self._local, "weight_versions", None)
+
     def get_per_token_logps(
         self, prompt_tokens: jax.Array, completion_tokens: jax.Array, completion_mask: jax.Array | None = None
     ) -> jax.Array:
@@ -138,9 +162,19 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         types = filter_types if isinstance(filter_types, (tuple, list)) else (filter_types,) if filter_types else ()
         lora_only = bool(types) and all(isinstance(t, type) and issubclass(t, nnx.LoRAParam) for t in types)
         with jax.transfer_guard("allow"):
-            report = self._sampler.update_params(params, filter_types, strict=not lora_only)
+            report = self._sampler.update_params(
+                params,
+                filter_types,
+                strict=not lora_only,
+                in_flight=self.in_flight,
+                max_staleness=self.max_staleness,
+            )
         self.last_report = report
-        self.history.append(SyncRecord(report.version, report.seconds, report.aliased_bytes, report.copied_bytes))
+        self.history.append(
+            SyncRecord(
+                report.version, report.seconds, report.aliased_bytes, report.copied_bytes, report.requests_in_flight
+            )
+        )
         return report
 
     def pad_id(self) -> int:

@@ -190,6 +190,8 @@ class SglangJaxSampler(RolloutEngine):
         track_peak_memory: bool = False,
         alias: bool = True,
         check_finite: bool = False,
+        in_flight: str = "drain",
+        max_staleness: int | None = None,
     ) -> UpdateReport:
         """Serve ``updated_weights`` from the next request on.
 
@@ -201,6 +203,14 @@ class SglangJaxSampler(RolloutEngine):
         ``alias=False`` copies every leaf (for train steps that donate their parameters).
         ``check_finite=True`` refuses params holding NaN or Inf (ValueError naming the
         paths; costs one reduction over every leaf).
+
+        ``in_flight``: what happens to requests running at the swap (``sampler.inflight``):
+        ``"drain"`` (they finish on the old weights first; new ones wait), ``"continue"``
+        (they go on with their KV cache under the new weights) or ``"recompute"`` (their KV
+        is recomputed under the new weights first). Every answer's
+        ``meta_info["weight_versions"]`` says which version produced which tokens.
+        ``max_staleness=k`` (with "continue"/"recompute"): the swap first waits until no
+        request in flight holds tokens more than k versions older than the new version.
         """
         self._recover_if_faulted()
         report = self.sync.update_params(
@@ -211,6 +221,8 @@ class SglangJaxSampler(RolloutEngine):
             track_peak_memory=track_peak_memory,
             alias=alias,
             check_finite=check_finite,
+            in_flight=in_flight,
+            max_staleness=max_staleness,
         )
         self.weight_source = WeightSource("pushed")
         if strict:
@@ -218,7 +230,13 @@ class SglangJaxSampler(RolloutEngine):
         return report
 
     def load_checkpoint(
-        self, path_or_weights: Any, *, strict: bool = True, track_peak_memory: bool = False
+        self,
+        path_or_weights: Any,
+        *,
+        strict: bool = True,
+        track_peak_memory: bool = False,
+        in_flight: str = "drain",
+        max_staleness: int | None = None,
     ) -> UpdateReport:
         """Load an HF safetensors directory (one file, or shards with an index), or an
         in-memory tree (as ``update_params``).
@@ -227,11 +245,14 @@ class SglangJaxSampler(RolloutEngine):
         shardings, so host memory stays near one tensor. A checkpoint of another
         architecture, or with a missing or misshapen tensor, raises a ValueError before
         the engine is touched (``converters.CheckpointError`` if the files are unreadable).
+        ``in_flight`` / ``max_staleness`` as in ``update_params`` (with "continue" or
+        "recompute" the scheduler stays parked while the tensors are read).
         """
+        options = dict(strict=strict, track_peak_memory=track_peak_memory, in_flight=in_flight)
         if not is_path(path_or_weights):
-            return self.update_params(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
+            return self.update_params(path_or_weights, max_staleness=max_staleness, **options)
         self._recover_if_faulted()
-        report = self.sync.load_checkpoint(path_or_weights, strict=strict, track_peak_memory=track_peak_memory)
+        report = self.sync.load_checkpoint(path_or_weights, max_staleness=max_staleness, **options)
         self.weight_source = WeightSource("pushed")  # a partial load: only the arrays tell what is served
         if strict:
             self.weight_source = WeightSource("checkpoint", os.fsdecode(path_or_weights))
@@ -285,7 +306,9 @@ class SglangJaxSampler(RolloutEngine):
         logprob_start_len: int | list[int] | None = None,
         timeout: float | None = None,
     ) -> list[dict]:
-        """Raw engine results for token-id prompts (one dict per prompt).
+        """Raw engine results for token-id prompts (one dict per prompt); each result's
+        ``meta_info["weight_versions"]`` lists (version, first token index) per weight version
+        that produced its tokens.
 
         On a multi-process engine: on process 0 only, or on every process inside
         ``collective_generation()`` (each gets the results of its own prompts).
@@ -344,8 +367,7 @@ class SglangJaxSampler(RolloutEngine):
         logprob_start_len: int | list[int] | None = None,
         timeout: float | None = None,
     ) -> list[dict]:
-        self.check_servable()
-        with self.sync.gate.generating():
+        with self.sync.gate.generating(check=self.check_servable):
             out = self._handle.run(
                 self.engine.async_generate(
                     input_ids=prompts,

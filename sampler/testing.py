@@ -188,3 +188,34 @@ def inject_fault(sampler: Any, *, park: bool = False, thread: str | None = None)
         time.sleep(0.002)
     handle._park.release()
     return {"sent": thread, "rid": rid}
+
+
+#: Seed of the shared direction ``write_eos_prone_model`` adds to the embeddings.
+EOS_DIRECTION_SEED = 123
+
+
+def write_eos_prone_model(
+    path: str | Path, *, seed: int = 0, eos_boost: float = 2.0, shared: float = 0.5, **config_overrides: Any
+) -> Path:
+    """A tiny Qwen3 (tied embeddings) that often ends its answers with EOS.
+
+    Every embedding row gets a shared direction d (times ``shared``) and the EOS row gets d
+    times ``eos_boost``: the residual stream carries d, so the EOS logit rises. A random tiny
+    model almost never emits EOS, and Tunix's agentic learner drops every completion that
+    uses its whole token budget, so such a model would leave it nothing to train on.
+    """
+    config_overrides.setdefault("tie_word_embeddings", True)
+    path = write_tiny_model(path, "Qwen3ForCausalLM", seed=seed, **config_overrides)
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(Path(path) / "model.safetensors"))
+    eos = json.loads((Path(path) / "config.json").read_text())["eos_token_id"]
+    name = "model.embed_tokens.weight"
+    embedding = weights[name].astype(np.float32)
+    direction = np.random.default_rng(EOS_DIRECTION_SEED).standard_normal(embedding.shape[1]).astype(np.float32)
+    direction /= np.linalg.norm(direction)
+    embedding += shared * direction
+    embedding[eos] += eos_boost * direction
+    weights[name] = embedding.astype(weights[name].dtype)
+    write_weights(path, weights)
+    return path

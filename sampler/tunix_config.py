@@ -22,6 +22,7 @@ import numpy as np
 from converters import LeafRule, get_converter, register_converter
 from converters.errors import UnknownFormatError
 from converters.registry import canonical_key
+from sampler import compat
 from sampler.config import SamplerConfig
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ def from_tunix_config(config: Any, **engine_kwargs: Any) -> SamplerConfig:
         precompile_token_paddings=config.precompile_token_paddings,
     )
     options.update(engine_kwargs)
+    options = compat.sort_free_sampling(options, config.enable_deterministic_sampling)
     return SamplerConfig(
         model_path=config.model_version,
         context_length=config.context_length,
@@ -220,6 +222,7 @@ def from_rollout_config(rollout_config: Any, mesh: jax.sharding.Mesh | None) -> 
         precompile_token_paddings=rc.rollout_sglang_jax_precompile_token_paddings,
     )
     options.update(getattr(rc, "rollout_sglang_jax_kwargs", None) or {})
+    options = compat.sort_free_sampling(options, rc.rollout_sglang_jax_enable_deterministic_sampling)
     return SamplerConfig(
         model_path=rc.rollout_sglang_jax_model_version,
         context_length=rc.rollout_sglang_jax_context_length or (rc.max_prompt_length + rc.max_tokens_to_generate),

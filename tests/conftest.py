@@ -42,6 +42,20 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def varied_dir(tmp_path_factory):
+    """``varied_dir(seed=0)`` -> a tiny Qwen3 whose greedy text varies from token to token
+    (``helpers.write_varied_case``): which weights produced which tokens is visible."""
+    cache = {}
+
+    def make(seed: int = 0):
+        if seed not in cache:
+            cache[seed] = helpers.write_varied_case(tmp_path_factory.mktemp(f"varied-s{seed}"), seed=seed)
+        return cache[seed]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def engines():
     """Session-wide pool of samplers keyed by (case, seed, load_format); shut down at the end."""
     pool = helpers.SamplerPool()

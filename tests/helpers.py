@@ -289,3 +289,72 @@ def held_in_flight(sampler, ids, n=8):
         handle._park.release()
         request.join(120)
     assert "ids" in result, "the held request never finished"
+
+
+#: Weight scale of checkpoints whose greedy text varies (the default 0.05 repeats one token).
+VARIED_WEIGHT_SCALE = 0.2
+
+
+def write_varied_case(path: Path, *, seed: int = 0, architecture: str = "Qwen3ForCausalLM") -> Path:
+    """A tiny checkpoint with larger random weights: greedy continuations differ from token
+    to token and between seeds, so a test can tell which weights produced which tokens."""
+    from transformers import AutoConfig
+
+    from sampler.testing import random_hf_weights, write_weights
+
+    path = write_tiny_model(path, architecture, seed=seed, weights=False)
+    config = AutoConfig.from_pretrained(str(path))
+    write_weights(path, random_hf_weights(config, seed=seed, scale=VARIED_WEIGHT_SCALE))
+    return path
+
+
+def tokens_of(result: dict) -> list[int]:
+    """Every generated token id of an engine result (the logprob records hold them all)."""
+    return [tid for _, tid, *_ in result["meta_info"]["output_token_logprobs"]]
+
+
+@contextlib.contextmanager
+def parked_at_tokens(sampler, n: int, *, timeout: float = 120):
+    """Park the scheduler once any request it holds has produced ``n`` tokens.
+
+    Deterministic whatever the machine's speed: the condition is registered while the
+    scheduler is parked, and is checked by the scheduler thread itself at every iteration
+    boundary (each decode iteration adds one token). Send the request inside the block, then
+    call the yielded ``wait()``; the scheduler resumes when the block ends."""
+    from sampler.compat.inflight import held_requests, tokens_generated
+
+    handle = sampler._handle
+    scheduler = handle.scheduler
+    assert handle.park.park(timeout), "the scheduler did not park"
+    hold = handle.park.park_when(lambda: any(tokens_generated(r) >= n for r in held_requests(scheduler)))
+    released = [False]
+
+    def wait():
+        if not released[0]:
+            released[0] = True
+            handle.park.release()  # the request may run now, up to n tokens
+        assert hold.wait(timeout), f"no request reached {n} tokens"
+        return [tokens_generated(r) for r in held_requests(scheduler)]
+
+    try:
+        yield wait
+    finally:
+        if not released[0]:
+            handle.park.release()
+        hold.release()
+
+
+def send_async(sampler, ids, n, **params):
+    """Send one greedy request straight to the engine's tokenizer manager; returns a
+    concurrent future of its result (the sampler's generate gate is not involved)."""
+    import asyncio
+
+    handle = sampler._handle
+    return asyncio.run_coroutine_threadsafe(
+        sampler.engine.async_generate(
+            input_ids=list(ids),
+            sampling_params={"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True, **params},
+            return_logprob=True,
+        ),
+        handle.loop,
+    )

@@ -216,6 +216,13 @@ def test_upstream_internals_the_sampler_reads_still_exist(model_dir, engines):
     tm = sampler.engine.tokenizer_manager
     for name in ("is_pause", "is_pause_cond", "rid_to_state"):
         assert hasattr(tm, name), f"TokenizerManager.{name} is gone"
+    for name in (
+        "process_input_requests", "pause_generation", "abort_request", "running_batch", "last_batch", "cur_batch",
+        "waiting_queue", "grammar_queue", "pending_dp_reqs", "chunked_reqs", "tree_cache", "enable_overlap",
+        "_add_request_to_queue",
+    ):  # fmt: skip
+        assert hasattr(scheduler, name), f"Scheduler.{name} is gone (sampler.compat.inflight reads it)"
+    assert hasattr(tm, "_wait_one_response"), "TokenizerManager._wait_one_response is gone (weight-version stamps)"
 
 
 # ---------------------------------------------------------------------------- model families
@@ -417,3 +424,163 @@ def test_greedy_in_mixed_batch_workaround_works(model_dir, engines):
             assert out[0]["output_ids"] == [0] * 8 and out[1]["output_ids"] != [0] * 8
     finally:
         sampler.update_params(served, source_format="sglang")
+
+
+# --------------------------------------------------------------------------------------
+# in-flight weight swaps (sampler.compat.inflight); the works tests are in test_inflight.py
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scheduler_probe(varied_dir):
+    """Upstream's retract, flush and abort on a parked scheduler, in one child process."""
+    rc, result, out = probe("retract_flush_abort", varied_dir(0))
+    assert rc == 0 and result is not None, out[-3000:]
+    return result
+
+
+def test_retract_loses_a_just_prefilled_request_still_needed(scheduler_probe):
+    """Upstream's retract (Scheduler.pause_generation(mode="retract")) on a scheduler parked
+    right after a request's prefill drops the request: it is held nowhere while its client
+    waits. Works test: test_inflight.py::test_recompute_tail_is_the_new_weights_continuation[right-after-prefill]."""
+    result = scheduler_probe["retract_after_prefill"]
+    assert result["in_flight"]
+    assert not result["held_after_retract"], (
+        "upstream's retract keeps a just-prefilled request now: drop retract_last_prefill_batch"
+    )
+
+
+def test_flush_refuses_while_retracted_requests_wait_still_needed(scheduler_probe):
+    """Upstream's flush_cache refuses while a retracted request waits in the queue, though it
+    holds no KV. Works test: test_inflight.py::test_recompute_flushes_the_prefix_cache_while_retracted_requests_wait."""
+    result = scheduler_probe["flush_while_retracted"]
+    assert result["in_flight"] and result["held_after_retract"] and result["finished"]
+    assert not result["flushed"] and "waiting=1" in result["message"], (
+        f"upstream flushes with retracted requests waiting now ({result}): drop flush_prefix_cache_ignoring_queues"
+    )
+
+
+def test_abort_of_a_queued_request_stays_in_flight_still_needed(scheduler_probe):
+    """Upstream's abort of a queued request answers the client but leaves the request in the
+    tokenizer manager's table for ever (a draining swap then waits for it), so in-flight swaps
+    take requests out of the queue and answer them themselves (take_queued, answer_aborted).
+    Works test: test_inflight.py::test_swap_failing_midway_aborts_requests_in_flight."""
+    result = scheduler_probe["abort_queued"]
+    assert result["queued"] and result["answer"] == "abort"
+    assert result["still_in_flight"], "upstream forgets aborted queued requests now: answer_aborted may go"
+
+
+def test_sort_topk_crash_with_seeded_sampling_still_needed(varied_dir):
+    """Seeded (deterministic) sampling through the sort-based top-k/top-p path, one request:
+    the scheduler thread raises and the process dies."""
+    rc, result, out = probe("sort_topk_one_request", varied_dir(0))
+    assert result is None and rc != 0, f"seeded sort sampling of one request works upstream now ({result})"
+    assert "ShardingTypeError" in out
+
+
+def test_sort_topk_workaround_works(varied_dir):
+    """SglangJaxRollout with Tunix's defaults (use_sort_for_toppk_minp=True) and seeded
+    sampling: the engine runs without the sort path, one prompt at a time, and a seed repeats.
+    In a child process: deterministic sampling is a process-wide switch in sglang-jax."""
+    rc, result, out = probe("sort_topk_rollout", varied_dir(0))
+    assert rc == 0 and result is not None, out[-3000:]
+    assert result == {"tunix_default_sort": True, "engine_sort": False, "generated": 3, "seeded_repeats": True}
+
+
+# --------------------------------------------------------------------------------------
+# Tunix's agentic learner: the draining RolloutSyncLock
+# --------------------------------------------------------------------------------------
+
+
+def _stack_functions(thread: threading.Thread) -> list[str]:
+    frame = sys._current_frames().get(thread.ident)
+    names = []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return names
+
+
+def _runner_on_loop(lock):
+    """Tunix's RolloutOrchestrator starting one episode on its own event loop thread (the
+    episode body replaced by an event: only the lock's effect on the loop is looked at)."""
+    import asyncio
+    import types
+
+    from tunix.rl.agentic.pipeline.rollout_orchestrator import RolloutOrchestrator
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    orchestrator = RolloutOrchestrator(rollout_sync_lock=lock, max_concurrency=1)
+    started = threading.Event()
+
+    async def episode(**kwargs):
+        started.set()
+        return 1
+
+    orchestrator._run_and_queue_one_episode = episode
+    env = types.SimpleNamespace(extra_kwargs={"pair_index": 0})
+    future = asyncio.run_coroutine_threadsafe(
+        orchestrator._runner(
+            agent=None, env=env, manager=None, group_key_fn=None, start_step_fn=None, collect_mode=None
+        ),
+        loop,
+    )
+    return loop, thread, started, future
+
+
+def _loop_blocked_or_started(thread, started) -> bool:
+    """Wait for either outcome; True when the loop thread itself waits in acquire_rollout."""
+    deadline = time.monotonic() + 60
+    while not started.is_set():
+        if "acquire_rollout" in _stack_functions(thread) and "wait" in _stack_functions(thread)[:3]:
+            return True
+        assert time.monotonic() < deadline, "the runner neither started nor blocked"
+        time.sleep(0.005)
+    return False
+
+
+def test_tunix_sync_lock_blocks_the_learners_event_loop_still_needed():
+    """The deadlock of Tunix 0.1.7's agentic learner: once a weight sync waits for the
+    episodes in flight, the orchestrator starting another episode waits inside
+    ``acquire_rollout`` on the learner's event loop thread, the very loop the episodes in
+    flight need to finish. Works test: test_agentic.py::test_agentic_grpo_syncs_without_waiting_for_episodes
+    (max_concurrency below the episodes queued) and the one below."""
+    from tunix.rl.agentic.utils import RolloutSyncLock
+
+    lock = RolloutSyncLock()
+    lock.acquire_rollout()  # an episode in flight
+    sync = threading.Thread(target=lambda: (lock.acquire_weight_sync(), lock.release_weight_sync()))
+    sync.start()
+    deadline = time.monotonic() + 60
+    while lock._weight_syncs_waiting == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    loop, thread, started, future = _runner_on_loop(lock)
+    try:
+        assert _loop_blocked_or_started(thread, started), (
+            "Tunix's orchestrator no longer blocks its event loop while a sync waits: drop NonDrainingSyncLock"
+        )
+    finally:
+        lock.release_rollout()  # the episode ends (from here, not the loop): the sync, then the runner go on
+        sync.join(60)
+        future.result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(60)
+
+
+def test_non_draining_lock_leaves_the_event_loop_free():
+    lock = compat.NonDrainingSyncLock()
+    lock.acquire_rollout()
+    lock.acquire_weight_sync()  # a sync under way, an episode in flight: neither waits
+    loop, thread, started, future = _runner_on_loop(lock)
+    try:
+        assert not _loop_blocked_or_started(thread, started)
+        future.result(60)
+        assert started.is_set()
+    finally:
+        lock.release_weight_sync()
+        lock.release_rollout()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(60)

@@ -340,6 +340,84 @@ def test_admin_client_cli(server, ckpts, capsys):
     assert "wrong admin token" in capsys.readouterr().out
 
 
+def test_in_flight_reload_refuses_nothing_and_switches_the_running_request(server, ckpts, reference_tokens):
+    """A "recompute" reload with a request held in flight (the engine paused in place by
+    sglang-jax's /pause_generation): the reload completes while the request still runs,
+    new requests are accepted meanwhile (no 503), and the held request's answer says which
+    tokens came from which weights: its prefix is A's output, the rest follows B."""
+    code, _ = server.reload(ckpts["a"])
+    assert code == 200
+    v = server.status()["version"]
+    long_ids = [3, 1, 4, 1, 5]
+    old_long = server.tokens(long_ids, LONG_TOKENS, ignore_eos=True)
+    long_req, results = _hold_long_request(server, long_ids)
+    code, body = server.admin.reload(str(ckpts["b"]), in_flight="recompute")
+    assert code == 200 and body["version"] == v + 1, body
+    assert body["report"]["in_flight"] == "recompute" and body["report"]["requests_in_flight"] == 1
+    assert results.get("long") is None and server.status()["engine_requests"] >= 1  # did not wait for it
+    assert server.status()["accepting"]
+    short: dict = {}
+    short_req = threading.Thread(target=lambda: short.setdefault("r", server.generate()))
+    short_req.start()  # accepted (the engine is still paused: it waits, it is not refused)
+    code, body, _ = _post(server.url + "/continue_generation", {}, {"Authorization": f"Bearer {TOKEN}"})
+    assert code == 200, body
+    long_req.join(120)
+    short_req.join(120)
+    code, body, _ = short["r"]
+    assert code == 200 and body["output_ids"] == reference_tokens["b"]
+    assert body["meta_info"]["weight_versions"] == [[v + 1, 0]]
+    code, body, _ = results["long"]
+    assert code == 200
+    (first, start_a), (second, k) = body["meta_info"]["weight_versions"]
+    assert (first, start_a, second) == (v, 0, v + 1) and 0 < k < LONG_TOKENS
+    assert body["output_ids"][:k] == old_long[:k] and body["output_ids"][k:] != old_long[k:]
+
+
+def test_no_503_and_consistent_stamps_across_in_flight_reloads(server, ckpts, reference_tokens):
+    """Clients keep generating while "continue" reloads alternate A and B: no request is ever
+    refused, and each answer matches its stamps: one version -> exactly that checkpoint's
+    greedy output; two -> the first checkpoint's output up to the switch."""
+    code, body = server.reload(ckpts["a"])
+    assert code == 200
+    served = {body["version"]: "a"}
+    stop = threading.Event()
+    seen: list[list] = [[] for _ in range(3)]
+
+    def client(mine):
+        while not stop.is_set():
+            code, body, _ = server.generate()
+            mine.append((code, body["output_ids"] if code == 200 else body, body.get("meta_info", {})))
+
+    threads = [threading.Thread(target=client, args=(mine,)) for mine in seen]
+    for t in threads:
+        t.start()
+    reloads = 0
+    try:
+        while reloads < MAX_RELOADS and (
+            reloads < MIN_RELOADS or not all({"a", "b"} <= {served.get(m["weight_versions"][-1][0]) for *_, m in mine
+                                               if m.get("weight_versions")} for mine in seen)
+        ):  # fmt: skip
+            name = "b" if reloads % 2 == 0 else "a"
+            code, body = server.admin.reload(str(ckpts[name]), in_flight="continue")
+            assert code == 200, body
+            served[body["version"]] = name
+            reloads += 1
+            time.sleep(0.05)  # pacing only: the loop ends on what the clients saw
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    answers = [a for mine in seen for a in mine]
+    assert all(code == 200 for code, *_ in answers), [a for a in answers if a[0] != 200][:3]
+    for _, tokens, meta in answers:
+        stamps = meta["weight_versions"]
+        first = reference_tokens[served[stamps[0][0]]]
+        if len(stamps) == 1:
+            assert tokens == first, (stamps, tokens)
+        else:
+            assert tokens[: stamps[1][1]] == first[: stamps[1][1]], (stamps, tokens)
+
+
 def test_sigterm_shuts_down_cleanly(server):
     server.proc.send_signal(signal.SIGTERM)
     rc = server.proc.wait(90)

@@ -196,6 +196,95 @@ def main(mode: str, model_dir: str) -> None:
         result["solo"] = e.generate(input_ids=[5, 6, 7], sampling_params=greedy)["output_ids"]
         out = e.generate(input_ids=[[5, 6, 7], [8, 9, 10]], sampling_params=[greedy, sampled])
         result["mixed"] = out[0]["output_ids"]
+    elif mode == "retract_flush_abort":
+        # Upstream's own retract, flush and abort on a scheduler parked at known points (our
+        # park only holds the thread; none of the in-flight workarounds runs).
+        from sgl_jax.srt.managers.io_struct import AbortReq, PauseGenerationReqInput
+
+        from sampler import SamplerConfig, SglangJaxSampler
+        from sampler.compat.inflight import held_requests
+        from tests import helpers
+
+        sampler = SglangJaxSampler(
+            config=SamplerConfig(model_path=model_dir, load_format="safetensors", context_length=128)
+        )
+        scheduler, tm, park = sampler._handle.scheduler, sampler.engine.tokenizer_manager, sampler._handle.park
+
+        def retract(n):  # parked once a request has n tokens (1: right after its prefill iteration)
+            out = {}
+            with helpers.parked_at_tokens(sampler, n) as wait:
+                future = helpers.send_async(sampler, [5, 6, 7, 8], 40)
+                wait()
+                rid = held_requests(scheduler)[0].rid
+                out["in_flight"] = rid in tm.rid_to_state
+                scheduler.pause_generation(PauseGenerationReqInput(mode="retract"))
+                out["held_after_retract"] = [r.rid for r in held_requests(scheduler)] == [rid]
+                if out["held_after_retract"]:
+                    ok, message, _ = scheduler.flush_cache()
+                    out["flushed"], out["message"] = ok, message
+                scheduler._engine_paused = False  # upstream's continue_generation
+            if out["held_after_retract"]:
+                out["finished"] = len(future.result(120)["output_ids"]) == 40
+            return out
+
+        result["flush_while_retracted"] = retract(5)  # first: the other leaves a request lost
+        # a queued request aborted by upstream's abort_request
+        with helpers.parked_at_tokens(sampler, 2) as wait:
+            first = helpers.send_async(sampler, [5, 6, 7, 8], 40)
+            wait()
+            second = helpers.send_async(sampler, [9, 10, 11], 40)  # queued behind the park
+            while len(tm.rid_to_state) < 2:
+                time.sleep(0.005)
+            rid = next(r for r in tm.rid_to_state if r not in {q.rid for q in held_requests(scheduler)})
+            scheduler._engine_paused = True  # upstream's in-place pause: requests are queued, none scheduled
+        assert park.park(60, fresh=True)  # the scheduler has taken the second request into its queue
+        queued = rid in [r.rid for r in scheduler.waiting_queue]
+        scheduler.abort_request(AbortReq(rid=rid))
+        scheduler._engine_paused = False
+        park.release()
+        answer = second.result(120)["meta_info"]["finish_reason"]["type"]
+        first.result(120)
+        result["abort_queued"] = {"queued": queued, "answer": answer, "still_in_flight": rid in tm.rid_to_state}
+        result["retract_after_prefill"] = retract(1)
+    elif mode == "sort_topk_rollout":  # the workaround: SglangJaxRollout with Tunix's defaults
+        from tunix.rl.rollout import base_rollout
+
+        from sampler import SglangJaxRollout
+
+        config = base_rollout.RolloutConfig(
+            max_tokens_to_generate=3, max_prompt_length=16, temperature=1.0, top_p=1.0, seed=7,
+            rollout_sglang_jax_model_version=model_dir, rollout_sglang_jax_context_length=64,
+            rollout_sglang_jax_max_running_requests=2, rollout_sglang_jax_log_level="error",
+            rollout_sglang_jax_enable_deterministic_sampling=True, rollout_sglang_jax_load_format="safetensors",
+        )  # fmt: skip
+        result["tunix_default_sort"] = config.rollout_sglang_jax_use_sort_for_toppk_minp
+        rollout = SglangJaxRollout(rollout_config=config, mesh=None)
+        result["engine_sort"] = rollout.sampler._handle.kwargs.get("use_sort_for_toppk_minp")
+        outs = [rollout.generate(["1+1="], config).tokens[0].tolist() for _ in range(2)]
+        result["generated"] = len(outs[0])
+        result["seeded_repeats"] = outs[0] == outs[1]
+        rollout.shutdown()
+    elif mode == "sort_topk_one_request":  # Tunix's default use_sort_for_toppk_minp + seeded sampling
+        from sgl_jax.srt.entrypoints.engine import Engine
+
+        e = Engine(
+            model_path=model_dir,
+            load_format="safetensors",
+            enable_single_process=True,
+            device="cpu",
+            attention_backend="native",
+            disable_precompile=True,
+            disable_overlap_schedule=True,
+            context_length=128,
+            max_running_requests=2,
+            max_total_tokens=256,
+            log_level="error",
+            enable_deterministic_sampling=True,
+            use_sort_for_toppk_minp=True,
+        )
+        params = {"max_new_tokens": 3, "temperature": 1.0, "top_p": 1.0, "sampling_seed": 7}
+        out = e.generate(input_ids=[[5, 6, 7]], sampling_params=[params])
+        result["generated"] = len(out[0]["output_ids"]) if isinstance(out, list) else len(out["output_ids"])
     elif mode == "lifecycle":  # idle spin, threads after shutdown, signal handlers, child processes
         before = signal.getsignal(signal.SIGCHLD)
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

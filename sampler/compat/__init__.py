@@ -6,7 +6,9 @@ every touch of an upstream private, in one package. Nothing outside it patches u
   shutdown, signal handlers;
 - ``internals``: accessors of upstream internals that are not patches (model runner,
   tokenizer-manager pause flag and request table, HTTP server global state, flax slots);
-- ``tunix``: Tunix workarounds;
+- ``inflight``: the scheduler's queues, retract, prefix cache and hooks around a weight swap
+  with requests in flight;
+- ``tunix``: Tunix workarounds and every touch of a Tunix private;
 - ``crashes``: requests that crash an engine thread upstream (``sampler.validation`` refuses them).
 
 Each workaround has a test in ``tests/test_compat.py`` that runs unpatched upstream and
@@ -61,6 +63,17 @@ fails once it is no longer needed, and a test that it works.
 | processes, one engine)          | crashes with the loop daemon; followers wait for process 0 forever and      |
 |                                 | cannot be stopped or parked at one iteration (``LockstepPark``); see the    |
 |                                 | module's own table. Still-needed tests: ``tests/test_multiprocess.py``      |
+| ``retract_last_prefill_batch``  | retract right after a prefill loses the request (it sat in ``last_batch``, |
+|                                 | which retract drops): it never finishes, its KV leaks                      |
+| ``flush_prefix_cache_ignoring_  | ``flush_cache`` refuses while retracted requests (no KV held) are queued   |
+| queues``                        |                                                                             |
+| ``take_queued`` +               | aborting a queued request answers it but leaves it in the tokenizer        |
+| ``answer_aborted``              | manager's table for ever (it counts as in flight)                          |
+| ``sort_free_sampling``          | seeded sampling through the sort top-k/top-p path (Tunix's default) fails  |
+|                                 | for a batch of one request (ShardingTypeError in the scheduler thread)     |
+| ``enable_in_flight_sync``       | Tunix 0.1.7's agentic ``RolloutSyncLock`` drains every episode at a sync   |
+| (``NonDrainingSyncLock``)       | and blocks the learner's event loop while a sync waits: a deadlock when    |
+|                                 | ``max_concurrency`` < episodes queued                                       |
 """
 
 from __future__ import annotations
@@ -87,6 +100,7 @@ from sampler.compat.internals import (
     wait_no_requests,
 )
 from sampler.compat.lifecycle import (
+    ConditionalPark,
     EngineFault,
     SchedulerPark,
     patch_contain_engine_faults,
@@ -125,6 +139,10 @@ from sampler.compat.patches import (
 from sampler.compat.tunix import (
     TUNIX_FIXED_ROPE_THETA,
     TUNIX_VERSION,
+    NonDrainingSyncLock,
+    enable_in_flight_sync,
+    record_sync_waits,
+    sort_free_sampling,
     warn_tunix_moe_routing,
     warn_tunix_query_scale,
     warn_tunix_rope_theta,
@@ -218,6 +236,7 @@ def warn_tunix_quirks(hf_config: dict) -> None:
 
 __all__ = [
     "ENGINE_QUIRKS",
+    "ConditionalPark",
     "EngineQuirk",
     "HYBRID_SWA_OFF",
     "check_expert_parallel",
@@ -228,6 +247,7 @@ __all__ = [
     "warn_tunix_query_scale",
     "EngineFault",
     "SGLANG_JAX_VERSION",
+    "NonDrainingSyncLock",
     "SchedulerPark",
     "TUNIX_FIXED_ROPE_THETA",
     "TUNIX_QUIRKS",
@@ -240,6 +260,7 @@ __all__ = [
     "check_requests_with",
     "engine_limits",
     "enter_upstream_app",
+    "enable_in_flight_sync",
     "fast_value_setter",
     "flush_prefix_cache",
     "model_runner_of",
@@ -254,12 +275,14 @@ __all__ = [
     "patch_zmq_linger",
     "prepare_engine",
     "quiet_idle_scheduler",
+    "record_sync_waits",
     "requests_in_flight",
     "restore_signal_handlers",
     "save_signal_handlers",
     "scheduler_idle",
     "scheduler_of",
     "set_paused",
+    "sort_free_sampling",
     "started_threads",
     "stop_engine_threads",
     "thread_fault",

@@ -275,43 +275,117 @@ class SchedulerPark:
     """Stops the scheduler thread between two iterations, where no forward pass runs.
 
     Wraps the scheduler's ``recv_requests`` (called once at the top of every loop
-    iteration): while a park is requested the thread waits there, so the caller may
-    replace the weights and flush the prefix cache from its own thread.
+    iteration): while anyone holds a park the thread waits there, so the holders may
+    replace the weights, flush the prefix cache or rearrange the scheduler's queues from
+    their own threads. Parks nest: the thread resumes once every holder has released (and
+    then runs at least one iteration before a new park takes effect). ``park_when`` parks
+    at the first iteration boundary where a condition holds (e.g. a request has produced N
+    tokens), decided on the scheduler thread itself.
     """
 
     def __init__(self, scheduler: Any, wake: Callable[[], None] = lambda: None):
         self._wake = wake  # returns an idle scheduler from its socket wait at once
         self._cond = threading.Condition()
-        self._wanted = False
-        self._parked = False
+        self._holds = 0
+        #: Counts the times every hold was released (the parked thread may then go on).
+        self._epoch = 0
+        #: Iteration number and epoch at which the thread waits now (None while it runs).
+        self._parked_at: int | None = None
+        self._parked_epoch: int | None = None
+        self._iteration = 0
+        self._conditions: list[Callable[[], bool]] = []
         inner = scheduler.recv_requests
 
         def recv_requests() -> list:
             with self._cond:
-                if self._wanted:
-                    self._parked = True
+                self._iteration += 1
+                for condition in list(self._conditions):
+                    if condition():
+                        self._conditions.remove(condition)
+                        self._holds += 1  # on behalf of the caller of park_when
+                if self._holds:
+                    epoch = self._epoch
+                    self._parked_at, self._parked_epoch = self._iteration, epoch
                     self._cond.notify_all()
-                    self._cond.wait_for(lambda: not self._wanted)
-                    self._parked = False
+                    self._cond.wait_for(lambda: self._epoch != epoch)
+                    self._parked_at = self._parked_epoch = None
             return inner()
 
         scheduler.recv_requests = recv_requests
 
-    def park(self, timeout: float) -> bool:
-        """Ask the scheduler to stop and wait until it has; False (and no park) on timeout."""
+    def _held_parked(self, after: int | None = None) -> bool:
+        """The thread waits between iterations and stays there until the holds are released."""
+        return (
+            self._parked_at is not None
+            and self._parked_epoch == self._epoch
+            and (after is None or self._parked_at > after)
+        )
+
+    @property
+    def parked(self) -> bool:
+        """Whether the scheduler thread is held between two iterations now."""
         with self._cond:
-            self._wanted = True
+            return self._held_parked()
+
+    def park(self, timeout: float, *, fresh: bool = False) -> bool:
+        """Ask the scheduler to stop and wait until it has (``fresh``: at an iteration
+        boundary after the one it waits at now, i.e. after one more iteration); False, and
+        no park held, on timeout. Each successful park needs one ``release``."""
+        with self._cond:
+            since = self._iteration if fresh else None
+            self._holds += 1
             self._wake()
-            if self._cond.wait_for(lambda: self._parked, timeout):
+            if self._cond.wait_for(lambda: self._held_parked(since), timeout):
                 return True
-            self._wanted = False
-            self._cond.notify_all()
+            self._release_locked()
             return False
+
+    def park_when(self, condition: Callable[[], bool]) -> "ConditionalPark":
+        """Park at the first iteration boundary where ``condition()`` is true, evaluated on
+        the scheduler thread under the park's lock (keep it cheap). Returns at once; wait
+        for the park with ``.wait(timeout)``, end it with ``.release()``."""
+        with self._cond:
+            self._conditions.append(condition)
+            self._wake()
+        return ConditionalPark(self, condition)
+
+    def _release_locked(self) -> None:
+        if self._holds <= 0:
+            raise RuntimeError("SchedulerPark.release() without a park held")
+        self._holds -= 1
+        if self._holds == 0:
+            self._epoch += 1
+        self._cond.notify_all()
 
     def release(self) -> None:
         with self._cond:
-            self._wanted = False
-            self._cond.notify_all()
+            self._release_locked()
+
+
+class ConditionalPark:
+    """A park that takes effect once a condition holds (``SchedulerPark.park_when``)."""
+
+    def __init__(self, park: SchedulerPark, condition: Callable[[], bool]):
+        self._park = park
+        self._condition = condition
+
+    @property
+    def fired(self) -> bool:
+        return self._condition not in self._park._conditions
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until the scheduler has parked on the condition; False on timeout."""
+        park = self._park
+        with park._cond:
+            return park._cond.wait_for(lambda: self.fired and park._held_parked(), timeout)
+
+    def release(self) -> None:
+        """Resume the scheduler (or, if the condition never held, stop watching for it)."""
+        with self._park._cond:
+            if not self.fired:
+                self._park._conditions.remove(self._condition)
+                return
+            self._park._release_locked()
 
 
 def started_threads(before: set[threading.Thread]) -> list[threading.Thread]:

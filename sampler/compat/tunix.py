@@ -1,9 +1,13 @@
-"""Workarounds for google-tunix behaviour, each with a test in ``tests/test_compat.py``
-that fails once it is no longer needed."""
+"""Workarounds for google-tunix behaviour, and every touch of a Tunix private, each with a
+test in ``tests/test_compat.py`` that fails once it is no longer needed."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
+import time
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,3 +80,193 @@ def warn_tunix_moe_routing(hf_config: Mapping[str, Any]) -> bool:
         )
         return True
     return False
+
+
+# --------------------------------------------------------------------------------------
+# sort-based top-k/top-p sampling with seeds (Tunix's default, forwarded to sglang-jax)
+# --------------------------------------------------------------------------------------
+
+
+def sort_free_sampling(engine_kwargs: dict[str, Any], deterministic_sampling: bool) -> dict[str, Any]:
+    """Turn off ``use_sort_for_toppk_minp`` when sampling is deterministic (seeded).
+
+    Tunix 0.1.7's ``RolloutConfig.rollout_sglang_jax_use_sort_for_toppk_minp`` defaults to
+    True (sglang-jax's own default is False); with deterministic sampling, sglang-jax
+    0.1.0rc0's sort-based top-k/top-p path raises ShardingTypeError in ``take_along_axis``
+    (``sgl_jax/srt/layers/sampler.py``) in the scheduler thread for a batch of one request,
+    and Tunix's agentic learner sends one prompt per call. The other path samples from the
+    same distribution. Returns the kwargs to use.
+    """
+    if deterministic_sampling and engine_kwargs.get("use_sort_for_toppk_minp"):
+        logger.info("use_sort_for_toppk_minp=False: sglang-jax's sort path fails with seeded sampling of one request")
+        return {**engine_kwargs, "use_sort_for_toppk_minp": False}
+    return engine_kwargs
+
+
+# --------------------------------------------------------------------------------------
+# the agentic learner's weight syncs: RolloutSyncLock and policy_version
+# --------------------------------------------------------------------------------------
+
+
+class NonDrainingSyncLock:
+    """Stands in for ``tunix.rl.agentic.utils.RolloutSyncLock`` when the rollout itself makes
+    weight syncs safe with requests in flight (``SglangJaxRollout``): rollouts never wait,
+    and a weight sync only excludes other weight syncs; it no longer waits for every
+    episode in flight to end.
+
+    Tunix 0.1.7's lock drains: a sync waits until every episode (all its turns) has ended,
+    and a new episode waits while a sync is waiting, inside a coroutine on the learner's
+    event loop. With ``max_concurrency`` below the episodes the producer has queued
+    (``(off_policy_steps + 1) * batch * num_generations``) that blocked loop can never run
+    the episodes the sync waits for: a deadlock. This lock cannot block the loop.
+    """
+
+    def __init__(self):
+        self._sync = threading.Lock()
+        self._count = threading.Lock()
+        self._rollouts = 0  # episodes in flight (read by ``record_sync_waits``), as Tunix's lock counts them
+
+    def acquire_rollout(self) -> None:
+        with self._count:
+            self._rollouts += 1
+
+    def release_rollout(self) -> None:
+        with self._count:
+            self._rollouts -= 1
+
+    def acquire_weight_sync(self) -> None:
+        self._sync.acquire()
+
+    def release_weight_sync(self) -> None:
+        self._sync.release()
+
+
+class PolicyVersions:
+    """Maps the rollout engine's weight versions to the learner's ``policy_version``:
+    recorded once when installed and after every learner sync."""
+
+    def __init__(self, engine_version: int, policy_version: int):
+        self._points: list[tuple[int, int]] = [(engine_version, policy_version)]
+        self._lock = threading.Lock()
+
+    def record(self, engine_version: int, policy_version: int) -> None:
+        with self._lock:
+            self._points.append((engine_version, policy_version))
+
+    def policy_version(self, engine_version: int) -> int:
+        """The learner's version for the weights the engine served as ``engine_version``."""
+        with self._lock:
+            known = [p for v, p in self._points if v <= engine_version]
+            return known[-1] if known else self._points[0][1]
+
+
+def _check_tunix_version() -> None:
+    import importlib.metadata
+
+    installed = importlib.metadata.version("google-tunix")
+    if installed != TUNIX_VERSION:
+        logger.warning(
+            "google-tunix %s is installed; enable_in_flight_sync was checked against %s", installed, TUNIX_VERSION
+        )
+
+
+def enable_in_flight_sync(learner: Any) -> PolicyVersions:
+    """Let a Tunix agentic learner (``AgenticGRPOLearner`` / ``AgenticRLLearner``) sync
+    weights without waiting for the rollouts in flight, and record in each trajectory's
+    ``policy_version`` the weights that actually produced its tokens.
+
+    Call after building the learner and before ``train()``; its rollout must be a
+    ``SglangJaxRollout`` (``rollout_engine=functools.partial(SglangJaxRollout,
+    in_flight="recompute")``: the engine then swaps between two scheduler iterations and
+    each request's tokens after the swap come from the new weights; with
+    ``in_flight="drain"`` a sync waits only for the requests running, not for whole
+    episodes). It replaces two privates of the learner (Tunix 0.1.7):
+
+    - ``_rollout_sync_lock`` -> ``NonDrainingSyncLock`` (also ends the deadlock described there);
+    - ``_model_call``: after each call, ``env.task["policy_version"]`` becomes the learner
+      version of the oldest weights that produced any token of the episode so far (Tunix
+      stamps the version current when the turn started, which with in-flight syncs may be
+      older or newer than the tokens' own).
+
+    Returns the engine-version -> policy-version map it keeps.
+    """
+    _check_tunix_version()
+    rollout = learner.rl_cluster.rollout
+    if not hasattr(rollout, "last_weight_versions"):
+        raise TypeError(
+            f"enable_in_flight_sync needs a SglangJaxRollout as the learner's rollout, got {type(rollout).__name__}"
+        )
+    for name in ("_rollout_sync_lock", "_model_call"):
+        if not hasattr(learner, name):
+            raise TypeError(f"{type(learner).__name__} has no {name}: this Tunix version is not supported")
+    versions = PolicyVersions(rollout.sampler.version, learner.policy_version)
+    lock = NonDrainingSyncLock()
+    release = lock.release_weight_sync
+
+    def release_weight_sync() -> None:  # the learner has synced and bumped its version by now
+        versions.record(rollout.sampler.version, learner.policy_version)
+        release()
+
+    lock.release_weight_sync = release_weight_sync  # type: ignore[method-assign]
+    learner._rollout_sync_lock = lock
+    model_call = learner._model_call
+    oldest: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def _model_call(chat_lists, env=None, *args, **kwargs):
+        out = model_call(chat_lists, env, *args, **kwargs)
+        stamps = rollout.last_weight_versions()
+        if env is not None and stamps and stamps[0]:
+            version = versions.policy_version(min(v for v, _ in stamps[0]))
+            if env in oldest:
+                version = min(version, oldest[env])
+            oldest[env] = version
+            env.task["policy_version"] = version
+        return out
+
+    learner._model_call = _model_call
+    return versions
+
+
+@dataclasses.dataclass
+class SyncWait:
+    """One weight sync of an agentic learner, as the trainer saw it."""
+
+    #: Episodes in flight when the sync asked for the lock.
+    episodes_in_flight: int
+    #: Time the trainer waited for the sync lock (Tunix's lock: until those episodes ended).
+    lock_seconds: float
+    #: Time ``RLCluster.sync_weights()`` took (the rollout's ``update_params``).
+    sync_seconds: float
+
+    @property
+    def seconds(self) -> float:
+        """The trainer's whole wait at this sync."""
+        return self.lock_seconds + self.sync_seconds
+
+
+def record_sync_waits(learner: Any) -> list[SyncWait]:
+    """Time every weight sync of an agentic learner (call after ``enable_in_flight_sync`` if
+    used, before ``train()``); returns the list it appends to."""
+    waits: list[SyncWait] = []
+    lock = learner._rollout_sync_lock
+    cluster = learner.rl_cluster
+    acquire, sync_weights = lock.acquire_weight_sync, cluster.sync_weights
+    pending: dict[str, float] = {}
+
+    def acquire_weight_sync() -> None:
+        episodes, t0 = int(getattr(lock, "_rollouts", 0)), time.perf_counter()
+        acquire()
+        pending.update(episodes=episodes, lock=time.perf_counter() - t0)
+
+    def timed_sync_weights(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return sync_weights(*args, **kwargs)
+        finally:
+            if pending:
+                waits.append(SyncWait(int(pending["episodes"]), pending["lock"], time.perf_counter() - t0))
+                pending.clear()
+
+    lock.acquire_weight_sync = acquire_weight_sync
+    cluster.sync_weights = timed_sync_weights
+    return waits

@@ -1,6 +1,7 @@
 """Command-line client of ``sampler.serve``'s admin endpoints; prints the JSON answer.
 
-    python -m sampler.serve.admin_client --base-url http://127.0.0.1:30000 --token T reload --model-path DIR
+    python -m sampler.serve.admin_client --base-url http://127.0.0.1:30000 --token T reload --model-path DIR \
+        [--in-flight drain|continue|recompute]
     python -m sampler.serve.admin_client ... status | checksum | perturb --seed 0 --scale 0.01 --num-leaves 2
     python -m sampler.serve.admin_client ... wait-ready --timeout 300
 
@@ -44,8 +45,9 @@ class AdminClient:
         except json.JSONDecodeError:
             return status, {"raw": raw.decode(errors="replace")}
 
-    def reload(self, model_path: str, load_format: str = "safetensors") -> tuple[int, Any]:
-        return self.request("POST", "/admin/reload_weights", {"model_path": model_path, "load_format": load_format})
+    def reload(self, model_path: str, load_format: str = "safetensors", in_flight: str = "drain") -> tuple[int, Any]:
+        body = {"model_path": model_path, "load_format": load_format, "in_flight": in_flight}
+        return self.request("POST", "/admin/reload_weights", body)
 
     def status(self) -> tuple[int, Any]:
         return self.request("GET", "/admin/reload_status")
@@ -80,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("reload", help="load a safetensors checkpoint into the running server")
     r.add_argument("--model-path", required=True)
     r.add_argument("--load-format", default="safetensors")
+    r.add_argument(
+        "--in-flight",
+        default="drain",
+        choices=["drain", "continue", "recompute"],
+        help="requests running at the swap: finish first (503 meanwhile), or go on under the new weights",
+    )
     sub.add_parser("status", help="idle / reloading / failed, version, last report and error")
     sub.add_parser("checksum", help="fingerprint of the served weights")
     q = sub.add_parser("perturb", help="add seeded noise to some leaves (server needs --enable-weight-perturb)")
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     client = AdminClient(args.base_url, args.token or os.environ.get(ADMIN_TOKEN_ENV), timeout=args.timeout)
     try:
         if args.command == "reload":
-            status, body = client.reload(args.model_path, args.load_format)
+            status, body = client.reload(args.model_path, args.load_format, args.in_flight)
         elif args.command == "status":
             status, body = client.status()
         elif args.command == "checksum":

@@ -28,6 +28,7 @@ from converters.errors import ConversionError
 from sampler import compat
 from sampler.base import RolloutEngine
 from sampler.engine import UpdateTimeoutError
+from sampler.inflight import check_in_flight
 from sampler.reports import UpdateReport
 from sampler.serve.admin_client import ADMIN_TOKEN_ENV
 from sampler.serve.bridge import EngineApp, error_body, send_json
@@ -76,6 +77,9 @@ def report_summary(report: UpdateReport) -> dict[str, Any]:
         "aliased_bytes": report.aliased_bytes,
         "copied_bytes": report.copied_bytes,
         "untouched_leaves": len(report.untouched),
+        "in_flight": report.in_flight,
+        "requests_in_flight": report.requests_in_flight,
+        "wait_seconds": round(report.wait_seconds, 4),
         "summary": report.summary(),
     }
 
@@ -100,10 +104,15 @@ def perturb_weights(
 class WeightServer:
     """sglang-jax's FastAPI routes over a ``RolloutEngine``, plus admin endpoints.
 
-    - ``POST /admin/reload_weights {"model_path", "load_format"}``: validate the
-      checkpoint (headers only; a bad one is rejected with nothing paused), then answer
-      new requests with 503 + ``Retry-After`` while in-flight ones finish on the old
-      weights, swap, flush the prefix cache and resume. 409 while another weight change runs.
+    - ``POST /admin/reload_weights {"model_path", "load_format", "in_flight"}``: validate
+      the checkpoint (headers only; a bad one is rejected with nothing paused). With
+      ``in_flight="drain"`` (default) new requests get 503 + ``Retry-After`` while in-flight
+      ones finish on the old weights, then the weights are swapped and the prefix cache
+      flushed; with ``"continue"`` / ``"recompute"`` nothing is refused: the scheduler is
+      parked between two iterations, the weights swapped, and requests in flight go on
+      under the new weights (see ``sampler.inflight``). 409 while another weight change runs.
+      Every ``/generate`` answer's ``meta_info["weight_versions"]`` says which weight
+      version produced which tokens.
     - ``GET /admin/reload_status``, ``GET /admin/weights_checksum`` (``fingerprint()``),
       ``POST /admin/perturb_weights`` (only with ``enable_weight_perturb``).
 
@@ -180,6 +189,7 @@ class WeightServer:
         class ReloadBody(BaseModel):
             model_path: str
             load_format: str = "safetensors"
+            in_flight: str = "drain"
 
         class PerturbBody(BaseModel):
             seed: int = 0
@@ -197,7 +207,7 @@ class WeightServer:
 
         @app.post("/admin/reload_weights")
         async def reload_weights(body: ReloadBody):
-            return await self.reload(body.model_path, body.load_format)
+            return await self.reload(body.model_path, body.load_format, body.in_flight)
 
         @app.get("/admin/reload_status")
         async def reload_status():
@@ -323,9 +333,13 @@ class WeightServer:
         }
 
     # ------------------------------------------------------------------ weight changes
-    async def reload(self, model_path: str, load_format: str = "safetensors"):
+    async def reload(self, model_path: str, load_format: str = "safetensors", in_flight: str = "drain"):
         if load_format not in ("safetensors", "auto"):
             return _error(400, f"load_format {load_format!r} cannot be reloaded: only 'safetensors' checkpoints")
+        try:
+            check_in_flight(in_flight)
+        except ValueError as e:
+            return _error(400, str(e))
 
         async def validate():
             if not Path(model_path).is_dir():
@@ -333,7 +347,11 @@ class WeightServer:
             await asyncio.to_thread(self.sampler.check_checkpoint, model_path)
 
         return await self._change(
-            "reload", validate, lambda: self.sampler.load_checkpoint(model_path), {"model_path": model_path}
+            "reload",
+            validate,
+            lambda: self.sampler.load_checkpoint(model_path, in_flight=in_flight),
+            {"model_path": model_path, "in_flight": in_flight},
+            gate=in_flight == "drain",
         )
 
     async def perturb(self, seed: int, scale: float, num_leaves: int):
@@ -360,8 +378,10 @@ class WeightServer:
         validate: Callable[[], Awaitable[None]] | None,
         apply: Callable[[], Any],
         detail: dict[str, Any],
+        gate: bool = True,
     ):
-        """One weight change at a time: validate if given (nothing paused yet), then gate and swap."""
+        """One weight change at a time: validate if given (nothing paused yet), then swap;
+        with ``gate`` new generation requests get 503 meanwhile (a draining swap)."""
         if self.operation is not None:
             return _error(409, f"a weight change ({self.operation}) is already running")
         self.operation, self.state = operation, "reloading"
@@ -376,7 +396,7 @@ class WeightServer:
                     return self._failed(404, e, detail)
                 except (ConversionError, CheckpointError) as e:
                     return self._failed(400, e, detail)
-                self.gating = True
+                self.gating = gate
                 try:
                     report = await asyncio.to_thread(apply)
                 except UpdateTimeoutError as e:

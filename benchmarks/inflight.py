@@ -1,0 +1,185 @@
+"""How long update_params blocks the trainer with K requests of L tokens in flight, under
+in_flight="drain", "continue" and "recompute", with the limits measured in the same run.
+
+For each model: an engine on the default SamplerConfig (only the model path and the KV
+sizing are given; radix cache on), a Tunix-layout trainer state (random weights; float32,
+as Tunix trains, so every leaf is cast to the engine's bf16). Each timed round: K greedy
+requests of L tokens start together (one prefill batch), the scheduler is parked once they
+hold L/2 tokens, released, and update_params is called at once; the time until it returns
+is what the trainer waits. Limits, same run, same engine:
+
+- idle-engine push: update_params with nothing in flight;
+- one decode step of the K requests (scheduler batches timed while they run);
+- one prefill of the K requests, prompt + L/2 tokens each (the re-prefill "recompute" runs).
+
+Targets (issue 16): "continue" <= idle push + one decode step; "recompute" <= that + one
+prefill. A fixed seed, medians over ``--runs`` rounds after one warm-up round per mode.
+
+    python benchmarks/inflight.py [--runs 5] [--models tiny qwen3-0.6b] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
+from sampler.compat.inflight import held_requests, record_batch_seconds, tokens_generated  # noqa: E402
+from sampler.testing import write_tiny_model  # noqa: E402
+from sampler.tunix_models import random_tunix_model  # noqa: E402
+
+MODES = ("drain", "continue", "recompute")
+PROMPT = [5, 17, 42, 99, 7, 3, 1, 4]
+#: Generous bound on any wait here (only a broken engine reaches it).
+WAIT_BOUND_S = 600
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    k: int  # requests in flight
+    length: int  # tokens per request
+    config: dict  # write_tiny_model overrides
+
+
+QWEN3_06B = dict(
+    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16, num_kv_heads=8,
+    head_dim=128, tie_word_embeddings=True,
+)  # fmt: skip
+CASES = {
+    "tiny": Case("tiny Qwen3 (2 layers, hidden 128)", 8, 512, {}),
+    "qwen3-0.6b": Case("Qwen3-0.6B shape (28 layers, hidden 1024)", 4, 64, QWEN3_06B),
+}
+SMOKE = {"tiny": Case("tiny Qwen3 (smoke sizes)", 2, 16, {})}
+
+
+def send_async(sampler, ids: list[int], n: int):
+    """One greedy request of ``n`` tokens straight to the engine; a concurrent future."""
+    import asyncio
+
+    params = {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}
+    return asyncio.run_coroutine_threadsafe(
+        sampler.engine.async_generate(input_ids=ids, sampling_params=params), sampler.event_loop
+    )
+
+
+def start_requests(sampler, k: int, length: int) -> list:
+    """K greedy requests of ``length`` tokens, prefilled together in one batch."""
+    park = sampler._handle.park
+    assert park.park(WAIT_BOUND_S), "the scheduler did not park"
+    try:
+        futures = [send_async(sampler, PROMPT[: 4 + i % 4] + [i], length) for i in range(k)]
+        tm = sampler.engine.tokenizer_manager
+        deadline = time.monotonic() + WAIT_BOUND_S
+        while len(tm.rid_to_state) < k:  # all sent before the scheduler looks again
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    finally:
+        park.release()
+    return futures
+
+
+def hold_until(sampler, k: int, tokens: int) -> None:
+    """Return once the K requests hold ``tokens`` tokens each (the scheduler then runs on)."""
+    scheduler = sampler._handle.scheduler
+    hold = sampler._handle.park.park_when(
+        lambda: len(held := held_requests(scheduler)) == k and min(map(tokens_generated, held)) >= tokens
+    )
+    try:
+        assert hold.wait(WAIT_BOUND_S), "the requests never reached the swap point"
+    finally:
+        hold.release()
+
+
+def timed_round(sampler, state, case: Case, mode: str, batches: list) -> tuple[float, float]:
+    """One round: (seconds update_params blocked, seconds of the prefill batch right after it)."""
+    futures = start_requests(sampler, case.k, case.length)
+    hold_until(sampler, case.k, case.length // 2)
+    t0 = time.perf_counter()
+    sampler.update_params(state, in_flight=mode)
+    blocked = time.perf_counter() - t0
+    mark = len(batches)
+    for f in futures:
+        f.result(WAIT_BOUND_S)
+    after = [s for kind, n, s in batches[mark:] if kind == "prefill" and n == case.k]
+    return blocked, (after[0] if after else float("nan"))
+
+
+def measure(key: str, case: Case, runs: int, seed: int) -> list[tuple[str, float]]:
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-inflight-{key}-"))
+    write_tiny_model(tmp, "Qwen3ForCausalLM", weights=False, **case.config)
+    context = len(PROMPT) + 1 + case.length + 16
+    sampler = SglangJaxSampler(
+        config=SamplerConfig(model_path=str(tmp), context_length=context, max_running_requests=case.k)
+    )
+    state = nnx.state(random_tunix_model(tmp, seed=seed, dtype=jnp.float32), nnx.Param)
+    jax.block_until_ready(state)
+    batches = record_batch_seconds(sampler._handle.scheduler)
+    idle, blocked, reprefill = [], {m: [] for m in MODES}, []
+    warm = 0
+    for r in range(runs + 1):  # round 0 warms up: compiles, plans, prefill shapes
+        if r == 1:
+            warm = len(batches)
+        sampler.update_params(state)
+        t0 = time.perf_counter()
+        sampler.update_params(state)
+        idle.append(time.perf_counter() - t0)
+        for mode in MODES[r % len(MODES) :] + MODES[: r % len(MODES)]:  # rotate the order
+            seconds, prefill = timed_round(sampler, state, case, mode, batches)
+            if r:
+                blocked[mode].append(seconds)
+                if mode == "recompute":
+                    reprefill.append(prefill)
+    decode = [s for kind, n, s in batches[warm:] if kind == "decode" and n == case.k]
+    sampler.shutdown()
+    push, step, prefill = statistics.median(idle[1:]), statistics.median(decode), statistics.median(reprefill)
+    rows = [
+        (f"update_params blocks, in_flight={m!r}, {case.k} requests at token {case.length // 2}", blocked[m])
+        for m in MODES
+    ]
+    rows = [(label, statistics.median(times)) for label, times in rows]
+    rows += [
+        ("limit: idle-engine push (nothing in flight)", push),
+        (f"limit: one decode step of the {case.k} requests", step),
+        (f"limit: one prefill of the {case.k} requests (prompt + {case.length // 2} tokens)", prefill),
+        ("target 'continue': idle push + one decode step", push + step),
+        ("target 'recompute': idle push + one decode step + one prefill", push + step + prefill),
+    ]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help="tiny model, 2 requests of 16 tokens, 1 run")
+    args = ap.parse_args()
+    cases = SMOKE if args.smoke else {k: CASES[k] for k in args.models}
+    runs = 1 if args.smoke else args.runs
+    print(
+        f"JAX {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores), default SamplerConfig, "
+        f"Tunix-layout float32 trainer state, {runs} rounds after a warm-up, seed {args.seed}\n"
+    )
+    print("| model | K x L | what is measured | median ms |")
+    print("|---|---|---|---:|")
+    for key, case in cases.items():
+        for label, seconds in measure(key, case, runs, args.seed):
+            print(f"| {case.name} | {case.k} x {case.length} | {label} | {seconds * 1e3:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
