@@ -34,6 +34,26 @@ def busy_fraction(seconds: float = 2.0) -> float:
     return (cpu_seconds() - c0) / (time.monotonic() - t0)
 
 
+class IterationCounter:
+    """Counts a scheduler's loop iterations (its ``recv_requests`` calls): a spinning loop
+    makes thousands a second even on a loaded machine, a waiting one a few."""
+
+    def __init__(self, scheduler):
+        self.calls = 0
+        inner = scheduler.recv_requests
+
+        def recv_requests():
+            self.calls += 1
+            return inner()
+
+        scheduler.recv_requests = recv_requests
+
+    def per_second(self, seconds: float) -> float:
+        c0, t0 = self.calls, time.monotonic()
+        time.sleep(seconds)
+        return (self.calls - c0) / (time.monotonic() - t0)
+
+
 def engine(model_dir, load_format="safetensors"):
     from sgl_jax.srt.entrypoints.engine import Engine
 
@@ -288,15 +308,18 @@ def main(mode: str, model_dir: str) -> None:
     elif mode == "lifecycle":  # idle spin, threads after shutdown, signal handlers, child processes
         before = signal.getsignal(signal.SIGCHLD)
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        from sampler.compat import scheduler_of
+
         e = engine(model_dir)
         result["sigchld_replaced"] = signal.getsignal(signal.SIGCHLD) is not before
-        result["idle_busy"] = busy_fraction()
+        iterations = IterationCounter(scheduler_of(e))
+        result["idle_iterations_per_s"] = iterations.per_second(2.0)
         e.shutdown()
         time.sleep(0.5)
         result["threads_after_shutdown"] = sorted(
             t.name for t in threading.enumerate() if t is not threading.main_thread()
         )
-        result["busy_after_shutdown"] = busy_fraction()
+        result["iterations_after_shutdown_per_s"] = iterations.per_second(1.0)
         result["child_killed"] = child.poll() is not None
         child.kill()
     print("PROBE " + json.dumps(result), flush=True)
