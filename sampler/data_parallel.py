@@ -94,6 +94,9 @@ class DataParallelSampler(RolloutEngine):
                 s.shutdown()
             raise
         self._pool = concurrent.futures.ThreadPoolExecutor(len(self.samplers), thread_name_prefix="dp-sampler")
+        # weight writes get threads of their own: with in_flight="continue"/"recompute" the
+        # generation threads above stay busy with requests in flight during a push
+        self._write_pool = concurrent.futures.ThreadPoolExecutor(len(self.samplers), thread_name_prefix="dp-writer")
         self._gate = UpdateGate()
         #: True from the first engine write of an update until the last; stays True when an
         #: update failed midway, until a complete push (then engines may hold different versions).
@@ -234,7 +237,7 @@ class DataParallelSampler(RolloutEngine):
             try:
                 # the engines' writes overlap: each engine has its own devices and buffers
                 futures = [
-                    self._pool.submit(s.sync.apply, push, window)
+                    self._write_pool.submit(s.sync.apply, push, window)
                     for s, push, window in zip(self.samplers, pushes, windows)
                 ]
                 concurrent.futures.wait(futures)  # every write has ended before the engines resume
@@ -334,6 +337,7 @@ class DataParallelSampler(RolloutEngine):
                 return
             self._closed = True
         self._pool.shutdown(wait=True)
+        self._write_pool.shutdown(wait=True)
         for s in self.samplers:
             s.shutdown()
 

@@ -294,7 +294,8 @@ class EngineHandle:
         atexit.unregister(self.shutdown)
         for future in list(self._waiting):  # callers waiting in run() get their answer now
             future.cancel()
-        self._park.release()  # a parked scheduler could not see its stop
+        if self._park is not None:  # a parked scheduler could not see its stop
+            self._park.release_all()
         alive = compat.stop_engine_threads(self.engine, self.threads, self._scheduler_stop)
         compat.unwatch_thread_faults(self.threads)
         if alive:

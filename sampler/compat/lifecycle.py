@@ -361,6 +361,15 @@ class SchedulerPark:
         with self._cond:
             self._release_locked()
 
+    def release_all(self) -> None:
+        """Drop every hold and pending condition (at shutdown: a parked thread must see its stop)."""
+        with self._cond:
+            self._conditions.clear()
+            if self._holds:
+                self._holds = 0
+                self._epoch += 1
+            self._cond.notify_all()
+
 
 class ConditionalPark:
     """A park that takes effect once a condition holds (``SchedulerPark.park_when``)."""
