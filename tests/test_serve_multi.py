@@ -97,30 +97,33 @@ def ckpts(model_dir):
 
 
 @pytest.fixture(scope="module")
-def servers(ckpts, tmp_path_factory):
-    """Both child servers, started together (the second boots while the first is tested)."""
-    logs = tmp_path_factory.mktemp("multi")
-    base = free_ports(4)
-    started = {}
+def dp(ckpts, tmp_path_factory):
+    srv = MultiServer(ckpts["a"], tmp_path_factory.mktemp("dp") / "server.log", "--data-parallel-size", "2")
     try:
-        started["dp"] = MultiServer(ckpts["a"], logs / "dp.log", "--data-parallel-size", "2")
-        started["per_port"] = MultiServer(
-            ckpts["a"], logs / "ports.log", "--num-servers", "4", "--base-port", str(base), base_port=base, servers=4
-        )
-        yield started
+        yield srv.wait_ready()
     finally:
-        for srv in started.values():
-            srv.stop()
+        srv.stop()
 
 
 @pytest.fixture(scope="module")
-def dp(servers):
-    return servers["dp"].wait_ready()
-
-
-@pytest.fixture(scope="module")
-def per_port(servers):
-    return servers["per_port"].wait_ready()
+def per_port(ckpts, tmp_path_factory):
+    base = free_ports(4)
+    log = tmp_path_factory.mktemp("ports") / "server.log"
+    srv = MultiServer(
+        ckpts["a"],
+        log,
+        "--num-servers",
+        "4",
+        "--base-port",
+        str(base),
+        "--enable-weight-perturb",
+        base_port=base,
+        servers=4,
+    )
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +172,7 @@ def test_router_sends_work_to_the_least_busy_engine():
     long, short = request_cost("/generate", json.dumps(generate_body(LONG_IDS, LONG_TOKENS)).encode()), 13
     assert long == len(LONG_IDS) + LONG_TOKENS
     assert request_cost("/v1/completions", b'{"prompt": [1, 2], "max_tokens": 3, "n": 2}') == 10
+    assert request_cost("/v1/models", b"") == 0
     first = router.choose()
     router.begin(first, long)
     picks = []
@@ -380,6 +384,15 @@ def test_every_port_answers_and_one_reload_swaps_every_engine(per_port, ckpts, r
     assert admin_main([*base, "status"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len({s["server_id"] for s in out["servers"].values()}) == 1
+
+    # the seed's hot update: perturb through the ports, every engine gets the same noise
+    assert admin_main([*base, "perturb", "--seed", "0", "--scale", "0.5", "--num-leaves", "4"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["servers"]) == 1
+    assert admin_main([*base, "checksum"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["agree"] and out["servers"][per_port.urls[0]]["checksum"] != ckpts["fp_b"], out
+    answers = [tokens(url) for url in per_port.urls]
+    assert len({tuple(ids) for ids, _ in answers}) == 1 and answers[0][0] != reference["b", "short"], answers
 
 
 # ---------------------------------------------------------------------------- command line

@@ -18,6 +18,8 @@ from typing import Any
 BYTES_PER_TOKEN = 4
 #: New tokens assumed for a request that sets no limit (upstream's default for /generate).
 DEFAULT_NEW_TOKENS = 128
+#: The routes that generate (others cost nothing to route).
+GENERATION_PATHS = frozenset({"/generate", "/v1/completions", "/v1/chat/completions", "/invocations"})
 #: The request fields that cap the new tokens, by route family.
 NEW_TOKEN_FIELDS = ("max_new_tokens", "max_completion_tokens", "max_tokens")
 
@@ -36,7 +38,10 @@ def _prompt_tokens(prompt: Any) -> int:
 
 
 def request_cost(path: str, body: bytes) -> int:
-    """Tokens a generation request will make its engine process (an estimate, >= 1)."""
+    """Tokens a generation request will make its engine process (an estimate, >= 1; 0 for
+    other routes)."""
+    if path not in GENERATION_PATHS:
+        return 0
     try:
         request = json.loads(body) if body else {}
     except ValueError:
