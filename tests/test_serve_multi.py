@@ -246,6 +246,7 @@ def hold_long_stream(dp):
         wait_for(lambda: dp.status()["engine_requests"] >= 1, "the long request never reached an engine")
         code, body, _ = dp.call("/pause_generation", {"mode": "in_place"}, token=ADMIN_TOKEN)
         assert code == 200, body
+        assert all(e["paused"] for e in dp.status()["engines"]), "an engine-control route missed an engine"
         if "long" not in result and dp.status()["engine_requests"] >= 1:
             return thread, result
         dp.call("/continue_generation", {}, token=ADMIN_TOKEN)  # it finished first: again
@@ -295,6 +296,7 @@ def test_busy_engine_gets_no_new_work_and_a_stream_finishes_on_old_weights_acros
     checksum = dp.checksum()
     assert checksum["agree"] and checksum["checksum"] == ckpts["fp_b"], checksum
     assert {tuple(tokens(dp.url)[0]) for _ in range(2)} == {tuple(reference["b", "short"])}
+    assert not any(e["paused"] for e in dp.status()["engines"])
 
 
 def test_reload_under_load_never_mixes_weights(dp, ckpts, reference):

@@ -54,6 +54,11 @@ async def set_paused(tm: Any, paused: bool) -> None:
         tm.is_pause_cond.notify_all()
 
 
+def is_paused(tm: Any) -> bool:
+    """Whether the tokenizer manager holds new requests back (upstream's pause flag)."""
+    return bool(tm.is_pause)
+
+
 def requests_in_flight(tm: Any) -> int:
     """Requests the tokenizer manager has sent and not yet finished."""
     return len(tm.rid_to_state)

@@ -371,6 +371,7 @@ class WeightServer:
                     "fault": engine.fault,
                     "devices": [d.id for d in engine.mesh.devices.flat],
                     "engine_requests": compat.requests_in_flight(engine.engine.tokenizer_manager),
+                    "paused": compat.is_paused(engine.engine.tokenizer_manager),
                     "bridged_requests": self.engine_apps[i].requests if i < len(self.engine_apps) else 0,
                     "outstanding_requests": load.requests,
                     "outstanding_tokens": load.tokens,
