@@ -98,7 +98,8 @@ def ckpts(model_dir):
 
 @pytest.fixture(scope="module")
 def dp(ckpts, tmp_path_factory):
-    srv = MultiServer(ckpts["a"], tmp_path_factory.mktemp("dp") / "server.log", "--data-parallel-size", "2")
+    log = tmp_path_factory.mktemp("dp") / "server.log"
+    srv = MultiServer(ckpts["a"], log, "--data-parallel-size", "2", "--enable-fault-injection")
     try:
         yield srv.wait_ready()
     finally:
@@ -359,6 +360,29 @@ def test_bad_reload_changes_no_engine(dp, ckpts, tmp_path):
     assert code == 400 and "LlamaForCausalLM" in error_message(body), body
     after = dp.checksum()
     assert after == before and after["agree"]
+
+
+def test_a_faulted_engine_is_rebuilt_with_the_weights_all_engines_serve(dp, reference):
+    """A real scheduler-thread fault on engine 1 (sent past validation): the server rebuilds
+    it, and both engines serve the same weights and version as before."""
+    before, version = dp.checksum(), dp.status()["version"]
+    restarts = dp.call("/health")[1]["restarts"]
+    code, body, _ = dp.admin("/admin/inject_fault", {"park": True, "engine": 2})
+    assert code == 400 and "engine" in error_message(body), body
+    code, body, _ = dp.admin("/admin/inject_fault", {"park": True, "engine": 1})
+    assert code == 200, body
+    code, body, _ = dp.admin("/admin/inject_fault", {"thread": "scheduler", "engine": 1})
+    assert code == 200, body
+    health = lambda: dp.call("/health")[1]  # noqa: E731
+    wait_for(lambda: health()["restarts"] == restarts + 1 and health()["status"] == "ok", "engine 1 not rebuilt")
+    assert "engine 1" in health()["last_fault"]["reason"] and "scheduler" in health()["last_fault"]["reason"]
+    assert dp.checksum() == before and before["agree"]
+    assert [e["version"] for e in dp.status()["engines"]] == [version] * 2
+    served: set = set()
+    for _ in range(4):  # idle engines take turns: both answer within a few
+        ids, engine = tokens(dp.url)
+        served.add((tuple(ids), engine))
+    assert served == {(tuple(reference["a", "short"]), e) for e in (0, 1)}, served
 
 
 # ---------------------------------------------------------------------------- one port per engine

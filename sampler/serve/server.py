@@ -232,6 +232,7 @@ class WeightServer:
         class FaultBody(BaseModel):
             park: bool = False
             thread: str | None = None
+            engine: int = 0
 
         @app.get("/health")
         async def health():
@@ -272,8 +273,11 @@ class WeightServer:
                 return _error(403, "fault injection is disabled: it exists for tests (--enable-fault-injection)")
             from sampler.testing import inject_fault
 
+            if not 0 <= body.engine < len(self.engines):
+                return _error(400, f"engine must be in [0, {len(self.engines)}) (got {body.engine})")
+            engine = self.engines[body.engine]
             try:
-                return await asyncio.to_thread(inject_fault, self.sampler, park=body.park, thread=body.thread)
+                return await asyncio.to_thread(inject_fault, engine, park=body.park, thread=body.thread)
             except ValueError as e:
                 return _error(400, str(e))
 
