@@ -160,6 +160,17 @@ def stream_completion(url, ids, n) -> tuple[int, str, dict]:
         return e.code, "", {k.lower(): v for k, v in e.headers.items()}
 
 
+def from_every_engine(srv, ids=PROMPT_IDS, n=NEW_TOKENS, field="output_ids") -> set:
+    """{(answer, engine)} of sequential requests until every engine answered: idle engines
+    take requests by fewest served so far, so the gap between them plus one round does it."""
+    routed = [e["routed"] for e in srv.status()["engines"]]
+    seen = set()
+    for _ in range(max(routed) - min(routed) + len(routed)):
+        answer, engine = tokens(srv.url, ids, n, field)
+        seen.add((tuple(answer) if isinstance(answer, list) else answer, engine))
+    return seen
+
+
 def wait_for(predicate, what: str):
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not predicate():
@@ -258,9 +269,7 @@ def hold_long_stream(dp):
 def test_busy_engine_gets_no_new_work_and_a_stream_finishes_on_old_weights_across_a_reload(dp, ckpts, reference):
     assert dp.checksum()["checksum"] == ckpts["fp_a"]
     # the long answer of each engine (longer than the reference engines' context)
-    old_long: set = set()
-    for _ in range(4):  # idle engines take turns by requests served: both answer within a few
-        old_long.add(tokens(dp.url, LONG_IDS, LONG_TOKENS, field="text"))
+    old_long = from_every_engine(dp, LONG_IDS, LONG_TOKENS, field="text")
     assert len({text for text, _ in old_long}) == 1 and {e for _, e in old_long} == {0, 1}, old_long
     long_thread, result = hold_long_stream(dp)
     busy = next(e["index"] for e in dp.status()["engines"] if e["outstanding_requests"])
@@ -378,10 +387,7 @@ def test_a_faulted_engine_is_rebuilt_with_the_weights_all_engines_serve(dp, refe
     assert "engine 1" in health()["last_fault"]["reason"] and "scheduler" in health()["last_fault"]["reason"]
     assert dp.checksum() == before and before["agree"]
     assert [e["version"] for e in dp.status()["engines"]] == [version] * 2
-    served: set = set()
-    for _ in range(4):  # idle engines take turns: both answer within a few
-        ids, engine = tokens(dp.url)
-        served.add((tuple(ids), engine))
+    served = from_every_engine(dp)
     assert served == {(tuple(reference["a", "short"]), e) for e in (0, 1)}, served
 
 
