@@ -593,3 +593,46 @@ def test_non_draining_lock_leaves_the_event_loop_free():
         lock.release_rollout()
         loop.call_soon_threadsafe(loop.stop)
         thread.join(60)
+
+
+# ---------------------------------------------------------------------------- HTTP routes, several engines
+def _model_paths_served(apps) -> list[str]:
+    from starlette.testclient import TestClient
+
+    return [TestClient(app).get("/get_model_info").json()["model_path"] for app in apps]
+
+
+def _two_engines(model_dir, engines):
+    paths = [str(model_dir("qwen3-tied", seed)) for seed in (0, 1)]
+    return paths, [engines.get(path, load_format="safetensors").engine for path in paths]
+
+
+def test_upstream_http_global_state_workaround_still_needed(model_dir, engines):
+    """Upstream's routes read one module-global engine state: an app built for engine A
+    serves engine B once B's app is built."""
+    from fastapi import FastAPI
+    from fastapi.routing import APIRoute
+    from sgl_jax.srt.entrypoints import http_server as upstream
+
+    paths, pair = _two_engines(model_dir, engines)
+    before, apps = upstream._global_state, []
+    for engine in pair:  # upstream's own way of serving an engine: set the global, mount the routes
+        upstream.set_global_state(upstream._GlobalState(engine.tokenizer_manager, engine.template_manager, {}))
+        app = FastAPI()
+        app.router.routes.extend(r for r in upstream.app.router.routes if isinstance(r, APIRoute))
+        apps.append(app)
+    try:
+        served = _model_paths_served(apps)
+    finally:
+        upstream.set_global_state(before)
+    assert served == [paths[1], paths[1]], "upstream's routes serve per-app state now: drop engine_scope"
+
+
+def test_upstream_http_global_state_workaround_works(model_dir, engines):
+    from sgl_jax.srt.entrypoints import http_server as upstream
+
+    paths, pair = _two_engines(model_dir, engines)
+    before = upstream._global_state
+    apps = [compat.upstream_http_app(engine) for engine in pair]
+    assert _model_paths_served(apps) == paths
+    assert upstream._global_state is before, "upstream's module global was touched"

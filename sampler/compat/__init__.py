@@ -47,6 +47,9 @@ fails once it is no longer needed, and a test that it works.
 | ``crashes.UPSTREAM_CRASHES``    | requests with out-of-range ids, int32 overflows, wrong types or logprob    |
 | (``sampler.validation``)        | options crash the scheduler/detokenizer thread; refused before they are    |
 |                                 | sent, naming the field                                                     |
+| ``engine_scope``                | the HTTP routes and their lifespan read one module-global ``_GlobalState``  |
+| (``upstream_http_app``)         | (``http_server.py:99``): one engine per process; each engine's app gets     |
+|                                 | copies of the route functions bound to its own state                        |
 | ``warn_tunix_rope_theta``       | Tunix 0.1.7's Qwen3 (dense and MoE) and Llama3 ignore ``rope_theta``       |
 |                                 | (always 1e6); its Gemma always uses 1e4                                     |
 | ``HYBRID_SWA_OFF``              | sliding-window models on CPU: the hybrid SWA KV pool lacks the method the   |
@@ -86,9 +89,11 @@ from sampler.compat.internals import (
     abort_pending,
     check_requests_with,
     engine_limits,
+    engine_scope,
     enter_upstream_app,
     fast_value_setter,
     flush_prefix_cache,
+    is_paused,
     model_runner_of,
     requests_in_flight,
     scheduler_idle,
@@ -259,10 +264,12 @@ __all__ = [
     "check_head_dim",
     "check_requests_with",
     "engine_limits",
+    "engine_scope",
     "enter_upstream_app",
     "enable_in_flight_sync",
     "fast_value_setter",
     "flush_prefix_cache",
+    "is_paused",
     "model_runner_of",
     "patch_contain_engine_faults",
     "patch_contain_tokenizer_loop_faults",

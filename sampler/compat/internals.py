@@ -54,6 +54,11 @@ async def set_paused(tm: Any, paused: bool) -> None:
         tm.is_pause_cond.notify_all()
 
 
+def is_paused(tm: Any) -> bool:
+    """Whether the tokenizer manager holds new requests back (upstream's pause flag)."""
+    return bool(tm.is_pause)
+
+
 def requests_in_flight(tm: Any) -> int:
     """Requests the tokenizer manager has sent and not yet finished."""
     return len(tm.rid_to_state)
@@ -90,30 +95,70 @@ def abort_pending(tm: Any, message: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
+#: Keyword arguments of ``APIRoute`` that a copied route takes over from upstream's.
+ROUTE_FIELDS = (
+    "response_model", "status_code", "tags", "dependencies", "summary", "description",
+    "response_description", "responses", "deprecated", "name", "methods", "operation_id",
+    "response_model_include", "response_model_exclude", "response_model_by_alias",
+    "response_model_exclude_unset", "response_model_exclude_defaults", "response_model_exclude_none",
+    "include_in_schema", "response_class", "callbacks", "openapi_extra", "generate_unique_id_function",
+)  # fmt: skip
+
+
+def _rebind(fn: Callable, scope: dict[str, Any]) -> Callable:
+    """A copy of function ``fn`` that reads its module globals from ``scope``."""
+    import types
+
+    copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__annotations__ = dict(fn.__annotations__)
+    copy.__qualname__, copy.__module__, copy.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+    copy.__dict__.update(fn.__dict__)
+    return copy
+
+
+def engine_scope(upstream: Any, state: Any) -> dict[str, Any]:
+    """Upstream's HTTP module namespace with ``_global_state`` set to ``state``, every
+    module-level function in it rebound to that namespace (helpers the routes call too)."""
+    import types
+
+    scope = dict(vars(upstream))
+    scope["_global_state"] = state
+    for name, value in vars(upstream).items():
+        if isinstance(value, types.FunctionType) and value.__module__ == upstream.__name__:
+            scope[name] = _rebind(value, scope)
+    return scope
+
+
 def upstream_http_app(engine: Any):
     """A FastAPI app with sglang-jax's own routes, serving ``engine`` (in-process).
 
-    Upstream's routes read a module-global ``_GlobalState``; it is pointed at this
-    engine, so one process serves one engine through them.
+    Upstream's routes and lifespan read a module-global ``_GlobalState`` (one engine per
+    process). This app's routes are copies of upstream's functions whose globals are a
+    namespace of their own (``engine_scope``) naming this engine's state; upstream's module
+    is left untouched, so several engines are served from one process.
     """
+    import contextlib
+
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.routing import APIRoute
     from sgl_jax.srt.entrypoints import http_server as upstream
 
-    upstream.set_global_state(
-        upstream._GlobalState(
-            tokenizer_manager=engine.tokenizer_manager,
-            template_manager=engine.template_manager,
-            scheduler_info={k: v for k, v in engine.scheduler_info.items() if k != "scheduler"},
-        )
+    state = upstream._GlobalState(
+        tokenizer_manager=engine.tokenizer_manager,
+        template_manager=engine.template_manager,
+        scheduler_info={k: v for k, v in engine.scheduler_info.items() if k != "scheduler"},
     )
-    app = FastAPI(lifespan=upstream.lifespan, openapi_url=None)
+    scope = engine_scope(upstream, state)
+    lifespan = contextlib.asynccontextmanager(_rebind(upstream.lifespan.__wrapped__, scope))
+    app = FastAPI(lifespan=lifespan, openapi_url=None)
     app.server_args = engine.server_args
-    app.add_exception_handler(RequestValidationError, upstream.validation_exception_handler)
+    app.add_exception_handler(RequestValidationError, scope["validation_exception_handler"])
     for route in upstream.app.router.routes:
         if isinstance(route, APIRoute):
-            app.router.routes.append(route)
+            fields = {k: getattr(route, k) for k in ROUTE_FIELDS}
+            app.router.routes.append(APIRoute(route.path, _rebind(route.endpoint, scope), **fields))
     return app
 
 

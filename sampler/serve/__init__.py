@@ -1,4 +1,5 @@
-"""Serve an in-process engine over HTTP with hot weight reloads, and its admin client."""
+"""Serve in-process engines (one, or several behind one port or one port each) over HTTP with
+hot weight reloads, and the admin client."""
 
 from sampler.serve.server import WeightServer, perturb_weights, report_summary
 

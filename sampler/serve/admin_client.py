@@ -6,6 +6,12 @@
     python -m sampler.serve.admin_client ... wait-ready --timeout 300
 
 The token may also come from $SAMPLER_ADMIN_TOKEN. Exit status 0 on a 2xx answer, 1 otherwise.
+
+``--base-url`` may repeat (the one-port-per-engine layout, ``--num-servers``): reads
+(status, checksum, wait-ready) ask every URL and print ``{"servers": {url: answer}}`` (the
+checksum also says whether every engine behind every URL ``agree``s); weight changes go
+once to each server process (the ports of one process share its admin endpoints, which
+change all its engines or none), to its first URL.
 """
 
 import argparse
@@ -18,6 +24,7 @@ import urllib.request
 from typing import Any
 
 ADMIN_TOKEN_ENV = "SAMPLER_ADMIN_TOKEN"
+DEFAULT_BASE_URL = "http://127.0.0.1:30000"
 
 
 class AdminClient:
@@ -73,9 +80,57 @@ class AdminClient:
         return 504, {"ready": False, "error": f"no answer from {self.base_url}/health in {timeout:.0f} s: {last}"}
 
 
+#: Commands that change the weights: sent once per server process.
+WRITE_COMMANDS = frozenset({"reload", "perturb"})
+
+
+def run_command(client: AdminClient, args: argparse.Namespace) -> tuple[int, Any]:
+    if args.command == "reload":
+        return client.reload(args.model_path, args.load_format, args.in_flight)
+    if args.command == "status":
+        return client.status()
+    if args.command == "checksum":
+        return client.checksum()
+    if args.command == "perturb":
+        return client.perturb(args.seed, args.scale, args.num_leaves)
+    return client.wait_ready(args.timeout)
+
+
+def fan_out(clients: list[AdminClient], args: argparse.Namespace) -> tuple[int, Any]:
+    """One command over several base URLs (see the module docstring): (worst status, answers)."""
+    answers: dict[str, Any] = {}
+    statuses: list[int] = []
+    targets = clients
+    if args.command in WRITE_COMMANDS:  # one per server process, told apart by its server_id
+        seen: set[str] = set()
+        targets = []
+        for client in clients:
+            code, body = client.status()
+            server_id = body.get("server_id") if code == 200 and isinstance(body, dict) else None
+            if server_id is None or server_id not in seen:
+                targets.append(client)
+                seen.add(server_id or client.base_url)
+    for client in targets:
+        code, body = run_command(client, args)
+        statuses.append(code)
+        answers[client.base_url] = body
+    result: dict[str, Any] = {"servers": answers}
+    if args.command == "checksum":
+        prints = [e.get("checksum") for b in answers.values() if isinstance(b, dict) for e in b.get("engines", [b])]
+        result["agree"] = len(prints) > 0 and None not in prints and len(set(prints)) == 1
+        statuses.append(200 if result["agree"] else 409)
+    worst = next((code for code in statuses if not 200 <= code < 300), 200)
+    return worst, result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sampler.serve.admin_client", description=__doc__.split("\n\n")[0])
-    p.add_argument("--base-url", default="http://127.0.0.1:30000")
+    p.add_argument(
+        "--base-url",
+        action="append",
+        default=None,
+        help="server URL (default http://127.0.0.1:30000); repeat for one port per engine",
+    )
     p.add_argument("--token", default=None, help=f"admin token (default: ${ADMIN_TOKEN_ENV})")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for an answer")
     sub = p.add_subparsers(dest="command", required=True)
@@ -97,20 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("wait-ready", help="wait until the server answers /health")
     args = p.parse_args(argv)
 
-    client = AdminClient(args.base_url, args.token or os.environ.get(ADMIN_TOKEN_ENV), timeout=args.timeout)
+    urls = args.base_url or [DEFAULT_BASE_URL]
+    token = args.token or os.environ.get(ADMIN_TOKEN_ENV)
+    clients = [AdminClient(url, token, timeout=args.timeout) for url in urls]
     try:
-        if args.command == "reload":
-            status, body = client.reload(args.model_path, args.load_format, args.in_flight)
-        elif args.command == "status":
-            status, body = client.status()
-        elif args.command == "checksum":
-            status, body = client.checksum()
-        elif args.command == "perturb":
-            status, body = client.perturb(args.seed, args.scale, args.num_leaves)
-        else:
-            status, body = client.wait_ready(args.timeout)
+        status, body = run_command(clients[0], args) if len(clients) == 1 else fan_out(clients, args)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-        print(json.dumps({"ok": False, "error": {"message": f"cannot reach {args.base_url}: {e}"}}))
+        print(json.dumps({"ok": False, "error": {"message": f"cannot reach {', '.join(urls)}: {e}"}}))
         return 1
     print(json.dumps(body, indent=2))
     return 0 if 200 <= status < 300 else 1

@@ -7,7 +7,7 @@ engines are built on the main thread) notices the fault and:
 
 1. stops serving the faulted engine: ``/health`` answers 503 with the reason, new requests
    503 + Retry-After naming the fault, requests in flight a 503 naming it;
-2. rebuilds it with ``SglangJaxSampler.restart()``: the weights it served (the served arrays
+2. rebuilds it (every faulted engine) with ``SglangJaxSampler.restart()``: the weights it served (the served arrays
    while alive, else the last checkpoint; ``sampler.recovery``), the same version;
 3. serves sglang-jax's routes from the new engine and resumes.
 
@@ -19,7 +19,6 @@ reason in ``/health`` and ``/admin/reload_status``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -54,7 +53,7 @@ class EngineRecovery:
     def poll(self) -> bool:
         """Rebuild the engine if it faulted (blocks until done); True if it did anything."""
         server = self.server
-        fault = server.sampler.fault
+        fault = server.engine_fault()
         if fault is None or server.engine_state != "serving":
             return False
         reason = f"{fault}; the server is rebuilding its engine"
@@ -67,14 +66,13 @@ class EngineRecovery:
         errors = []
         for attempt in range(1, self.attempts + 1):
             try:
-                report = server.sampler.restart()
-                server.install_engine()
+                summary, details = server.restart_engines()
             except Exception as e:  # noqa: BLE001 - retried, then reported
                 logger.exception("rebuilding the engine failed (attempt %d of %d)", attempt, self.attempts)
                 errors.append(f"{type(e).__name__}: {e}")
                 continue
-            logger.warning("engine rebuilt after %s: %s", fault, report.summary())
-            self.on_server(server.end_recovery({**dataclasses.asdict(report), "attempts": attempt}))
+            logger.warning("engine rebuilt after %s: %s", fault, summary)
+            self.on_server(server.end_recovery({**details, "attempts": attempt}))
             return True
         failure = f"{reason}, but every rebuild failed ({self.attempts} attempts): {errors[-1]}"
         self.on_server(server.end_recovery(None, failure))

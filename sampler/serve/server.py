@@ -3,19 +3,23 @@
 ``python -m sampler.serve --model-path DIR [--port N] [--admin-token T]`` (or the
 ``sglang-jax-sampler-serve`` command) serves
 sglang-jax's own routes (``/generate``, ``/v1/completions``, ``/v1/chat/completions``,
-``/health``, ...) from an in-process, single-process engine, plus admin endpoints that
-hot-reload weights through the converters (see ``WeightServer``). The HTTP server runs
-on an event loop of its own; sglang-jax's routes run on the engine's loop (where its
-tokenizer manager lives) through ``bridge.EngineApp``, so the server outlives an engine
-that faults and is rebuilt (``sampler.serve.recovery``).
+``/health``, ...) from in-process engines, plus admin endpoints that hot-reload weights
+through the converters (see ``WeightServer``): one engine, or several on disjoint devices
+(``--data-parallel-size N``: one port, requests routed by ``routing.EngineRouter``;
+``--num-servers N``: one port per engine), every weight change applied to all engines or
+none. The HTTP server runs on an event loop of its own; sglang-jax's routes run on each
+engine's loop (where its tokenizer manager lives) through ``bridge.EngineApp``, so the
+server outlives an engine that faults and is rebuilt (``sampler.serve.recovery``).
 """
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ from sampler.inflight import check_in_flight
 from sampler.reports import UpdateReport
 from sampler.serve.admin_client import ADMIN_TOKEN_ENV
 from sampler.serve.bridge import EngineApp, error_body, send_json
+from sampler.serve.routing import EngineRouter, request_cost
 from sampler.validation import InvalidRequestError, check_openai_request
 
 logger = logging.getLogger(__name__)
@@ -64,6 +69,15 @@ UPSTREAM_CONTROL_PATHS = frozenset(
         "/stop_trace",
     }
 )
+
+
+#: The response header naming the engine (its index) that answered a request.
+ENGINE_HEADER = "x-sampler-engine"
+
+
+def serving_engines(sampler: RolloutEngine) -> list[Any]:
+    """The in-process engines behind ``sampler``: a ``DataParallelSampler``'s members, or itself."""
+    return list(getattr(sampler, "samplers", None) or [sampler])
 
 
 def report_summary(report: UpdateReport) -> dict[str, Any]:
@@ -118,9 +132,10 @@ class WeightServer:
 
     Admin endpoints and sglang-jax's engine-control routes (``UPSTREAM_CONTROL_PATHS``) need
     ``Authorization: Bearer <admin_token>`` (or ``X-Admin-Token``); without a configured
-    token they are disabled (403). One WeightServer per process: sglang-jax's routes read a
-    module-global engine state (``compat.upstream_http_app``). The sampler may be any
-    ``RolloutEngine`` with an ``engine`` (the in-process sglang-jax Engine it serves).
+    token they are disabled (403). The sampler is a ``SglangJaxSampler`` or a
+    ``DataParallelSampler`` (several engines): ``app`` serves them all on one port (each
+    request to the least busy engine, engine-control routes to every engine), ``port_apps()``
+    one app per engine; every app's admin endpoints act on all engines at once.
     """
 
     def __init__(
@@ -134,6 +149,10 @@ class WeightServer:
         max_body_bytes: int = MAX_BODY_BYTES,
     ):
         self.sampler = sampler
+        self.engines = serving_engines(sampler)
+        #: Tells apart the processes behind several ports (the admin client reloads each once).
+        self.server_id = uuid.uuid4().hex
+        self.router = EngineRouter(len(self.engines))
         self.admin_token = admin_token or None
         self.api_key = api_key or None
         self.enable_weight_perturb = enable_weight_perturb
@@ -153,25 +172,49 @@ class WeightServer:
         self.engine_state = "serving"
         self.engine_reason: str | None = None
         self.engine_events: dict[str, Any] = {"restarts": 0, "last_fault": None, "last_restart": None}
-        self.engine_app: EngineApp | None = None
-        self.app = _Admission(self._build_admin_app(), server=self)
-        self.install_engine()
+        self.engine_apps: list[EngineApp] = []
+        self._admin_app = self._build_admin_app()
+        self.app = _Admission(self._admin_app, server=self)
+        self.install_engines()
 
     # ------------------------------------------------------------------ apps
-    def install_engine(self) -> None:
-        """Serve sglang-jax's routes from the sampler's current engine (from any thread but
-        that engine's loop)."""
-        handle = self.sampler.handle
+    def port_apps(self) -> list["_Admission"]:
+        """One app per engine (the one-port-per-engine layout); admin endpoints act on all."""
+        return [_Admission(self._admin_app, server=self, engine=i) for i in range(len(self.engines))]
 
-        def problem() -> str | None:
-            fault = handle.fault_message()
+    def install_engines(self) -> None:
+        """Serve sglang-jax's routes from each engine's current instance (from any thread but
+        the engines' loops)."""
+        apps = []
+        for engine in self.engines:
+            handle = engine.handle
+
+            def problem(handle=handle) -> str | None:
+                fault = handle.fault_message()
+                if fault is not None:
+                    return f"{fault}; the server rebuilds its engine"
+                return "the engine was shut down" if handle.closed else None
+
+            app = EngineApp(compat.upstream_http_app(engine.engine), handle.loop, problem)
+            app.start()
+            apps.append(app)
+        self.engine_apps = apps
+
+    def engine_fault(self) -> str | None:
+        """Why an engine cannot serve (its thread failed), or None."""
+        for i, engine in enumerate(self.engines):
+            fault = engine.fault
             if fault is not None:
-                return f"{fault}; the server rebuilds its engine"
-            return "the engine was shut down" if handle.closed else None
+                return fault if len(self.engines) == 1 else f"engine {i}: {fault}"
+        return None
 
-        app = EngineApp(compat.upstream_http_app(self.sampler.engine), handle.loop, problem)
-        app.start()
-        self.engine_app = app
+    def restart_engines(self) -> tuple[str, dict[str, Any]]:
+        """Rebuild the faulted engines (main thread only) and serve from them: (summary, details)."""
+        reports = self.sampler.restart()
+        reports = reports if isinstance(reports, list) else [reports]
+        self.install_engines()
+        details = [dataclasses.asdict(r) for r in reports]
+        return "; ".join(r.summary() for r in reports), details[0] if len(details) == 1 else {"engines": details}
 
     def _build_admin_app(self):
         from fastapi import FastAPI
@@ -199,6 +242,7 @@ class WeightServer:
         class FaultBody(BaseModel):
             park: bool = False
             thread: str | None = None
+            engine: int = 0
 
         @app.get("/health")
         async def health():
@@ -216,8 +260,18 @@ class WeightServer:
         @app.get("/admin/weights_checksum")
         async def weights_checksum():
             async with self._lock():
-                fingerprint = await asyncio.to_thread(self.sampler.fingerprint)
-            return {"checksum": fingerprint, "version": self.sampler.version}
+                prints = await asyncio.to_thread(lambda: [e.fingerprint() for e in self.engines])
+            agree = len(set(prints)) == 1
+            return {
+                "checksum": prints[0] if agree else None,
+                "agree": agree,
+                "version": self.sampler.version,
+                "server_id": self.server_id,
+                "engines": [
+                    {"index": i, "checksum": fp, "version": engine.version}
+                    for i, (engine, fp) in enumerate(zip(self.engines, prints))
+                ],
+            }
 
         @app.post("/admin/perturb_weights")
         async def perturb(body: PerturbBody):
@@ -229,8 +283,11 @@ class WeightServer:
                 return _error(403, "fault injection is disabled: it exists for tests (--enable-fault-injection)")
             from sampler.testing import inject_fault
 
+            if not 0 <= body.engine < len(self.engines):
+                return _error(400, f"engine must be in [0, {len(self.engines)}) (got {body.engine})")
+            engine = self.engines[body.engine]
             try:
-                return await asyncio.to_thread(inject_fault, self.sampler, park=body.park, thread=body.thread)
+                return await asyncio.to_thread(inject_fault, engine, park=body.park, thread=body.thread)
             except ValueError as e:
                 return _error(400, str(e))
 
@@ -242,8 +299,8 @@ class WeightServer:
         still waiting on it get a 503 now; waits for a weight change under way to end."""
         self.engine_state, self.engine_reason = "recovering", reason
         self.engine_events["last_fault"] = {"reason": reason, "at": time.time()}
-        if self.engine_app is not None:
-            await self.engine_app.close(reason)
+        for app in self.engine_apps:
+            await app.close(reason)
         await self._lock().acquire()
 
     async def end_recovery(self, restart: dict[str, Any] | None, failure: str | None = None) -> None:
@@ -259,8 +316,8 @@ class WeightServer:
     async def stop_engine(self, reason: str) -> None:
         """Answer every request still waiting with a 503 naming ``reason`` (server stopping)."""
         self.engine_state, self.engine_reason = "stopping", reason
-        if self.engine_app is not None:
-            await self.engine_app.close(reason)
+        for app in self.engine_apps:
+            await app.close(reason)
 
     def _lock(self) -> asyncio.Lock:
         if self._weights_lock is None:  # created on the engine loop, where it is used
@@ -295,7 +352,7 @@ class WeightServer:
         if self.engine_state != "serving":
             retry = RECOVERY_RETRY_AFTER_S if self.engine_state == "recovering" else None
             return self.engine_reason or f"the engine is {self.engine_state}", retry
-        fault = self.sampler.fault
+        fault = self.engine_fault()
         if fault is not None:  # noticed before the rebuild starts
             return f"{fault}; the server rebuilds its engine", RECOVERY_RETRY_AFTER_S
         if self.gating:
@@ -312,20 +369,44 @@ class WeightServer:
         """``/health``: "ok" while the engine can serve; otherwise why not (HTTP 503)."""
         status, reason = self.engine_state, self.engine_reason
         if status == "serving":
-            fault = self.sampler.fault
+            fault = self.engine_fault()
             status, reason = ("faulted", fault) if fault is not None else ("ok", None)
         return {"status": status, "reason": reason, "version": self.sampler.version, **self.engine_events}
 
+    def engine_status(self) -> list[dict[str, Any]]:
+        """Per engine: version, fault, requests in it, and what the router sent it."""
+        out = []
+        for i, engine in enumerate(self.engines):
+            load = self.router.loads[i]
+            out.append(
+                {
+                    "index": i,
+                    "version": engine.version,
+                    "fault": engine.fault,
+                    "devices": [d.id for d in engine.mesh.devices.flat],
+                    "engine_requests": compat.requests_in_flight(engine.engine.tokenizer_manager),
+                    "paused": compat.is_paused(engine.engine.tokenizer_manager),
+                    "bridged_requests": self.engine_apps[i].requests if i < len(self.engine_apps) else 0,
+                    "outstanding_requests": load.requests,
+                    "outstanding_tokens": load.tokens,
+                    "routed": load.routed,
+                }
+            )
+        return out
+
     def status(self) -> dict[str, Any]:
+        engines = self.engine_status()
         return {
             "engine": {"state": self.engine_state, "reason": self.engine_reason, **self.engine_events},
+            "server_id": self.server_id,
             "state": self.state,
             "operation": self.operation,
             "version": self.sampler.version,
             "accepting": not self.gating,
             "in_flight": self.in_flight,
-            "engine_requests": compat.requests_in_flight(self.sampler.engine.tokenizer_manager),
-            "bridged_requests": 0 if self.engine_app is None else self.engine_app.requests,
+            "engine_requests": sum(e["engine_requests"] for e in engines),
+            "bridged_requests": sum(e["bridged_requests"] for e in engines),
+            "engines": engines,
             "last_report": self.last_report,
             "last_error": self.last_error,
             "last_started": self.last_started,
@@ -500,14 +581,18 @@ def _replay(body: bytes, receive):
 
 class _Admission:
     """The server's ASGI app: ``/health`` and ``/admin/*`` from the admin app; everything else
-    to the engine's app (``EngineApp``), after the admin token (engine-control routes) or the
+    to an engine's app (``EngineApp``), after the admin token (engine-control routes) or the
     API key (inference routes), the body-size cap, the OpenAI field checks, and a 503 while
     the weights change or the engine cannot serve. Counts requests in flight until their
-    response's last byte, so streamed responses count too."""
+    response's last byte, so streamed responses count too.
 
-    def __init__(self, app, server: WeightServer):
+    With ``engine`` set, every request goes to that engine; otherwise the router picks one
+    per request, and engine-control routes go to every engine."""
+
+    def __init__(self, app, server: WeightServer, engine: int | None = None):
         self.app = app
         self.server = server
+        self.engine = engine
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -541,12 +626,48 @@ class _Admission:
             except InvalidRequestError as e:  # in the form upstream answers errors on these routes
                 error = {"object": "error", "message": str(e), "type": "BadRequestError", "param": e.field, "code": 400}
                 return await send_json(send, 400, json.dumps(error).encode())
-        engine_app = server.engine_app
+        apps = server.engine_apps
+        if self.engine is None and admin and len(apps) > 1:
+            return await _fan_out(apps, scope, body, receive, send)
+        index = self.engine if self.engine is not None else server.router.choose()
+        cost = 0 if admin else request_cost(path, body)
+        server.router.begin(index, cost)
         server.in_flight += 1
         try:
-            await engine_app(scope, _replay(body, receive), send)
+            await apps[index](scope, _replay(body, receive), _naming_engine(send, index))
         finally:
             server.in_flight -= 1
+            server.router.end(index, cost)
+
+
+def _naming_engine(send, index: int):
+    """``send`` with the ``ENGINE_HEADER`` added to the response's start line."""
+    name = (ENGINE_HEADER.encode(), str(index).encode())
+
+    async def named(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), name]}
+        await send(message)
+
+    return named
+
+
+async def _fan_out(apps: list[EngineApp], scope, body: bytes, receive, send) -> None:
+    """Run an engine-control request on every engine, one after another; answer with the
+    first engine's response that is not 2xx, else the last one's."""
+    answers = []
+    for index, app in enumerate(apps):
+        messages: list[dict] = []
+
+        async def keep(message, messages=messages):
+            messages.append(message)
+
+        await app(scope, _replay(body, receive), _naming_engine(keep, index))
+        answers.append(messages)
+    status = [next((m["status"] for m in a if m["type"] == "http.response.start"), 500) for a in answers]
+    chosen = next((a for a, code in zip(answers, status) if not 200 <= code < 300), answers[-1])
+    for message in chosen:
+        await send(message)
 
 
 async def _reply(send, status: int, message: str, kind: str | None = None, headers: dict | None = None):
