@@ -53,6 +53,7 @@ from sampler.core import Push, SwapWindow, WeightSync, check_finite_leaves
 from sampler.engine import PAUSE_TIMEOUT_S, EngineHandle, UpdateTimeoutError
 from sampler.inflight import check_in_flight
 from sampler.reports import UpdateReport
+from sampler.validation import RequestLimits
 
 logger = logging.getLogger(__name__)
 
@@ -330,12 +331,14 @@ class MultiNodeEngineHandle(EngineHandle):
             self._scheduler_stop = self.lockstep.stop
 
     def _attach_validator(self, config: SamplerConfig) -> None:
-        """The leader checks every request (followers have no tokenizer manager: their
-        prompts reach the leader's engine through collective generation)."""
+        """Process 0's engine checks every request as it arrives (the others have no
+        tokenizer manager: their prompts reach it through collective generation); every
+        process checks its own calls against the same limits first."""
         if self.leader:
             super()._attach_validator(config)
-        else:
-            self.limits = self.validator = None
+        else:  # the same limits, read from this process's scheduler; nothing to hook
+            self.limits = RequestLimits.of(self.engine, config.max_batch_size)
+            self.validator = None
 
     def _idle(self) -> bool:
         """From the leader's scheduler thread: nothing in flight, nothing queued or running."""

@@ -17,7 +17,11 @@ import pytest  # noqa: E402
 
 # sglang-jax logs an engine-thread exception and then SIGQUITs the process, which loses
 # pytest's captured output; keep those log lines in a file that survives (.ci/run prints it).
-ENGINE_ERROR_LOG = Path(__file__).resolve().parents[1] / "runs" / "test-engine-errors.log"
+# One file per pytest-xdist worker (``test-engine-errors-gw0.log``, ...).
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+ENGINE_ERROR_LOG = (
+    Path(__file__).resolve().parents[1] / "runs" / f"test-engine-errors{'-' + _WORKER if _WORKER else ''}.log"
+)
 ENGINE_ERROR_LOG.parent.mkdir(exist_ok=True)
 _handler = logging.FileHandler(ENGINE_ERROR_LOG, mode="w")
 _handler.setLevel(logging.ERROR)

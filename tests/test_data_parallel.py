@@ -203,7 +203,7 @@ def test_a_push_failing_midway_blocks_generation_until_a_complete_push(dp, model
     target = dp.samplers[2].sync
     original = target.apply
 
-    def failing(push):
+    def failing(push, window=None):
         raise RuntimeError("injected device failure")
 
     monkeypatch.setattr(target, "apply", failing)

@@ -14,9 +14,15 @@ pytestmark = pytest.mark.engine
 
 
 class CheckedRollout(SglangJaxRollout):
-    """Records, after every sync, the engine's fingerprint and the actor's."""
+    """Records, after every sync, the engine's fingerprint and the actor's, and the prompts
+    of every generate call."""
 
     syncs: list = []
+    prompts: list = []
+
+    def generate(self, prompts, rollout_config, **kwargs):
+        CheckedRollout.prompts.append(list(prompts))
+        return super().generate(prompts, rollout_config, **kwargs)
 
     def update_params(self, params, filter_types=None):
         report = super().update_params(params, filter_types)
@@ -41,7 +47,7 @@ def _trainer_logps(actor, prompt_tokens, completion_tokens, pad_id, eos_id):
 
 
 def test_grpo_steps_sync_fresh_weights_and_logprobs_agree(tmp_path):
-    CheckedRollout.syncs = []
+    CheckedRollout.syncs, CheckedRollout.prompts = [], []
     state = {}
     logs = grpo_tiny.run(
         steps=3,
@@ -53,6 +59,14 @@ def test_grpo_steps_sync_fresh_weights_and_logprobs_agree(tmp_path):
         keep=state,
     )
     assert len(logs) == 3
+    # every rollout gets batch_size x num_generations prompts of the demo's own text, each
+    # prompt num_generations times in a row (a group)
+    groups = 4
+    assert CheckedRollout.prompts
+    for call in CheckedRollout.prompts:
+        assert len(call) % groups == 0 and all(isinstance(p, str) and p in grpo_tiny.PROMPTS for p in call), call
+        assert all(len(set(call[i : i + groups])) == 1 for i in range(0, len(call), groups)), call
+    assert sum(len(call) for call in CheckedRollout.prompts) == 3 * 4 * groups  # steps x B x G (iterations reuse them)
     syncs = CheckedRollout.syncs
     assert len(syncs) >= 4  # the initial full sync + one per global step
     for version, served, expected, _ in syncs:

@@ -182,7 +182,9 @@ def run(
     )
     rng = np.random.default_rng(seed)
     prompts = [PROMPTS[i] for i in rng.integers(0, len(PROMPTS), size=steps * batch_size)]
-    dataset = grain.MapDataset.source(prompts).batch(batch_size).map(lambda x: {"prompts": list(x)})
+    # a numpy array of strings per batch, as Tunix expects: its learner repeats every leaf of
+    # the batch num_generations times, so a Python list would become a list of arrays
+    dataset = grain.MapDataset.source(prompts).batch(batch_size).map(lambda x: {"prompts": np.asarray(x)})
 
     rollout: SglangJaxRollout = cluster.rollout
     t0 = time.perf_counter()

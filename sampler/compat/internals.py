@@ -207,9 +207,12 @@ def engine_limits(engine: Any) -> dict[str, Any]:
     limits, and whether upstream truncates long prompts."""
     tm = engine.tokenizer_manager
     scheduler = scheduler_of(engine)
+    # a process of a multi-process engine other than 0 has no tokenizer manager: the
+    # scheduler's own model config holds the same numbers
+    model_config = scheduler.model_config if tm is None else tm.model_config
     return dict(
-        vocab_size=int(tm.model_config.vocab_size),
-        context_len=int(tm.context_len),
+        vocab_size=int(model_config.vocab_size),
+        context_len=int(model_config.context_len if tm is None else tm.context_len),
         max_req_len=int(scheduler.max_req_len),
         max_req_input_len=int(scheduler.max_req_input_len),
         truncates_prompts=bool(engine.server_args.allow_auto_truncate),
