@@ -16,17 +16,20 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 # sglang-jax logs an engine-thread exception and then SIGQUITs the process, which loses
-# pytest's captured output; keep those log lines in a file that survives (.ci/run prints it).
-# One file per pytest-xdist worker (``test-engine-errors-gw0.log``, ...).
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-ENGINE_ERROR_LOG = (
-    Path(__file__).resolve().parents[1] / "runs" / f"test-engine-errors{'-' + _WORKER if _WORKER else ''}.log"
-)
-ENGINE_ERROR_LOG.parent.mkdir(exist_ok=True)
-_handler = logging.FileHandler(ENGINE_ERROR_LOG, mode="w")
-_handler.setLevel(logging.ERROR)
-_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(threadName)s: %(message)s"))
-logging.getLogger("sgl_jax").addHandler(_handler)
+# pytest's captured output; keep those log lines in a file that survives (.ci/run prints it),
+# one per pytest-xdist worker (``test-engine-errors-gw0.log``, ...).
+ENGINE_ERROR_LOGS = Path(__file__).resolve().parents[1] / "runs"
+
+
+def pytest_configure(config):
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    ENGINE_ERROR_LOGS.mkdir(exist_ok=True)
+    path = ENGINE_ERROR_LOGS / f"test-engine-errors{'-' + worker if worker else ''}.log"
+    handler = logging.FileHandler(path, mode="w")
+    handler.setLevel(logging.ERROR)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(threadName)s: %(message)s"))
+    logging.getLogger("sgl_jax").addHandler(handler)
+
 
 from tests import helpers  # noqa: E402
 

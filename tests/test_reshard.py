@@ -131,9 +131,9 @@ def test_data_parallel_pushes_overlap(model_dir, monkeypatch):
         for s in dp.samplers:
             inner = s.sync.apply
 
-            def met(push, inner=inner):
+            def met(push, window=None, inner=inner):
                 barrier.wait()
-                return inner(push)
+                return inner(push, window)
 
             monkeypatch.setattr(s.sync, "apply", met)
         report = dp.load_checkpoint(path)
