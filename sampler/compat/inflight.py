@@ -26,6 +26,8 @@ import re
 import time
 from typing import Any, AsyncIterator, Callable
 
+from sampler.compat.internals import finish_aborted
+
 #: Prefix of the prefix-cache namespace of each weight version (upstream's ``extra_key``).
 NAMESPACE_FORMAT = "weights-v{version}|"
 _NAMESPACE_RE = re.compile(r"^weights-v\d+\|")
@@ -190,17 +192,8 @@ def answer_aborted(tm: Any, rids: list[str], message: str) -> None:
     returns for aborted requests). Run on the engine's event loop."""
     for rid in rids:
         state = tm.rid_to_state.pop(rid, None)
-        if state is None:
-            continue
-        state.out_list.append(
-            {
-                "text": "",
-                "output_ids": [],
-                "meta_info": {"id": rid, "finish_reason": {"type": "abort", "message": message}},
-            }
-        )
-        state.finished = True
-        state.event.set()
+        if state is not None:
+            finish_aborted(state, rid, message)
 
 
 def abort_held(scheduler: Any) -> list[str]:

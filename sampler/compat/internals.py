@@ -74,19 +74,24 @@ async def wait_no_requests(tm: Any, timeout: float) -> bool:
     return True
 
 
+def finish_aborted(state: Any, rid: str, message: str) -> None:
+    """End one request's state with an "abort" answer (what upstream returns for aborted
+    requests): its waiting client, HTTP ones too, gets it."""
+    state.out_list.append(
+        {
+            "text": "",
+            "output_ids": [],
+            "meta_info": {"id": rid, "finish_reason": {"type": "abort", "message": message}},
+        }
+    )
+    state.finished = True
+    state.event.set()
+
+
 def abort_pending(tm: Any, message: str) -> None:
-    """Finish every request in flight with an "abort" finish reason (what upstream returns
-    for aborted requests), so that clients, HTTP ones too, get an answer."""
+    """Finish every request in flight with an "abort" answer."""
     for rid, state in list(tm.rid_to_state.items()):
-        state.out_list.append(
-            {
-                "text": "",
-                "output_ids": [],
-                "meta_info": {"id": rid, "finish_reason": {"type": "abort", "message": message}},
-            }
-        )
-        state.finished = True
-        state.event.set()
+        finish_aborted(state, rid, message)
         tm.rid_to_state.pop(rid, None)
 
 
