@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import statistics
 import sys
@@ -105,17 +106,20 @@ def hold_until(sampler, k: int, tokens: int) -> None:
 
 
 def timed_round(sampler, state, case: Case, mode: str, batches: list) -> tuple[float, float]:
-    """One round: (seconds update_params blocked, seconds of the prefill batch right after it)."""
+    """One round: (seconds update_params blocked, seconds of the prefill right after it)."""
     futures = start_requests(sampler, case.k, case.length)
     hold_until(sampler, case.k, case.length // 2)
+    mark = len(batches)
     t0 = time.perf_counter()
     sampler.update_params(state, in_flight=mode)
     blocked = time.perf_counter() - t0
-    mark = len(batches)
     for f in futures:
         f.result(WAIT_BOUND_S)
-    after = [s for kind, n, s in batches[mark:] if kind == "prefill" and n == case.k]
-    return blocked, (after[0] if after else float("nan"))
+    # the re-prefill of the retracted requests: after the decode steps that ran before the
+    # swap, the prefill batches up to the next decode step (a long prefill comes in chunks)
+    after = itertools.dropwhile(lambda b: b[0] == "decode", batches[mark:])
+    reprefill = list(itertools.takewhile(lambda b: b[0] == "prefill", after))
+    return blocked, (sum(s for _, _, s in reprefill) if reprefill else float("nan"))
 
 
 def measure(key: str, case: Case, runs: int, seed: int) -> list[tuple[str, float]]:
