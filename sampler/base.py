@@ -143,8 +143,10 @@ class RolloutEngine(base_sampler.BaseSampler, abc.ABC):
         """Logprob of each completion token given its prompt, computed by the engine.
 
         ``prompt_tokens`` left-padded (B, P), ``completion_tokens`` right-padded (B, C), as
-        Tunix passes them; a completion ends at its first pad, or where ``completion_mask``
-        (B, C) first is 0. Returns float32 (B, C) with 0 after each completion's end.
+        Tunix passes them. A completion ends at its last non-pad token (right padding: a pad id
+        sampled inside a completion is a real token, and Tunix's learner counts the tokens after
+        it), or, given ``completion_mask`` (B, C), at its last 1; positions where the mask is 0
+        score 0. Returns float32 (B, C), 0 after each completion's end.
         These are the engine's prompt logprobs: log-softmax of the raw logits.
         """
         pad = self.tokenizer.pad_id()
@@ -169,8 +171,8 @@ class RolloutEngine(base_sampler.BaseSampler, abc.ABC):
         for row, (prompt, completion) in enumerate(zip(prompt_tokens, completion_tokens)):
             first = int(np.argmax(prompt != pad)) if (prompt != pad).any() else len(prompt)
             p = prompt[first:].tolist()
-            ends = np.flatnonzero(completion == pad if completion_mask is None else completion_mask[row] == 0)
-            c = completion[: ends[0] if len(ends) else len(completion)].tolist()
+            real = np.flatnonzero(completion != pad if completion_mask is None else completion_mask[row] != 0)
+            c = completion[: real[-1] + 1 if len(real) else 0].tolist()
             if not p:
                 raise ValueError("a prompt row holds only padding")
             inputs.append(p + c)
@@ -188,6 +190,8 @@ class RolloutEngine(base_sampler.BaseSampler, abc.ABC):
         for i, res in zip(todo, results):
             records = res["meta_info"]["input_token_logprobs"][1:]
             out[i, : lengths[i]] = [lp for lp, *_ in records[: lengths[i]]]
+        if completion_mask is not None:
+            out *= np.asarray(completion_mask) != 0
         return out
 
     def __call__(

@@ -147,8 +147,9 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         (prompt logprobs of prompt + completion), shape ``completion_tokens.shape``; 0 at pads.
 
         ``completion_mask`` (Tunix main's signature) marks the real completion tokens; without
-        it a completion ends at its first pad. The engine returns log-softmax of the raw
-        logits (temperature 1).
+        it a completion ends at its last non-pad token (a sampled pad id inside it is scored,
+        as Tunix's learner counts the tokens after it). The engine returns log-softmax of the
+        raw logits (temperature 1).
         """
         mask = None if completion_mask is None else np.asarray(completion_mask)
         with self._collective():

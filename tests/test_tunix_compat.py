@@ -180,21 +180,26 @@ def test_tunix_sglang_jax_lora_test_ported(model_dir, tmp_path):
 
 
 def test_completion_mask_decides_where_a_completion_ends(model_dir, engines):
-    """Tunix main's get_per_token_logps(..., completion_mask): a completion may hold the pad id
-    as a real token; the mask, not the pad id, then says where it ends."""
+    """A completion may hold the pad id as a real sampled token: without a mask it is scored and
+    the completion ends at its last non-pad token (Tunix 0.1.7's learner masks only the pad
+    positions, so the tokens after a sampled pad count); Tunix main's
+    get_per_token_logps(..., completion_mask) decides the end and zeroes masked positions."""
     sampler = engines.get(model_dir(CASE), load_format="safetensors")
     pad = sampler.tokenizer.pad_id()
     prompt = np.asarray([[pad, pad, 5, 17, 42]])
     completion = np.asarray([[99, pad, 7, 3, pad, pad]])  # a real pad token at index 1
-    mask = np.asarray([[1, 1, 1, 1, 0, 0]])
-    by_pad = sampler.score_completions(prompt, completion)
-    by_mask = sampler.score_completions(prompt, completion, mask)
-    assert np.count_nonzero(by_pad) == 1 and np.count_nonzero(by_mask) == 4
     full = sampler.generate_ids(
         [[5, 17, 42, 99, pad, 7, 3]], {"max_new_tokens": 0}, return_logprob=True, logprob_start_len=2
     )[0]
-    expected = [lp for lp, *_ in full["meta_info"]["input_token_logprobs"][1:5]]
-    np.testing.assert_allclose(by_mask[0, :4], expected, atol=1e-6)
+    expected = np.asarray([lp for lp, *_ in full["meta_info"]["input_token_logprobs"][1:5]], np.float32)
+    assert np.count_nonzero(expected) == 4
+    by_pad = sampler.score_completions(prompt, completion)
+    np.testing.assert_allclose(by_pad[0], np.concatenate([expected, [0, 0]]), atol=1e-6)
+    by_mask = sampler.score_completions(prompt, completion, np.asarray([[1, 1, 1, 0, 0, 0]]))
+    np.testing.assert_allclose(by_mask[0], np.concatenate([expected[:3], [0, 0, 0]]), atol=1e-6)
+    unmasked_pad = sampler.score_completions(prompt, completion, np.asarray([[1, 0, 1, 1, 0, 0]]))
+    np.testing.assert_allclose(unmasked_pad[0], [expected[0], 0, expected[2], expected[3], 0, 0], atol=1e-6)
+    mask = np.asarray([[1, 1, 1, 1, 0, 0]])
     with pytest.raises(ValueError, match="completion_mask has shape"):
         sampler.score_completions(prompt, completion, mask[:, :3])
     engines.drop(model_dir(CASE), load_format="safetensors")
