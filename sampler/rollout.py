@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from tunix.rl.rollout import base_rollout
 
+from sampler import compat
 from sampler.base import RolloutEngine
 from sampler.config import SamplerConfig
 from sampler.data_parallel import create_sampler
@@ -72,6 +73,7 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         if rollout_config is None:
             raise TypeError("SglangJaxRollout needs rollout_config=RolloutConfig(...)")
         check_in_flight(in_flight, max_staleness)
+        compat.patch_rollout_start_off_loop()  # Tunix's agentic learner could deadlock on its own
         self.in_flight = in_flight
         self.max_staleness = max_staleness
         self._local = threading.local()

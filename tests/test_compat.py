@@ -510,9 +510,10 @@ def _stack_functions(thread: threading.Thread) -> list[str]:
     return names
 
 
-def _runner_on_loop(lock):
+def _runner_on_loop(lock, unpatched: bool = False):
     """Tunix's RolloutOrchestrator starting one episode on its own event loop thread (the
-    episode body replaced by an event: only the lock's effect on the loop is looked at)."""
+    episode body replaced by an event: only the lock's effect on the loop is looked at);
+    ``unpatched``: Tunix's own runner, without ``patch_rollout_start_off_loop``."""
     import asyncio
     import types
 
@@ -530,9 +531,11 @@ def _runner_on_loop(lock):
 
     orchestrator._run_and_queue_one_episode = episode
     env = types.SimpleNamespace(extra_kwargs={"pair_index": 0})
+    runner = RolloutOrchestrator._runner
+    runner = getattr(runner, "__wrapped__", runner) if unpatched else runner
     future = asyncio.run_coroutine_threadsafe(
-        orchestrator._runner(
-            agent=None, env=env, manager=None, group_key_fn=None, start_step_fn=None, collect_mode=None
+        runner(
+            orchestrator, agent=None, env=env, manager=None, group_key_fn=None, start_step_fn=None, collect_mode=None
         ),
         loop,
     )
@@ -566,15 +569,54 @@ def test_tunix_sync_lock_blocks_the_learners_event_loop_still_needed():
     while lock._weight_syncs_waiting == 0:
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    loop, thread, started, future = _runner_on_loop(lock)
+    loop, thread, started, future = _runner_on_loop(lock, unpatched=True)
     try:
         assert _loop_blocked_or_started(thread, started), (
-            "Tunix's orchestrator no longer blocks its event loop while a sync waits: drop NonDrainingSyncLock"
+            "Tunix's orchestrator no longer blocks its event loop while a sync waits: drop patch_rollout_start_off_loop"
         )
     finally:
         lock.release_rollout()  # the episode ends (from here, not the loop): the sync, then the runner go on
         sync.join(60)
         future.result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(60)
+
+
+def _sync_waiting(lock) -> threading.Thread:
+    """A weight sync waiting on Tunix's lock (it runs once the episodes in flight end)."""
+    sync = threading.Thread(target=lambda: (lock.acquire_weight_sync(), lock.release_weight_sync()))
+    sync.start()
+    deadline = time.monotonic() + 60
+    while lock._weight_syncs_waiting == 0:
+        assert time.monotonic() < deadline, "the sync never started waiting"
+        time.sleep(0.005)
+    return sync
+
+
+def test_rollout_start_off_loop_keeps_the_loop_free_and_drains():
+    """With the patch (SglangJaxRollout applies it), Tunix's own draining lock: while a sync
+    waits for the episode in flight, an episode about to start waits off the loop (the loop
+    still runs other coroutines); once the episode in flight ends, the sync runs, then the
+    new episode starts (Tunix's sync preference kept)."""
+    import asyncio
+
+    from tunix.rl.agentic.utils import RolloutSyncLock
+
+    compat.patch_rollout_start_off_loop()
+    lock = RolloutSyncLock()
+    lock.acquire_rollout()  # an episode in flight
+    sync = _sync_waiting(lock)
+    loop, thread, started, future = _runner_on_loop(lock)
+    try:
+        # the loop answers while the new episode waits for the sync (it would not, blocked)
+        assert asyncio.run_coroutine_threadsafe(asyncio.sleep(0, result="free"), loop).result(60) == "free"
+        assert not started.is_set() and sync.is_alive()
+        lock.release_rollout()  # the episode in flight ends
+        sync.join(60)
+        assert not sync.is_alive(), "the sync never ran"
+        future.result(60)
+        assert started.is_set() and lock._rollouts == 0  # the new episode ran and released its start
+    finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(60)
 

@@ -74,9 +74,11 @@ fails once it is no longer needed, and a test that it works.
 | ``answer_aborted``              | manager's table for ever (it counts as in flight)                          |
 | ``sort_free_sampling``          | seeded sampling through the sort top-k/top-p path (Tunix's default) fails  |
 |                                 | for a batch of one request (ShardingTypeError in the scheduler thread)     |
-| ``enable_in_flight_sync``       | Tunix 0.1.7's agentic ``RolloutSyncLock`` drains every episode at a sync   |
-| (``NonDrainingSyncLock``)       | and blocks the learner's event loop while a sync waits: a deadlock when    |
-|                                 | ``max_concurrency`` < episodes queued                                       |
+| ``patch_rollout_start_off_      | Tunix 0.1.7's orchestrator waits for a pending sync on its event loop      |
+| loop`` (applied by              | thread (``acquire_rollout``): the episodes in flight the sync waits for    |
+| ``SglangJaxRollout``)           | cannot run -> deadlock whenever an episode starts while a sync waits       |
+| ``enable_in_flight_sync``       | Tunix 0.1.7's agentic ``RolloutSyncLock`` drains every episode at a sync:  |
+| (``NonDrainingSyncLock``)       | with in-flight swaps a sync need not wait for episodes                     |
 """
 
 from __future__ import annotations
@@ -146,6 +148,7 @@ from sampler.compat.tunix import (
     TUNIX_VERSION,
     NonDrainingSyncLock,
     enable_in_flight_sync,
+    patch_rollout_start_off_loop,
     record_sync_waits,
     sort_free_sampling,
     warn_tunix_moe_routing,
@@ -282,6 +285,7 @@ __all__ = [
     "patch_zmq_linger",
     "prepare_engine",
     "quiet_idle_scheduler",
+    "patch_rollout_start_off_loop",
     "record_sync_waits",
     "requests_in_flight",
     "restore_signal_handlers",

@@ -3,6 +3,8 @@ test in ``tests/test_compat.py`` that fails once it is no longer needed."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -139,6 +141,72 @@ class NonDrainingSyncLock:
 
     def release_weight_sync(self) -> None:
         self._sync.release()
+
+
+#: Threads that wait, for the episodes about to start, until a pending weight sync is done.
+ROLLOUT_START_WAITERS = 64
+_waiters: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+class _PreAcquiredStarts:
+    """Stands between Tunix's orchestrator and its sync lock: ``acquire_rollout`` called by a
+    runner task whose start was already acquired off the loop (``patch_rollout_start_off_loop``)
+    takes that acquisition instead of waiting on the loop thread."""
+
+    def __init__(self, lock: Any):
+        self.lock = lock
+        self.started: set[Any] = set()  # runner tasks holding a start acquired off the loop
+
+    def acquire_rollout(self) -> None:
+        task = asyncio.current_task()
+        if task in self.started:
+            self.started.discard(task)
+        else:
+            self.lock.acquire_rollout()
+
+    def __getattr__(self, name: str) -> Any:  # release_rollout, the weight-sync side, counters
+        return getattr(self.lock, name)
+
+
+def patch_rollout_start_off_loop() -> None:
+    """Tunix 0.1.7's ``RolloutOrchestrator._runner`` calls ``acquire_rollout`` of the learner's
+    ``RolloutSyncLock`` on the learner's event loop thread (rollout_orchestrator.py:164). When
+    a weight sync is waiting for the episodes in flight, that call blocks the loop those
+    episodes need to finish: the learner deadlocks, at any ``max_concurrency``, whenever an
+    episode is about to start while a sync waits (timing: more likely on a loaded machine).
+    Patched: the runner waits for its start in a thread of its own and only then runs
+    Tunix's own runner; the lock and its draining semantics (a sync waits for every episode
+    in flight, new episodes wait for a pending sync) are Tunix's. Idempotent."""
+    from tunix.rl.agentic.pipeline.rollout_orchestrator import RolloutOrchestrator
+
+    original = RolloutOrchestrator._runner
+    if hasattr(original, "__wrapped__"):
+        return
+
+    async def _runner(self, *args: Any, **kwargs: Any) -> Any:
+        global _waiters
+        if not isinstance(self._rollout_sync_lock, _PreAcquiredStarts):
+            self._rollout_sync_lock = _PreAcquiredStarts(self._rollout_sync_lock)
+        starts = self._rollout_sync_lock
+        if _waiters is None:
+            _waiters = concurrent.futures.ThreadPoolExecutor(ROLLOUT_START_WAITERS, "tunix-rollout-start")
+        start = asyncio.get_running_loop().run_in_executor(_waiters, starts.lock.acquire_rollout)
+        try:
+            await asyncio.shield(start)
+        except asyncio.CancelledError:  # the start is taken later, in its thread: give it back then
+            start.add_done_callback(lambda f: f.cancelled() or f.exception() or starts.lock.release_rollout())
+            raise
+        task = asyncio.current_task()
+        starts.started.add(task)
+        try:
+            return await original(self, *args, **kwargs)
+        finally:
+            if task in starts.started:  # Tunix's runner ended before it took its start
+                starts.started.discard(task)
+                starts.lock.release_rollout()
+
+    _runner.__wrapped__ = original  # type: ignore[attr-defined]
+    RolloutOrchestrator._runner = _runner
 
 
 class PolicyVersions:
