@@ -637,6 +637,46 @@ def test_non_draining_lock_leaves_the_event_loop_free():
         thread.join(60)
 
 
+# ---------------------------------------------------------------------------- Tunix's agentic prompts
+
+
+def _agentic_user_message(agent_class) -> str:
+    """The user message an agent of ``agent_class`` builds for the prompt "3+4=", the way
+    Tunix 0.1.7's agentic learner hands it over: re-batched into micro-batches of one by
+    ``_create_micro_batch_iterator``, wrapped in a ``TaskEnvironment``, its observation
+    passed to the agent, and rendered by a chat parser."""
+    from tunix.rl.agentic.agentic_rl_learner import AgenticRLLearner
+    from tunix.rl.agentic.environments.task_environment import TaskEnvironment
+
+    from training_examples.async_grpo import chat_parser
+
+    (example,) = AgenticRLLearner._create_micro_batch_iterator(None, iter([{"prompts": ["3+4="]}]), 1)
+    observation, _ = TaskEnvironment(example, reward_fn=lambda **kw: 0.0).reset()
+    agent = agent_class(system_prompt="")
+    agent.update_from_env(observation, 0.0, False, {})
+    return chat_parser(None).parse(agent.chat_completions[1:])
+
+
+def test_tunix_agentic_prompt_is_an_array_repr_still_needed():
+    """Tunix 0.1.7's agentic learner gives each agent its prompt as a one-element numpy
+    array, which every chat parser renders as the array's repr: the model is asked
+    "['3+4=']", not "3+4=". Works test: the one below, and test_agentic.py's prompt check."""
+    from tunix.rl.agentic.agents.model_agent import ModelAgent
+
+    rendered = _agentic_user_message(ModelAgent)
+    assert rendered == "Q: ['3+4=']\n", (
+        f"Tunix's agentic learner now renders the prompt itself ({rendered!r}): drop compat.prompt_text_agent"
+    )
+
+
+def test_prompt_text_agent_renders_the_prompt_itself():
+    assert _agentic_user_message(compat.prompt_text_agent()) == "Q: 3+4=\n"
+    assert compat.prompt_text(np.array(["x"])) == "x"
+    assert compat.prompt_text("x") == "x"
+    two = np.array(["a", "b"])
+    assert compat.prompt_text(two) is two  # only a one-element array is unwrapped
+
+
 # ---------------------------------------------------------------------------- HTTP routes, several engines
 def _model_paths_served(apps) -> list[str]:
     from starlette.testclient import TestClient

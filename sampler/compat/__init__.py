@@ -77,6 +77,8 @@ fails once it is no longer needed, and a test that it works.
 | ``patch_rollout_start_off_      | Tunix 0.1.7's orchestrator waits for a pending sync on its event loop      |
 | loop`` (applied by              | thread (``acquire_rollout``): the episodes in flight the sync waits for    |
 | ``SglangJaxRollout``)           | cannot run -> deadlock whenever an episode starts while a sync waits       |
+| ``prompt_text_agent``           | Tunix 0.1.7's agentic learner hands each prompt to its agent as a one-     |
+| (``prompt_text``)               | element array: the chat template renders ``"['text']"`` as the prompt      |
 | ``enable_in_flight_sync``       | Tunix 0.1.7's agentic ``RolloutSyncLock`` drains every episode at a sync:  |
 | (``NonDrainingSyncLock``)       | with in-flight swaps a sync need not wait for episodes                     |
 """
@@ -149,6 +151,8 @@ from sampler.compat.tunix import (
     NonDrainingSyncLock,
     enable_in_flight_sync,
     patch_rollout_start_off_loop,
+    prompt_text,
+    prompt_text_agent,
     record_sync_waits,
     sort_free_sampling,
     warn_tunix_moe_routing,
@@ -286,6 +290,8 @@ __all__ = [
     "prepare_engine",
     "quiet_idle_scheduler",
     "patch_rollout_start_off_loop",
+    "prompt_text",
+    "prompt_text_agent",
     "record_sync_waits",
     "requests_in_flight",
     "restore_signal_handlers",

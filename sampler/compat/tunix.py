@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import threading
 import time
 import weakref
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +210,32 @@ def patch_rollout_start_off_loop() -> None:
 
     _runner.__wrapped__ = original  # type: ignore[attr-defined]
     RolloutOrchestrator._runner = _runner
+
+
+def prompt_text(content: Any) -> Any:
+    """Tunix 0.1.7's agentic learner hands each prompt to its agent as a one-element numpy
+    array (micro-batches of one, ``AgenticRLLearner._create_micro_batch_iterator``), which a
+    chat template renders as ``"['text']"``: every prompt the model sees is the array's repr.
+    Returns the element of such an array; anything else unchanged."""
+    if isinstance(content, np.ndarray) and content.size == 1:
+        return content.reshape(-1)[0].item()
+    return content
+
+
+@functools.cache
+def prompt_text_agent() -> type:
+    """Tunix's ``ModelAgent`` with ``prompt_text`` applied to the task's prompt (its
+    ``"prompts"`` or ``"question"``): pass ``agent_class=compat.prompt_text_agent()`` to an
+    agentic learner so the model sees the prompt itself."""
+    from tunix.rl.agentic.agents.model_agent import ModelAgent
+
+    class PromptTextAgent(ModelAgent):
+        def _observation_to_messages(self, observation: Any, reward: float, done: bool, info: dict) -> None:
+            if isinstance(observation, dict):
+                observation = {k: prompt_text(v) if k in ("prompts", "question") else v for k, v in observation.items()}
+            super()._observation_to_messages(observation, reward, done, info)
+
+    return PromptTextAgent
 
 
 class PolicyVersions:
