@@ -45,12 +45,12 @@ from sampler.tunix_models import random_tunix_model  # noqa: E402
 from sampler.weights import live_device_bytes  # noqa: E402
 
 
-def ours(sampler, tree, *, views=True, track_memory=False) -> tuple[float, object]:
+def ours(sampler, tree, *, views=True, track_memory=False, **update_kwargs) -> tuple[float, object]:
     sampler.config.reshape_views = views
     sampler.config.track_memory = track_memory
     try:
         t0 = time.perf_counter()
-        report = sampler.update_params(tree)
+        report = sampler.update_params(tree, **update_kwargs)
         return time.perf_counter() - t0, report
     finally:
         sampler.config.reshape_views, sampler.config.track_memory = True, False
@@ -95,17 +95,22 @@ def main() -> None:
     tunix_update(peer, tunix_fp32)
     model_bytes = sum(x.nbytes for x in engine_layout.values())
 
-    track = dict(track_memory=True)
+    def push_ours(**settings):
+        return lambda t, **kw: ours(sampler, t, **settings, **kw)
+
+    def push_tunix(t, **kw):
+        return tunix_update(peer, t), None
+
     # (who, source, tree, push): ours on the default SamplerConfig unless "who" says otherwise
     cases = [
-        ("ours", "Tunix layout bf16", tunix_bf16, lambda t: ours(sampler, t)),
-        ("ours, no views (as on TPU)", "Tunix layout bf16", tunix_bf16, lambda t: ours(sampler, t, views=False)),
-        ("Tunix", "Tunix layout bf16", tunix_bf16, lambda t: (tunix_update(peer, t), None)),
-        ("ours", "Tunix layout fp32", tunix_fp32, lambda t: ours(sampler, t)),
-        ("Tunix", "Tunix layout fp32", tunix_fp32, lambda t: (tunix_update(peer, t), None)),
-        ("ours", "engine layout bf16", engine_layout, lambda t: ours(sampler, t)),
-        ("ours, track_memory=True", "Tunix layout bf16", tunix_bf16, lambda t: ours(sampler, t, **track)),
-        ("ours, track_memory=True", "engine layout bf16", engine_layout, lambda t: ours(sampler, t, **track)),
+        ("ours", "Tunix layout bf16", tunix_bf16, push_ours()),
+        ("ours, no views (as on TPU)", "Tunix layout bf16", tunix_bf16, push_ours(views=False)),
+        ("Tunix", "Tunix layout bf16", tunix_bf16, push_tunix),
+        ("ours", "Tunix layout fp32", tunix_fp32, push_ours()),
+        ("Tunix", "Tunix layout fp32", tunix_fp32, push_tunix),
+        ("ours", "engine layout bf16", engine_layout, push_ours()),
+        ("ours, track_memory=True", "Tunix layout bf16", tunix_bf16, push_ours(track_memory=True)),
+        ("ours, track_memory=True", "engine layout bf16", engine_layout, push_ours(track_memory=True)),
     ]
 
     # Each timed push follows an untimed push of the same kind, so every case is timed in
@@ -130,7 +135,7 @@ def main() -> None:
         if who == "Tunix":
             peak = tunix_live_peak(peer, tree)
         else:
-            rep = sampler.update_params(tree, track_peak_memory=True)
+            _, rep = push(tree, track_peak_memory=True)  # the case's own settings
             peak = before + rep.peak_extra_bytes + max(0, rep.live_bytes_after - rep.live_bytes_before)
         live_peak.append(max(0, peak - max(before, live_device_bytes())))
         push(tree)
