@@ -147,28 +147,31 @@ def source_views(layout: HostLayout, x: Any) -> dict[Any, np.ndarray]:
     return {s.device: np.asarray(s.data).reshape(shapes[s.device]) for s in x.addressable_shards if s.device in shapes}
 
 
-def place_shard(shard: ShardSource, views: dict[Any, np.ndarray], dtype: np.dtype) -> jax.Array:
-    """One target shard on its device: the source view itself, or a new host buffer filled
-    piece by piece; either is handed to the device without a copy."""
+def fill_shard(shard: ShardSource, views: dict[Any, np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """One target shard's bytes in host memory: the source view itself, or a new aligned
+    host buffer filled piece by piece (numpy copies release the GIL: run these side by side)."""
     if shard.view_of is not None:
-        host = views[shard.view_of].reshape(shard.shape)
-    else:
-        host = _aligned_empty(shard.shape, dtype)
-        bits = host.view(_BITS[dtype.itemsize])  # numpy copies custom dtypes (bf16) element by element
-        for owner, src, dst in shard.pieces:
-            bits[dst] = views[owner][src].view(bits.dtype)
-    return jax.device_put(host, shard.device, may_alias=True)
+        return views[shard.view_of].reshape(shard.shape)
+    host = _aligned_empty(shard.shape, dtype)
+    bits = host.view(_BITS[dtype.itemsize])  # numpy copies custom dtypes (bf16) element by element
+    for owner, src, dst in shard.pieces:
+        bits[dst] = views[owner][src].view(bits.dtype)
+    return host
+
+
+def to_devices(hosts: Sequence[np.ndarray], devices: Sequence[Any]) -> list[jax.Array]:
+    """Hand each host buffer to its device without a copy, in one batched call (one call per
+    shard costs more in dispatch than the copies themselves)."""
+    return list(jax.device_put(list(hosts), list(devices), may_alias=True))
 
 
 def assemble(layout: HostLayout, shards: Sequence[jax.Array], sharding: Any) -> jax.Array:
     return jax.make_array_from_single_device_arrays(layout.shape, sharding, list(shards))
 
 
-def place(layout: HostLayout, x: Any, sharding: Any, executor: Any = None) -> jax.Array:
-    """The target leaf for ``x`` under ``sharding``; shards placed side by side on ``executor``."""
+def place(layout: HostLayout, x: Any, sharding: Any) -> jax.Array:
+    """The target leaf for ``x`` under ``sharding`` (one leaf; buckets of leaves fill their
+    shards side by side and hand them over in one call: ``sampler.weights``)."""
     views = source_views(layout, x)
-    if executor is None:
-        shards = [place_shard(s, views, layout.dtype) for s in layout.shards]
-    else:
-        shards = list(executor.map(lambda s: place_shard(s, views, layout.dtype), layout.shards))
-    return assemble(layout, shards, sharding)
+    hosts = [fill_shard(s, views, layout.dtype) for s in layout.shards]
+    return assemble(layout, to_devices(hosts, [s.device for s in layout.shards]), sharding)

@@ -170,9 +170,10 @@ class EngineWeights:
             # every shard of every leaf in the bucket is one task: a large leaf's shards copy side by side
             views = [reshard_lib.source_views(e.host, leaves[e.source_index]) for e in bucket]
             tasks = [(k, shard) for k, e in enumerate(bucket) for shard in e.host.shards]
-            shards = list(
-                _host_pool().map(lambda t: reshard_lib.place_shard(t[1], views[t[0]], bucket[t[0]].host.dtype), tasks)
+            hosts = list(
+                _host_pool().map(lambda t: reshard_lib.fill_shard(t[1], views[t[0]], bucket[t[0]].host.dtype), tasks)
             )
+            shards = reshard_lib.to_devices(hosts, [shard.device for _, shard in tasks])
             news, start = [], 0
             for e in bucket:
                 count = len(e.host.shards)
