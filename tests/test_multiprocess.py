@@ -134,8 +134,8 @@ def test_update_generate_cycles_agree_across_processes(main_run, single):
 def test_shutdown_in_either_order(main_run):
     _, ranks = main_run  # process 1 shut down first, then process 0 after a generation
     assert len(ranks[0]["tokens_before_shutdown"][0]) == 2
-    for r in ranks:
-        assert r["shutdown_s"] >= 0  # both returned; the fixture checked both exited 0
+    # each rank writes shutdown_s only after its shutdown() returned (the fixture checked both exited 0)
+    assert all("shutdown_s" in r for r in ranks), [sorted(r) for r in ranks]
 
 
 def test_a_killed_follower_is_reported_by_process_0(model_dir):

@@ -318,7 +318,9 @@ def test_fuzz_report():
     print(f"\nHTTP fuzz: {total} requests, each followed by /health and the known request")
     for (path, code), n in sorted(HTTP_FUZZ_TALLY.items()):
         print(f"  {path:32s} {code}: {n}")
-    assert total >= HTTP_FUZZ_EXAMPLES or total == 0
+    if total == 0:
+        pytest.skip("run with the HTTP fuzz tests of this file")
+    assert total >= HTTP_FUZZ_EXAMPLES, HTTP_FUZZ_TALLY
 
 
 # ---------------------------------------------------------------------------- shutdown (last: ends the server)

@@ -83,7 +83,9 @@ def test_converted_update_is_written_into_the_old_buffers(setup):
     sampler, _, state_a, state_b, refs = setup
     sampler.update_params(state_a)  # converted: from here on the engine owns every buffer
     old = {p: buffer_pointers(x) for p, x in sampler.engine_params().items() if sampler.sync.is_weight(p)}
+    assert old
     report = sampler.update_params(state_b, track_peak_memory=True)
+    assert len(report.copied) == len(old)  # every weight was converted: each one was checked below
     assert report.copied and not report.aliased
     new = {p: buffer_pointers(x) for p, x in sampler.engine_params().items() if p in old}
     assert new == old, [p for p in old if new[p] != old[p]][:5]
