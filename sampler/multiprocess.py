@@ -57,8 +57,7 @@ from sampler.validation import RequestLimits
 
 logger = logging.getLogger(__name__)
 
-#: Heartbeat timeout of the coordination service set by ``initialize`` (s): a process that
-#: died is noticed by the others after this long at most.
+#: Heartbeat timeout of the coordination service set by ``initialize`` (s).
 HEARTBEAT_TIMEOUT_S = 10
 #: How often a waiting process looks at the others' heartbeats (s).
 PEER_POLL_S = 0.5
@@ -87,11 +86,17 @@ class NotLeaderError(RuntimeError):
 def initialize(*, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> None:
     """Join the multi-controller program ``python -m sampler.launch`` started (reads
     ``$SAMPLER_COORDINATOR``, ``$SAMPLER_NUM_PROCESSES``, ``$SAMPLER_PROCESS_ID``); call it
-    before anything else uses JAX. On CPU, collectives go through gloo. No-op when
-    ``jax.distributed`` is already initialised or the variables are not set."""
+    before anything else uses JAX. On CPU, collectives go through gloo. A process that dies
+    does not end the others (``jax_enable_recoverability``): they raise ``PeerFailureError``
+    naming it. Calling ``jax.distributed.initialize`` yourself, set that option too, or JAX
+    ends every survivor once its heartbeat timeout passes. No-op when ``jax.distributed`` is
+    already initialised or the variables are not set."""
     if multinode.distributed_initialized() or launch.ENV_COORDINATOR not in os.environ:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # a process that dies must not end the others: they name it in a PeerFailureError
+    # (without this, JAX's coordination service aborts every process after its heartbeat timeout)
+    jax.config.update("jax_enable_recoverability", True)
     jax.distributed.initialize(
         os.environ[launch.ENV_COORDINATOR],
         num_processes=int(os.environ[launch.ENV_NUM_PROCESSES]),
@@ -185,7 +190,10 @@ class ProcessGroup:
         self._rounds = itertools.count()
         self._posted: list[str] = []
         # (coordination-service heartbeats are not readable without a barrier: beat here)
+        # the same thread watches the others' beats all the time, so a process that died
+        # is named as soon as anyone waits for it, however late that wait starts
         self._beats: dict[int, tuple[str | None, float]] = {}
+        self._beats_lock = threading.Lock()
         self._stopped = threading.Event()
         self._beating = threading.Thread(target=self._beat, name="sampler-peer-heartbeat", daemon=True)
         self._beating.start()
@@ -195,7 +203,23 @@ class ProcessGroup:
         while not self._stopped.is_set():
             with contextlib.suppress(Exception):  # the service is gone: the waiters will say so
                 self._client.key_value_increment(key, 1)
+            self._watch_peers()
             self._stopped.wait(HEARTBEAT_PERIOD_S)
+
+    def _watch_peers(self) -> None:
+        """Note when each other process's heartbeat last moved."""
+        for r in range(self.size):
+            if r == self.rank:
+                continue
+            try:
+                beat = self._client.key_value_try_get(f"{self._prefix}/alive/{r}")
+            except Exception:  # noqa: BLE001 - not beating yet, or the service is gone
+                beat = None
+            now = time.monotonic()
+            with self._beats_lock:
+                last = self._beats.get(r)
+                if last is None or beat != last[0]:
+                    self._beats[r] = (beat, now)
 
     def close(self) -> None:
         self._stopped.set()
@@ -203,17 +227,10 @@ class ProcessGroup:
     def check_peers(self) -> None:
         """Raise PeerFailureError if another process stopped beating for ``PEER_SILENCE_S``."""
         now = time.monotonic()
-        for r in range(self.size):
-            if r == self.rank:
-                continue
-            try:
-                beat = self._client.key_value_try_get(f"{self._prefix}/alive/{r}")
-            except Exception:  # noqa: BLE001 - not beating yet
-                beat = None
-            last, since = self._beats.get(r, (None, now))
-            if r not in self._beats or beat != last:
-                self._beats[r] = (beat, now)
-            elif beat is not None and now - since > PEER_SILENCE_S:
+        with self._beats_lock:
+            beats = dict(self._beats)
+        for r, (beat, since) in sorted(beats.items()):
+            if beat is not None and now - since > PEER_SILENCE_S:
                 raise PeerFailureError(
                     f"process {r} of the engine stopped: no heartbeat for {now - since:.0f} s (it died or hangs)"
                 )

@@ -187,13 +187,17 @@ def main_scenario(path) -> dict:
 
 
 def kill_scenario(path, victim: int) -> dict:
-    """Process ``victim`` dies (SIGKILL) while the other waits for it in update_params."""
+    """Process ``victim`` dies (SIGKILL) before the other's next update_params."""
     s = sampler(path)
     params = {p: jax.device_put(x, x.sharding, may_alias=False) for p, x in s.engine_params().items()}
     s.update_params(params)
     s.fingerprint()
     if RANK == victim:
         os.kill(os.getpid(), signal.SIGKILL)
+    if victim != 0:
+        # arrive after JAX's own heartbeat timeout and our silence bound have both passed:
+        # the survivor must still be alive, and told at once (not after another silence)
+        time.sleep(multiprocess.HEARTBEAT_TIMEOUT_S + multiprocess.PEER_SILENCE_S)
     t0 = time.monotonic()
     try:
         s.update_params(params)

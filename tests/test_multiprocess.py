@@ -5,12 +5,14 @@ check what each process reported against sglang-jax's own loader and a single-pr
 tp=4 engine in this process."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
 
+from sampler import multiprocess
 from sampler.launch import launch
 from tests import helpers
 from tests.multiprocess_worker import CYCLES, OWN_PROMPTS
@@ -144,6 +146,10 @@ def test_a_killed_follower_is_reported_by_process_0(model_dir):
     r0 = reported(results[0])
     assert r0 is not None, results[0].output[-4000:]
     assert r0["error"].startswith("PeerFailureError") and "process 1" in r0["error"] and "heartbeat" in r0["error"]
+    # process 0 got there after JAX's heartbeat timeout (it lived: recoverability) and was
+    # told from what its watcher saw all along: the silence reported spans the whole wait
+    silence = int(re.search(r"no heartbeat for (\d+) s", r0["error"]).group(1))
+    assert silence >= multiprocess.HEARTBEAT_TIMEOUT_S, r0["error"]
 
 
 def test_a_killed_process_0_is_reported_by_the_follower(model_dir):
