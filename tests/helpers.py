@@ -219,6 +219,28 @@ class SamplerPool:
         self._samplers.clear()
 
 
+XLA_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch
+
+
+@contextlib.contextmanager
+def counting_compiles():
+    """Yields a list that collects every XLA compilation in this process while open, the
+    engine's scheduler thread included (jax.monitoring listeners are process-wide)."""
+    import jax
+
+    compiles: list[float] = []
+
+    def on_event(event: str, duration: float, **_) -> None:
+        if event == XLA_COMPILE_EVENT:
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+
+
 def greedy(sampler, prompts=PROMPTS, steps: int = 8):
     out = sampler(prompts, max_generation_steps=steps, temperature=0.0)
     return [t.tolist() for t in out.tokens], out

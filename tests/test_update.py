@@ -38,6 +38,15 @@ def _engine_layout(sampler, state):
     return {k: jax.device_put(v, shardings[k]) for k, v in converters.to_engine_layout(state, sampler.spec).items()}
 
 
+def _one_prompt_at_a_time(sampler) -> int:
+    """XLA compilations while each prompt runs on its own: one request per batch, so the shapes
+    run do not depend on how the scheduler happened to group concurrent requests."""
+    with helpers.counting_compiles() as compiles:
+        for prompt in helpers.PROMPTS:
+            helpers.greedy(sampler, [prompt])
+    return len(compiles)
+
+
 def test_generation_follows_new_weights(setup):
     sampler, _, state_a, state_b, refs = setup
     sampler.update_params(state_a)
@@ -54,7 +63,7 @@ def test_generation_follows_new_weights(setup):
 def test_engine_layout_source_is_aliased_and_old_buffers_freed(setup):
     sampler, _, state_a, state_b, refs = setup
     sampler.update_params(state_a)
-    _, out = helpers.greedy(sampler)  # compiles every shape used below
+    _one_prompt_at_a_time(sampler)  # compiles every shape the check below runs
     model_bytes = sum(x.nbytes for x in sampler.engine_params().values())
     source = _engine_layout(sampler, state_b)
     before = live_device_bytes()
@@ -72,9 +81,8 @@ def test_engine_layout_source_is_aliased_and_old_buffers_freed(setup):
     assert before - after == model_bytes
     assert report.live_bytes_before is None  # not measured by default (SamplerConfig.track_memory)
 
-    tokens, out = helpers.greedy(sampler)
-    assert tokens == refs["b"]
-    assert [m["cache_miss_count"] for m in out.meta] == [0] * len(helpers.PROMPTS)
+    assert _one_prompt_at_a_time(sampler) == 0  # the aliased weights need no recompilation
+    assert helpers.greedy(sampler)[0] == refs["b"]
 
 
 def test_converted_update_is_written_into_the_old_buffers(setup):
