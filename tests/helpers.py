@@ -219,19 +219,17 @@ class SamplerPool:
         self._samplers.clear()
 
 
-XLA_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch
-
-
 @contextlib.contextmanager
 def counting_compiles():
     """Yields a list that collects every XLA compilation in this process while open, the
     engine's scheduler thread included (jax.monitoring listeners are process-wide)."""
     import jax
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT  # a rename fails here, not silently
 
     compiles: list[float] = []
 
     def on_event(event: str, duration: float, **_) -> None:
-        if event == XLA_COMPILE_EVENT:
+        if event == BACKEND_COMPILE_EVENT:
             compiles.append(duration)
 
     jax.monitoring.register_event_duration_secs_listener(on_event)
