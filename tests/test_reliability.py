@@ -45,18 +45,25 @@ def two_sets(model_dir, engines):
 RACE_REQUESTS = 10
 #: Upper bounds that only a broken engine reaches (they end a test that would otherwise hang).
 RACE_MAX_REQUESTS, RACE_MAX_SWAPS = 2000, 20000
+#: A finished client's answer count: the swapper no longer waits for it.
+RACE_DONE = -1
 
 
 @pytest.mark.engine
 def test_swaps_racing_other_clients_never_mix_weights(two_sets):
     """Three clients (two straight to the engine, one through the sampler) against back-to-back
     swaps between A and B: every answer is exactly A's or B's greedy output. The run ends on
-    events, not time: when every client has seen both sets and made RACE_REQUESTS requests."""
+    events, not time: when every client has seen both sets and made RACE_REQUESTS requests.
+    Each swap waits until every client still running has had an answer since the previous
+    one, so no client starves however the machine's load orders the threads (their next
+    requests are in flight as the swap comes)."""
     sampler, a, b, ref_a, ref_b = two_sets
     expected = {tuple(ref_a): "a", tuple(ref_b): "b"}
     seen, errors = [], []
+    answers = [0, 0, 0]  # per client, answers so far
+    progress = threading.Condition()
 
-    def client(raw: bool):
+    def client(k: int, raw: bool):
         mine: list[str] = []
         try:
             while len(mine) < RACE_MAX_REQUESTS and not ({"a", "b"} <= set(mine) and len(mine) >= RACE_REQUESTS):
@@ -68,15 +75,30 @@ def test_swaps_racing_other_clients_never_mix_weights(two_sets):
                     params = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
                     ids = sampler.generate_ids([IDS], params)[0]["output_ids"]
                 mine.append(expected.get(tuple(ids), f"mixed: {ids}"))
+                with progress:
+                    answers[k] += 1
+                    progress.notify_all()
         except Exception as e:  # noqa: BLE001
             errors.append(repr(e))
         seen.extend(mine)
+        with progress:
+            answers[k] = RACE_DONE
+            progress.notify_all()
 
-    threads = [threading.Thread(target=client, args=(raw,), daemon=True) for raw in (True, True, False)]
+    clients = list(enumerate((True, True, False)))
+    threads = [threading.Thread(target=client, args=c, daemon=True) for c in clients]
     for t in threads:
         t.start()
     swaps = 0
     while any(t.is_alive() for t in threads) and swaps < RACE_MAX_SWAPS:
+        with progress:
+            last = list(answers)
+            assert progress.wait_for(
+                lambda last=last: all(n > m or n == RACE_DONE for n, m in zip(answers, last)), 600
+            ), (
+                "a client got no answer for 600 s",
+                answers,
+            )
         sampler.update_params(a if swaps % 2 == 0 else b)
         swaps += 1
     for t in threads:
