@@ -193,6 +193,9 @@ class ProcessGroup:
         # the same thread watches the others' beats all the time, so a process that died
         # is named as soon as anyone waits for it, however late that wait starts
         self._beats: dict[int, tuple[str | None, float]] = {}
+        #: When this process last looked at the beats: silence is measured up to then, so a
+        #: watcher that was itself starved of CPU does not take its own lateness for a death.
+        self._watched_at: float | None = None
         self._beats_lock = threading.Lock()
         self._stopped = threading.Event()
         self._beating = threading.Thread(target=self._beat, name="sampler-peer-heartbeat", daemon=True)
@@ -220,15 +223,19 @@ class ProcessGroup:
                 last = self._beats.get(r)
                 if last is None or beat != last[0]:
                     self._beats[r] = (beat, now)
+        with self._beats_lock:
+            self._watched_at = time.monotonic()
 
     def close(self) -> None:
         self._stopped.set()
 
     def check_peers(self) -> None:
-        """Raise PeerFailureError if another process stopped beating for ``PEER_SILENCE_S``."""
-        now = time.monotonic()
+        """Raise PeerFailureError if another process stopped beating for ``PEER_SILENCE_S``
+        (measured up to this process's last look at the beats, not up to now)."""
         with self._beats_lock:
-            beats = dict(self._beats)
+            beats, now = dict(self._beats), self._watched_at
+        if now is None:
+            return
         for r, (beat, since) in sorted(beats.items()):
             if beat is not None and now - since > PEER_SILENCE_S:
                 raise PeerFailureError(

@@ -225,3 +225,24 @@ def test_partial_digests_add_up_to_the_fingerprint():
     assert fingerprint_from_partials(arrays, [partial_digests(arrays)]) == fingerprint(arrays)
     changed = dict(arrays, rows=arrays["rows"].at[5].set(0.5))
     assert fingerprint_from_partials(changed, [partial_digests(changed)]) != fingerprint(arrays)
+
+
+def test_peer_silence_is_measured_up_to_the_watchers_last_look():
+    """A peer counts as dead only if its heartbeat stood still while this process kept
+    looking: a watcher thread starved of CPU (a loaded machine) must not report a live peer
+    dead. The stall is simulated by the times the watcher recorded (a real one depends on
+    the scheduler of the machine); the group is built without a coordination service."""
+    import threading
+    import time
+
+    group = object.__new__(multiprocess.ProcessGroup)
+    group._beats_lock = threading.Lock()
+    since = time.monotonic() - 10 * multiprocess.PEER_SILENCE_S  # the last beat seen, long ago
+    group._beats = {1: ("7", since)}
+    group._watched_at = since + multiprocess.PEER_SILENCE_S / 2  # then the watcher stalled
+    group.check_peers()  # nothing seen since: no verdict
+    group._watched_at = None
+    group.check_peers()  # never looked yet
+    group._watched_at = since + 2 * multiprocess.PEER_SILENCE_S  # looked on, the beat stood still
+    with pytest.raises(multiprocess.PeerFailureError, match="process 1 .* no heartbeat"):
+        group.check_peers()
