@@ -29,6 +29,7 @@ coordination service's heartbeats: a process that died is named in a ``PeerFailu
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import itertools
@@ -89,7 +90,9 @@ def initialize(*, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> None:
     before anything else uses JAX. On CPU, collectives go through gloo. A process that dies
     does not end the others (``jax_enable_recoverability``): they raise ``PeerFailureError``
     naming it. Calling ``jax.distributed.initialize`` yourself, set that option too, or JAX
-    ends every survivor once its heartbeat timeout passes. No-op when ``jax.distributed`` is
+    ends every survivor once its heartbeat timeout passes. At exit process 0 keeps JAX's
+    coordination service up until the others have disconnected (a process leaving after it
+    would abort: ``compat.multinode.outlive_followers``). No-op when ``jax.distributed`` is
     already initialised or the variables are not set."""
     if multinode.distributed_initialized() or launch.ENV_COORDINATOR not in os.environ:
         return
@@ -103,6 +106,7 @@ def initialize(*, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> None:
         process_id=int(os.environ[launch.ENV_PROCESS_ID]),
         heartbeat_timeout_seconds=heartbeat_timeout_s,
     )
+    atexit.register(multinode.outlive_followers)  # runs before JAX's own exit hook
 
 
 # --------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ tests/test_multiprocess.py). Every process runs the same steps; each prints its 
 as one ``RESULT {json}`` line. Usage: python -m tests.multiprocess_worker SCENARIO MODEL_DIR
 """
 
+import atexit
+import contextlib
 import json
 import os
 import signal
@@ -32,6 +34,8 @@ RANK = jax.process_index()
 CYCLES = 20
 #: A prompt per process for collective generation.
 OWN_PROMPTS = {0: ["1+1="], 1: ["hello world the quick"]}
+#: Bound on a late follower's waits for process 0 (ms); only a broken run reaches it.
+LATE_FOLLOWER_WAIT_MS = 120_000
 
 
 _T0 = time.monotonic()
@@ -209,10 +213,33 @@ def kill_scenario(path, victim: int) -> dict:
     os._exit(0)  # the coordination service is gone or about to end this process
 
 
+def late_follower_scenario(protected: bool) -> dict:
+    """The follower leaves strictly after process 0 has begun to exit. ``protected``: with
+    ``outlive_followers`` (process 0 waits for it); else without it, and the follower leaves
+    only once process 0's coordination service is gone (what the workaround prevents)."""
+    from sampler.compat import multinode
+
+    client = multinode.distributed_client()
+    if not protected:
+        atexit.unregister(multinode.outlive_followers)
+        if RANK == 0:  # announce the exit as outlive_followers would, then leave at once
+            atexit.register(client.key_value_set, multinode.LEADER_EXITING_KEY, "1")
+    if RANK != 0:
+        client.blocking_key_value_get(multinode.LEADER_EXITING_KEY, LATE_FOLLOWER_WAIT_MS)
+        deadline = time.monotonic() + LATE_FOLLOWER_WAIT_MS / 1e3
+        with contextlib.suppress(Exception):  # raises once the service is gone
+            while not protected and time.monotonic() < deadline:
+                client.key_value_try_get(multinode.LEADER_EXITING_KEY)
+                time.sleep(multinode.EXIT_POLL_S)
+    return {"rank": RANK}
+
+
 def main() -> None:
     scenario, path = sys.argv[1], sys.argv[2]
     if scenario == "main":
         result = main_scenario(path)
+    elif scenario.startswith("late_follower"):
+        result = late_follower_scenario(protected=scenario == "late_follower")
     elif scenario.startswith("kill"):
         result = kill_scenario(path, victim=int(scenario[len("kill") :]))
     else:

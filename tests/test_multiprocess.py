@@ -246,3 +246,20 @@ def test_peer_silence_is_measured_up_to_the_watchers_last_look():
     group._watched_at = since + 2 * multiprocess.PEER_SILENCE_S  # looked on, the beat stood still
     with pytest.raises(multiprocess.PeerFailureError, match="process 1 .* no heartbeat"):
         group.check_peers()
+
+
+def test_a_follower_leaving_after_process_0_exits_cleanly():
+    """outlive_followers works: the follower leaves only after process 0 has begun to exit,
+    and both processes still exit 0 (process 0 kept the coordination service up for it)."""
+    results = run("late_follower", "-")
+    assert [(r.returncode, r.killed) for r in results] == [(0, False), (0, False)], results[1].output[-3000:]
+    assert [reported(r) for r in results] == [{"rank": 0}, {"rank": 1}]
+
+
+def test_leader_exit_workaround_still_needed():
+    """Without outlive_followers, a follower that leaves after process 0's coordination
+    service is gone aborts in jax.distributed.shutdown (jax 0.10.2, recoverability on)."""
+    results = run("late_follower_unprotected", "-")
+    assert results[0].returncode == 0, results[0].output[-3000:]
+    assert reported(results[1]) == {"rank": 1}  # its work done, it dies at exit
+    assert results[1].returncode != 0 and "Failed to disconnect" in results[1].output, results[1].output[-3000:]

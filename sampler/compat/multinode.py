@@ -25,6 +25,10 @@ does not support for an in-process engine, and the workaround here:
 | nothing parks the schedulers of all processes at the same iteration  | ``LockstepPark``: a    |
 | (needed to swap weights: every process must run the same collective  | marker in the broadcast|
 | computations in the same order)                                      | parks every follower   |
+| jax 0.10.2 with ``jax_enable_recoverability``: process 0's exit shuts | ``outlive_followers``: |
+| the coordination service down without waiting for the others; a     | at exit process 0 waits|
+| process leaving after it aborts in ``jax.distributed.shutdown``      | (bounded) until every  |
+| (``client.h:80 ... Failed to disconnect``, SIGABRT)                  | other has disconnected |
 
 Every access to JAX's private distributed client is here as well (``distributed_client``).
 Each workaround has a still-needed test (``tests/test_multiprocess.py``).
@@ -45,6 +49,12 @@ from sampler.compat.lifecycle import _raise_stop, _SchedulerStop
 BLOCK_NONZERO_RANK_ENV = "SGLANG_BLOCK_NONZERO_RANK_CHILDREN"
 #: How often a waiting follower looks at its stop pipe (ms).
 FOLLOWER_POLL_MS = 100
+#: How long process 0's exit waits for the other processes to disconnect (s).
+LEADER_EXIT_WAIT_S = 120.0
+#: How often process 0's exit looks at who is still connected (s).
+EXIT_POLL_S = 0.05
+#: Key process 0 posts as its exit begins (tests make a follower leave after it).
+LEADER_EXITING_KEY = "sglang-jax-sampler/leader-exiting"
 #: How long a follower's scheduler waits for process 0's next batch before giving up (s);
 #: the handle sets each engine's own (``SamplerConfig.peer_timeout_s``).
 DEFAULT_SILENCE_S = 300.0
@@ -332,3 +342,24 @@ def distributed_initialized() -> bool:
     from jax._src import distributed
 
     return distributed.global_state.client is not None
+
+
+def connected_processes() -> set[int]:
+    """Process ids still connected to JAX's coordination service."""
+    from jax._src import distributed
+
+    return set(distributed_client().get_live_nodes(list(range(distributed.global_state.num_processes))))
+
+
+def outlive_followers(timeout: float = LEADER_EXIT_WAIT_S) -> None:
+    """At process 0's exit (registered after JAX's own exit hook, so it runs first): keep the
+    coordination service up until every other process has disconnected, or ``timeout``."""
+    from jax._src import distributed
+
+    if distributed.global_state.process_id != 0 or not distributed_initialized():
+        return
+    with contextlib.suppress(Exception):  # the service is already gone: nothing to keep up
+        distributed_client().key_value_set(LEADER_EXITING_KEY, "1")
+        deadline = time.monotonic() + timeout
+        while connected_processes() - {0} and time.monotonic() < deadline:
+            time.sleep(EXIT_POLL_S)
