@@ -21,6 +21,8 @@ pytestmark = pytest.mark.engine
 ROOT = Path(__file__).resolve().parents[1]
 #: Generous bound on one launched scenario (s); a hang fails the test instead of the run.
 RUN_TIMEOUT_S = 900
+#: What JAX's distributed client prints as it aborts a process whose service is gone.
+ABORT_AT_EXIT = "Terminating process because the JAX distributed service detected fatal errors"
 
 
 def run(scenario: str, path) -> list:
@@ -258,8 +260,8 @@ def test_a_follower_leaving_after_process_0_exits_cleanly():
 
 def test_leader_exit_workaround_still_needed():
     """Without outlive_followers, a follower that leaves after process 0's coordination
-    service is gone aborts in jax.distributed.shutdown (jax 0.10.2, recoverability on)."""
+    service is gone aborts (jax 0.10.2, recoverability on): at its exit, or earlier, as soon as
+    its client's error poll notices (so its RESULT line may never come)."""
     results = run("late_follower_unprotected", "-")
     assert results[0].returncode == 0, results[0].output[-3000:]
-    assert reported(results[1]) == {"rank": 1}  # its work done, it dies at exit
-    assert results[1].returncode != 0 and "Failed to disconnect" in results[1].output, results[1].output[-3000:]
+    assert results[1].returncode != 0 and ABORT_AT_EXIT in results[1].output, results[1].output[-3000:]
