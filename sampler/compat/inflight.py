@@ -244,11 +244,12 @@ def annotate_answers(tm: Any, annotate: Callable[[str, dict], None], done: Calla
     tm._wait_one_response = _wait_one_response
 
 
-def record_batch_seconds(scheduler: Any) -> list[tuple[str, int, float]]:
+def record_batch_seconds(scheduler: Any) -> list[tuple[str, int, float, float]]:
     """Time every batch the scheduler runs (benchmarks): appends (``"decode"`` or
-    ``"prefill"``, requests in the batch, seconds from launch to processed result)."""
+    ``"prefill"``, requests in the batch, seconds from launch to processed result, launch
+    time on ``time.perf_counter``'s clock)."""
     run_batch, process = scheduler.run_batch, scheduler.process_batch_result
-    records: list[tuple[str, int, float]] = []
+    records: list[tuple[str, int, float, float]] = []
     started: dict[int, float] = {}
 
     def timed_run_batch(batch):
@@ -260,7 +261,7 @@ def record_batch_seconds(scheduler: Any) -> list[tuple[str, int, float]]:
         t0 = started.pop(id(batch), None)
         if t0 is not None:
             mode = "decode" if batch.forward_mode.is_decode() else "prefill"
-            records.append((mode, len(_batch_requests(batch)), time.perf_counter() - t0))
+            records.append((mode, len(_batch_requests(batch)), time.perf_counter() - t0, t0))
         return out
 
     scheduler.run_batch = timed_run_batch
