@@ -1,6 +1,6 @@
 """Asynchronous GRPO: Tunix's agentic learner with SglangJaxRollout, syncs draining vs in flight.
 
-    python -m training_examples.async_grpo [--steps 6] [--fast] [--workdir runs/async_grpo]
+    python -m training_examples.async_grpo [--steps 6] [--fast] [--no-precompile] [--workdir runs/async_grpo]
 
 Tunix's ``AgenticGRPOLearner`` rolls out the next batch while the actor trains on this one
 when the actor and rollout meshes differ (here: the trainer on simulated CPU device 0, the
@@ -157,12 +157,15 @@ def run(
     on_learner: Callable[[Any], None] | None = None,
     keep: dict | None = None,
     verbose: bool = True,
+    precompile: bool = False,
 ) -> RunLog:
     """One asynchronous GRPO run; ``mode`` is "drain" or "in-flight".
 
     ``rollout_cls``: a SglangJaxRollout subclass to build instead; ``on_learner(learner)``
     is called before training (tests instrument it there); ``keep`` receives the live
-    rollout, actor and learner (the caller shuts the rollout down).
+    rollout, actor and learner (the caller shuts the rollout down). ``precompile``: the
+    engine compiles its batch shapes at start-up (sglang-jax's default on accelerators; the
+    sampler turns it off on CPU), so no swap waits for an iteration that compiles a new one.
     """
     from transformers import AutoTokenizer
     from tunix.rl import rl_cluster as rl_cluster_lib
@@ -171,6 +174,7 @@ def run(
 
     from sampler import SglangJaxRollout, compat
     from sampler.testing import write_eos_prone_model
+    from sampler.tunix_config import from_rollout_config
     from sampler.tunix_models import load_tunix_model
 
     if mode not in MODES:
@@ -191,8 +195,22 @@ def run(
     with actor_mesh:
         actor = load_tunix_model(model_dir, dtype=jnp.float32, mesh=actor_mesh)
     in_flight = "recompute" if mode == "in-flight" else "drain"
-    engine = functools.partial(rollout_cls or SglangJaxRollout, in_flight=in_flight)
     prompt_len = 32
+    rollout_config = base_rollout.RolloutConfig(
+        max_tokens_to_generate=size.max_new,
+        max_prompt_length=prompt_len,
+        temperature=1.0,
+        top_p=1.0,
+        return_logprobs=True,
+        rollout_sglang_jax_model_version=str(model_dir),
+        rollout_sglang_jax_context_length=prompt_len + size.max_new + 16,
+        rollout_sglang_jax_max_running_requests=2 * group,
+        rollout_sglang_jax_log_level="error",
+    )
+    sampler_config = from_rollout_config(rollout_config, rollout_mesh)
+    if precompile:
+        sampler_config.engine_kwargs = {**sampler_config.engine_kwargs, "disable_precompile": False}
+    engine = functools.partial(rollout_cls or SglangJaxRollout, in_flight=in_flight, sampler_config=sampler_config)
     cluster_config = rl_cluster_lib.ClusterConfig(
         role_to_mesh={
             rl_cluster_lib.Role.ACTOR: actor_mesh,
@@ -204,17 +222,7 @@ def run(
         training_config=rl_cluster_lib.RLTrainingConfig(
             actor_optimizer=optax.adam(learning_rate), eval_every_n_steps=10_000, max_steps=steps
         ),
-        rollout_config=base_rollout.RolloutConfig(
-            max_tokens_to_generate=size.max_new,
-            max_prompt_length=prompt_len,
-            temperature=1.0,
-            top_p=1.0,
-            return_logprobs=True,
-            rollout_sglang_jax_model_version=str(model_dir),
-            rollout_sglang_jax_context_length=prompt_len + size.max_new + 16,
-            rollout_sglang_jax_max_running_requests=2 * group,
-            rollout_sglang_jax_log_level="error",
-        ),
+        rollout_config=rollout_config,
     )
     cluster = rl_cluster_lib.RLCluster(actor=actor, reference=None, tokenizer=tokenizer, cluster_config=cluster_config)
     learner = agentic_grpo_learner.GRPOLearner(
@@ -327,8 +335,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fast", action="store_true", help="a short completion budget (smoke test)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument(
+        "--no-precompile",
+        action="store_true",
+        help="the sampler's CPU default: batch shapes compile when first met, inside the iteration a swap waits for",
+    )
     args = ap.parse_args()
-    logs = [run(m, args.steps, args.workdir, fast=args.fast, seed=args.seed) for m in args.modes]
+    logs = [
+        run(m, args.steps, args.workdir, fast=args.fast, seed=args.seed, precompile=not args.no_precompile)
+        for m in args.modes
+    ]
     print("\n" + table(logs))
     out = Path(args.workdir) / "async_grpo.json"
     out.write_text(json.dumps([dataclasses.asdict(log) for log in logs], indent=1))
