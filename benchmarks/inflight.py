@@ -154,8 +154,8 @@ def measure(key: str, case: Case, runs: int, seed: int) -> list[tuple[str, float
                     reprefill.append(prefill)
     measured = batches[warm:]
     decode = [s for kind, n, s, _ in measured if kind == "decode" and n == case.k]
-    # launch to next launch of two decode batches of all K in a row (the few that span a
-    # park in the benchmark's rounds do not move the median of thousands)
+    # launch to next launch of two decode batches of all K in a row; the two per round and
+    # mode that span a park (the hold, the swap) are a few percent of them: the median stands
     iteration = [
         b[3] - a[3] for a, b in zip(measured, measured[1:]) if a[0] == b[0] == "decode" and a[1] == b[1] == case.k
     ]
