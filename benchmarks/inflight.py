@@ -16,6 +16,15 @@ is what the trainer waits. Limits, same run, same engine:
   an iteration begins, so a swap between iterations waits for a whole one;
 - one prefill of the K requests, prompt + L/2 tokens each (the re-prefill "recompute" runs).
 
+Two rows explain what "continue" pays beyond those, both from the "drain" rounds with the
+scheduler parked right after a decode step, before their own swap:
+
+- the step tail: CPU time the process still spends once the step's result is out, until it
+  goes quiet (at the Qwen3-0.6B shape on the CPU backend: XLA's threads unmapping the step's
+  temporaries). A swap made right after a step shares the cores with it, an idle push does not;
+- an in_flight="continue" push made after the tail is over (the scheduler is already parked,
+  so it does not wait): the write with requests in flight, nothing else running.
+
 Targets (issue 16): "continue" <= idle push + one decode step; "recompute" <= that + one
 prefill; each also against the decode iteration in place of the step. A fixed seed, medians
 over ``--runs`` rounds after one warm-up round per mode.
@@ -34,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,6 +61,9 @@ MODES = ("drain", "continue", "recompute")
 PROMPT = [5, 17, 42, 99, 7, 3, 1, 4]
 #: Generous bound on any wait here (only a broken engine reaches it).
 WAIT_BOUND_S = 600
+#: The step tail: polled every TAIL_POLL_S, over once a poll adds less than TAIL_QUIET_CPU_S of
+#: CPU time (an idle parked engine adds next to none), cut off after TAIL_MAX_S.
+TAIL_POLL_S, TAIL_QUIET_CPU_S, TAIL_MAX_S = 0.02, 0.002, 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,22 +111,53 @@ def start_requests(sampler, k: int, length: int) -> list:
     return futures
 
 
-def hold_until(sampler, k: int, tokens: int) -> None:
-    """Return once the K requests hold ``tokens`` tokens each (the scheduler then runs on)."""
+def hold_until(sampler, k: int, tokens: int, while_parked: Callable[[], Any] | None = None) -> Any:
+    """Return once the K requests hold ``tokens`` tokens each (the scheduler then runs on);
+    ``while_parked()``, if given, runs before it does, and its result is returned."""
     scheduler = sampler._handle.scheduler
     hold = sampler._handle.park.park_when(
         lambda: len(held := held_requests(scheduler)) == k and min(map(tokens_generated, held)) >= tokens
     )
     try:
         assert hold.wait(WAIT_BOUND_S), "the requests never reached the swap point"
+        return while_parked() if while_parked is not None else None
     finally:
         hold.release()
 
 
-def timed_round(sampler, state, case: Case, mode: str, batches: list) -> tuple[float, float]:
-    """One round: (seconds update_params blocked, seconds of the prefill right after it)."""
+def settled(sampler, state) -> tuple[float, float]:
+    """With the scheduler parked right after a decode step: (CPU seconds of the step tail, then
+    seconds of an in_flight="continue" update_params made once it is over, which finds the
+    scheduler already parked and so does not wait). Measured in "drain" rounds, before their
+    own swap: neither is part of any timed swap."""
+    tail = step_tail_cpu_seconds()
+    t0 = time.perf_counter()
+    sampler.update_params(state, in_flight="continue")
+    return tail, time.perf_counter() - t0
+
+
+def step_tail_cpu_seconds() -> float:
+    """CPU seconds this process spends (all threads) after the scheduler has parked right after a decode step,
+    until it goes quiet: the step's work that outlasts its result (on the CPU backend, XLA's
+    threads freeing the step's temporaries). An update_params made at that moment shares the
+    cores with it; an idle-engine push never meets it."""
+    start = last = time.process_time()
+    deadline = time.monotonic() + TAIL_MAX_S
+    while time.monotonic() < deadline:
+        time.sleep(TAIL_POLL_S)
+        now = time.process_time()
+        if now - last < TAIL_QUIET_CPU_S:  # one quiet poll: the tail is over
+            return now - start
+        last = now
+    return time.process_time() - start
+
+
+def timed_round(sampler, state, case: Case, mode: str, batches: list) -> tuple[float, float, tuple | None]:
+    """One round: (seconds update_params blocked, seconds of the prefill right after it, and
+    in "drain" rounds the step tail with an in-flight push made after it; see ``settled``)."""
     futures = start_requests(sampler, case.k, case.length)
-    hold_until(sampler, case.k, case.length // 2)
+    measure_settled = (lambda: settled(sampler, state)) if mode == "drain" else None
+    after_tail = hold_until(sampler, case.k, case.length // 2, measure_settled)
     mark = len(batches)
     t0 = time.perf_counter()
     sampler.update_params(state, in_flight=mode)
@@ -124,7 +168,7 @@ def timed_round(sampler, state, case: Case, mode: str, batches: list) -> tuple[f
     # swap, the prefill batches up to the next decode step (a long prefill comes in chunks)
     after = itertools.dropwhile(lambda b: b[0] == "decode", batches[mark:])
     reprefill = list(itertools.takewhile(lambda b: b[0] == "prefill", after))
-    return blocked, (sum(b[2] for b in reprefill) if reprefill else float("nan"))
+    return blocked, (sum(b[2] for b in reprefill) if reprefill else float("nan")), after_tail
 
 
 def measure(key: str, case: Case, runs: int, seed: int) -> list[tuple[str, float]]:
@@ -137,7 +181,7 @@ def measure(key: str, case: Case, runs: int, seed: int) -> list[tuple[str, float
     state = nnx.state(random_tunix_model(tmp, seed=seed, dtype=jnp.float32), nnx.Param)
     jax.block_until_ready(state)
     batches = record_batch_seconds(sampler._handle.scheduler)
-    idle, blocked, reprefill = [], {m: [] for m in MODES}, []
+    idle, blocked, reprefill, tails, settled_pushes = [], {m: [] for m in MODES}, [], [], []
     warm = 0
     for r in range(runs + 1):  # round 0 warms up: compiles, plans, prefill shapes
         if r == 1:
@@ -147,11 +191,14 @@ def measure(key: str, case: Case, runs: int, seed: int) -> list[tuple[str, float
         sampler.update_params(state)
         idle.append(time.perf_counter() - t0)
         for mode in MODES[r % len(MODES) :] + MODES[: r % len(MODES)]:  # rotate the order
-            seconds, prefill = timed_round(sampler, state, case, mode, batches)
+            seconds, prefill, after_tail = timed_round(sampler, state, case, mode, batches)
             if r:
                 blocked[mode].append(seconds)
                 if mode == "recompute":
                     reprefill.append(prefill)
+                if mode == "drain":
+                    tails.append(after_tail[0])
+                    settled_pushes.append(after_tail[1])
     measured = batches[warm:]
     decode = [s for kind, n, s, _ in measured if kind == "decode" and n == case.k]
     # launch to next launch of two decode batches of all K in a row; the two per round and
@@ -172,6 +219,14 @@ def measure(key: str, case: Case, runs: int, seed: int) -> list[tuple[str, float
         (f"limit: one decode step of the {case.k} requests (launch to processed result)", step),
         (f"limit: one decode iteration of the scheduler, {case.k} requests (launch to next launch)", loop),
         (f"limit: one prefill of the {case.k} requests (prompt + {case.length // 2} tokens)", prefill),
+        (
+            "cause: CPU time the engine still spends after a decode step's result is out (step tail)",
+            statistics.median(tails),
+        ),
+        (
+            f"check: in_flight='continue' push, {case.k} requests parked, once the step tail is over (no wait)",
+            statistics.median(settled_pushes),
+        ),
         ("target 'continue': idle push + one decode step", push + step),
         ("target 'recompute': idle push + one decode step + one prefill", push + step + prefill),
         ("target 'continue', per iteration: idle push + one decode iteration", push + loop),
