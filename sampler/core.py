@@ -334,7 +334,7 @@ class WeightSync:
         **options: Any,
     ) -> UpdateReport:
         """Serve ``updated_weights`` from the next request on (see ``SglangJaxSampler.update_params``)."""
-        check_in_flight(in_flight, max_staleness)
+        self.check_policy(in_flight, max_staleness)
         push = self.prepare(updated_weights, filter_types, **options)
         return self.swap(push, in_flight=in_flight, max_staleness=max_staleness)
 
@@ -348,9 +348,14 @@ class WeightSync:
         max_staleness: int | None = None,
     ) -> UpdateReport:
         """Load an HF safetensors directory tensor by tensor (host memory near one tensor)."""
-        check_in_flight(in_flight, max_staleness)
+        self.check_policy(in_flight, max_staleness)
         push = self.prepare_checkpoint(path, strict=strict, track_peak_memory=track_peak_memory)
         return self.swap(push, in_flight=in_flight, max_staleness=max_staleness)
+
+    def check_policy(self, in_flight: Any, max_staleness: Any = None) -> None:
+        """Refuse an ``in_flight`` policy (or ``max_staleness``) this engine cannot apply,
+        before any work: ValueError naming the field."""
+        check_in_flight(in_flight, max_staleness)
 
     @contextlib.contextmanager
     def exclusive(self, timeout: float | None = None, *, in_flight: str = "drain", max_staleness: int | None = None):

@@ -447,14 +447,18 @@ class MultiProcessSync(WeightSync):
         agree(self.group, "checkpoint validated", error)
         return push
 
-    @contextlib.contextmanager
-    def exclusive(self, timeout: float | None = None, *, in_flight: str = "drain", max_staleness: int | None = None):
-        """Every process's scheduler parked at the same iteration, no request running."""
+    def check_policy(self, in_flight: Any, max_staleness: Any = None) -> None:
+        """Only "drain": the processes agree on one idle iteration to swap at."""
         check_in_flight(in_flight, max_staleness)
         if in_flight != "drain":
             raise ValueError(
                 f"in_flight={in_flight!r}: an engine spanning several processes swaps with in_flight='drain' only"
             )
+
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float | None = None, *, in_flight: str = "drain", max_staleness: int | None = None):
+        """Every process's scheduler parked at the same iteration, no request running."""
+        self.check_policy(in_flight, max_staleness)
         timeout = self.config.update_timeout_s if timeout is None else timeout
         t0 = time.perf_counter()
         self.handle.raise_if_faulted()

@@ -161,6 +161,12 @@ def main_scenario(path) -> dict:
         out["bad_on_rank1"] = "accepted"
     except (ParamsMismatchError, PeerFailureError) as e:
         out["bad_on_rank1"] = f"{type(e).__name__}: {e}"
+    # an in-flight policy: refused on every process before any step is agreed
+    try:
+        s.update_params(layout, in_flight="continue")
+        out["continue_policy"] = "accepted"
+    except ValueError as e:
+        out["continue_policy"] = f"ValueError: {e}"
     out["fp_after_bad"] = s.fingerprint()
     out["fp_before_bad"] = fp
 

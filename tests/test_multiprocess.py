@@ -109,6 +109,16 @@ def test_bad_tree_raises_on_every_process_and_changes_nothing(main_run):
     assert ranks[0]["bad_on_rank1"].startswith("PeerFailureError") and "process 1" in ranks[0]["bad_on_rank1"]
 
 
+def test_an_in_flight_policy_is_refused_on_every_process(main_run):
+    """Several processes swap with in_flight="drain" only: "continue" is a ValueError naming
+    the field on every process, raised before the processes agree on anything (the engine
+    goes on: later steps of the same run push and generate)."""
+    _, ranks = main_run
+    for r in ranks:
+        assert r["continue_policy"].startswith("ValueError"), r["continue_policy"]
+        assert "in_flight='continue'" in r["continue_policy"] and "'drain' only" in r["continue_policy"]
+
+
 def test_collective_generation_gives_each_process_its_own_results(main_run, single):
     _, ranks = main_run
     for rank, r in enumerate(ranks):
