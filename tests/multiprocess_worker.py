@@ -161,9 +161,9 @@ def main_scenario(path) -> dict:
         out["bad_on_rank1"] = "accepted"
     except (ParamsMismatchError, PeerFailureError) as e:
         out["bad_on_rank1"] = f"{type(e).__name__}: {e}"
-    # an in-flight policy: refused on every process before any step is agreed
+    # an in-flight policy: refused on every process before the tree is even checked
     try:
-        s.update_params(layout, in_flight="continue")
+        s.update_params(bad, in_flight="continue")
         out["continue_policy"] = "accepted"
     except ValueError as e:
         out["continue_policy"] = f"ValueError: {e}"

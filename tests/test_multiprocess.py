@@ -111,8 +111,9 @@ def test_bad_tree_raises_on_every_process_and_changes_nothing(main_run):
 
 def test_an_in_flight_policy_is_refused_on_every_process(main_run):
     """Several processes swap with in_flight="drain" only: "continue" is a ValueError naming
-    the field on every process, raised before the processes agree on anything (the engine
-    goes on: later steps of the same run push and generate)."""
+    the field on every process, raised before any work: the tree pushed with it is a bad one,
+    which a later check would refuse with ParamsMismatchError instead (the engine goes on:
+    later steps of the same run push and generate)."""
     _, ranks = main_run
     for r in ranks:
         assert r["continue_policy"].startswith("ValueError"), r["continue_policy"]
