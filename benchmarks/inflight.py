@@ -137,10 +137,10 @@ def settled(sampler, state) -> tuple[float, float]:
 
 
 def step_tail_cpu_seconds() -> float:
-    """CPU seconds this process spends (all threads) after the scheduler has parked right after a decode step,
-    until it goes quiet: the step's work that outlasts its result (on the CPU backend, XLA's
-    threads freeing the step's temporaries). An update_params made at that moment shares the
-    cores with it; an idle-engine push never meets it."""
+    """CPU seconds this process (all threads) spends once the scheduler has parked right after
+    a decode step, until it goes quiet: the step's work that outlasts its result (on the CPU
+    backend, XLA's threads freeing the step's temporaries). An update_params made at that
+    moment shares the cores with it; an idle-engine push never meets it."""
     start = last = time.process_time()
     deadline = time.monotonic() + TAIL_MAX_S
     while time.monotonic() < deadline:
