@@ -20,6 +20,7 @@ from tunix.generate import base_sampler
 from tunix.generate import tokenizer_adapter as tok_adapter
 
 from converters import ModelSpec
+from sampler import compat
 from sampler.config import SamplerConfig
 from sampler.reports import SharingReport, UpdateReport
 from sampler.validation import InvalidRequestError, RequestLimits, integer, is_int, token_ids
@@ -32,6 +33,24 @@ class SglangSamplerOutput(base_sampler.SamplerOutput):
     """Tunix's SamplerOutput plus sglang-jax's per-request meta info."""
 
     meta: list[dict] = dataclasses.field(default_factory=list)
+
+
+def generated_tokens(result: dict) -> tuple[list[int], list[float]]:
+    """Every id an engine answer generated and its logprob, checked one to one.
+
+    ``output_ids`` hold every generated id (``compat.patch_detokenizer_output``), the stop
+    token and special ids included; they must equal the ids of the logprob records. A
+    difference means an upstream change the compat patches do not cover: raised, never
+    handed to a trainer."""
+    ids = list(result["output_ids"])
+    records = result["meta_info"].get("output_token_logprobs") or []
+    if ids != [tid for _, tid, *_ in records] or len(ids) != result["meta_info"].get("completion_tokens", len(ids)):
+        raise RuntimeError(
+            f"the engine's output_ids ({len(ids)}) and its logprob records ({len(records)}) of request "
+            f"{result['meta_info'].get('id')} disagree: sglang-jax {compat.SGLANG_JAX_VERSION} behaviour that "
+            "sampler.compat no longer covers"
+        )
+    return ids, [lp for lp, *_ in records]
 
 
 def next_power_of_2(n: int) -> int:
@@ -287,11 +306,9 @@ class RolloutEngine(base_sampler.BaseSampler, abc.ABC):
         for prompt, prompt_text, out in zip(
             prompts, [s for s in input_strings for _ in range(multi_sampling)], outputs
         ):
-            # output_ids drops special tokens (e.g. EOS) when skip_special_tokens; the
-            # logprob records hold every generated token id, aligned with its logprob.
-            records = out["meta_info"].get("output_token_logprobs") or []
-            ids = np.asarray([tid for _, tid, *_ in records], dtype=np.int32)
-            lps = np.asarray([lp for lp, *_ in records], dtype=np.float32)
+            generated, logprob_values = generated_tokens(out)
+            ids = np.asarray(generated, dtype=np.int32)
+            lps = np.asarray(logprob_values, dtype=np.float32)
             text = out.get("text")
             if text is None:
                 text = self.tokenizer.decode(ids.tolist())
@@ -315,4 +332,11 @@ class RolloutEngine(base_sampler.BaseSampler, abc.ABC):
         )
 
 
-__all__ = ["RolloutEngine", "SglangSamplerOutput", "SharingReport", "as_tokenizer_adapter", "next_power_of_2"]
+__all__ = [
+    "RolloutEngine",
+    "SglangSamplerOutput",
+    "SharingReport",
+    "as_tokenizer_adapter",
+    "generated_tokens",
+    "next_power_of_2",
+]

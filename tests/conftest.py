@@ -63,6 +63,12 @@ def varied_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def special_dir(tmp_path_factory):
+    """A tiny Llama whose answers hold special ids mid-sequence (``helpers.write_special_prone_case``)."""
+    return helpers.write_special_prone_case(tmp_path_factory.mktemp("special"))
+
+
+@pytest.fixture(scope="session")
 def engines():
     """Session-wide pool of samplers keyed by (case, seed, load_format); shut down at the end."""
     pool = helpers.SamplerPool()

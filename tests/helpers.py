@@ -378,3 +378,26 @@ def send_async(sampler, ids, n, **params):
         ),
         handle.loop,
     )
+
+
+#: lm_head row scales of ``write_special_prone_case``: <pad> (0), <eos> (1), <unk> (2) of the
+#: tiny tokenizer. About a fifth of its greedy tokens are then special ids, mid-answer too.
+SPECIAL_ROW_SCALES = {0: 2.0, 1: 1.5, 2: 2.5}
+
+
+def write_special_prone_case(path: Path, *, seed: int = 0) -> Path:
+    """A tiny Llama (untied, varied weights) whose answers hold special ids mid-sequence:
+    the lm_head rows of the special tokens are scaled up, so their logits lead often."""
+    from transformers import AutoConfig
+
+    from sampler.testing import random_hf_weights, write_weights
+
+    path = write_tiny_model(path, "LlamaForCausalLM", seed=seed, weights=False, tie_word_embeddings=False)
+    weights = random_hf_weights(AutoConfig.from_pretrained(str(path)), seed=seed, scale=VARIED_WEIGHT_SCALE)
+    head = weights["lm_head.weight"]
+    rows = head.astype(np.float32)
+    for token, scale in SPECIAL_ROW_SCALES.items():
+        rows[token] *= scale
+    weights["lm_head.weight"] = rows.astype(head.dtype)
+    write_weights(path, weights)
+    return path

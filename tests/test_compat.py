@@ -372,6 +372,34 @@ def test_logprob_decoding_workaround_works(model_dir, engines):
     assert sampler.healthy and helpers.raw_generate(sampler, [5, 6, 7], 4) == known
 
 
+def test_rollout_data_workarounds_still_needed(special_dir):
+    """Unpatched upstream, on answers with special ids mid-sequence (tests/rollout_facts.py):
+    ``output_ids`` lose special ids and the stop token and repeat in streams; a batch's text
+    follows its first request's ``skip_special_tokens``; a streamed text keeps a replacement
+    character; output logprobs shift between rows of a batch mixing logprob kinds and repeat
+    in streams; streamed logprob values are not JSON."""
+    rc, result, out = probe("rollout_facts", special_dir)
+    assert rc == 0 and result is not None, out[-3000:]
+    assert result["special_mid_answer"] > 0, result
+    for claim in (
+        "broken_ids", "broken_stop_token", "broken_stream_ids", "broken_mixed_options_text",
+        "broken_stream_text",  # patch_detokenizer_output
+        "broken_mixed_logprob_rows", "broken_stream_logprobs",  # patch_output_logprob_rows
+        "broken_stream_json",  # patch_logprob_token_decoding
+    ):  # fmt: skip
+        assert result.get(claim, 0) > 0, f"upstream no longer breaks {claim} ({result}): drop its workaround"
+
+
+def test_rollout_data_workarounds_work(special_dir, engines):
+    from tests.rollout_facts import facts
+
+    sampler = engines.get(special_dir, load_format="safetensors")
+    result = sampler._handle.run(facts(sampler.engine, sampler.tokenizer.tokenizer), timeout=600)
+    assert result["special_mid_answer"] > 0, result
+    assert {k: v for k, v in result.items() if k.startswith("broken_") and v} == {}, result
+    engines.drop(special_dir, load_format="safetensors")
+
+
 def test_invalid_grammar_workaround_still_needed(model_dir):
     rc, result, out = probe("invalid_grammar", model_dir("qwen3-tied"))
     assert result is None and rc != 0, f"an invalid grammar no longer crashes upstream ({result}): drop it"

@@ -147,8 +147,7 @@ def tokens(url, ids=PROMPT_IDS, n=NEW_TOKENS, field="output_ids"):
 
 
 def stream_completion(url, ids, n) -> tuple[int, str, dict]:
-    """A streamed /generate: (status, its text, lower-cased headers). (Its ``output_ids`` past
-    a few tokens repeat earlier ones upstream: each event adds its cumulative ids again.)"""
+    """A streamed /generate: (status, its text, lower-cased headers)."""
     body = {**generate_body(ids, n, ignore_eos=True), "stream": True}
     req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(), method="POST")
     req.add_header("Content-Type", "application/json")

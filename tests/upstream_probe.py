@@ -305,6 +305,15 @@ def main(mode: str, model_dir: str) -> None:
         params = {"max_new_tokens": 3, "temperature": 1.0, "top_p": 1.0, "sampling_seed": 7}
         out = e.generate(input_ids=[[5, 6, 7]], sampling_params=[params])
         result["generated"] = len(out[0]["output_ids"]) if isinstance(out, list) else len(out["output_ids"])
+    elif mode == "rollout_facts":  # output ids, logprobs and text (tests/rollout_facts.py)
+        from transformers import AutoTokenizer
+
+        from sampler.compat import patch_merge_kv_sharding
+        from tests.rollout_facts import facts
+
+        patch_merge_kv_sharding()  # the checkpoint is a Llama: without it no forward pass runs on CPU
+        e = engine(model_dir)
+        result = e.loop.run_until_complete(facts(e, AutoTokenizer.from_pretrained(model_dir)))
     elif mode == "lifecycle":  # idle spin, threads after shutdown, signal handlers, child processes
         before = signal.getsignal(signal.SIGCHLD)
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -32,6 +32,9 @@ fails once it is no longer needed, and a test that it works.
 |                                 | (120 tokens -> 270 output_ids)                                              |
 | ``patch_mixed_logprob_batches`` | a batch mixing output-logprob and no-logprob requests raises TypeError in  |
 |                                 | the scheduler thread -> SIGQUIT -> the process dies                         |
+| ``patch_output_logprob_rows``   | a batch mixing output-only logprob requests with input/top-logprob ones    |
+|                                 | shifts the output logprobs of every later request by one; streamed output- |
+|                                 | only logprobs repeat every earlier record in each chunk                    |
 | ``patch_contain_engine_faults`` | any exception in the scheduler/detokenizer thread SIGQUITs the process;    |
 |                                 | contained: recorded, callers get ``EngineFaultError``, the process lives   |
 | ``patch_contain_tokenizer_loop_ | any exception in the tokenizer manager's output loop (``handle_loop``)     |
@@ -41,7 +44,13 @@ fails once it is no longer needed, and a test that it works.
 |                                 | -> SIGQUIT; patched: the request gets "Invalid grammar request" (400)      |
 | ``patch_logprob_token_decoding``| a negative id among the logprob token ids (``token_ids_logprob``, input     |
 |                                 | logprobs from 0) raises OverflowError in the tokenizer manager's loop ->   |
-|                                 | the process is killed; patched: such ids decode to ``None`` text           |
+|                                 | the process is killed; patched: such ids decode to ``None`` text; logprob  |
+|                                 | values are numpy floats: every streamed ``/generate`` with logprobs is a   |
+|                                 | 500 (orjson cannot serialise them); patched: Python floats                 |
+| ``patch_detokenizer_output``    | the detokenizer drops special ids and the stop token from ``output_ids``    |
+|                                 | and repeats ids in streams: ids no longer line up with their logprobs;      |
+|                                 | a batch's text is decoded under its first request's skip_special_tokens;   |
+|                                 | a stream chunk ending inside a character sends "\ufffd" for good            |
 | ``patch_greedy_rows_in_mixed_ | a greedy request batched with a sampled one is sampled among the tokens    |
 | batches``                       | tied with its top logit: its tokens depend on what other clients send     |
 | ``crashes.UPSTREAM_CRASHES``    | requests with out-of-range ids, int32 overflows, wrong types or logprob    |
@@ -135,12 +144,14 @@ from sampler.compat.patches import (
     SGLANG_JAX_VERSION,
     UnsupportedModelError,
     check_head_dim,
+    patch_detokenizer_output,
     patch_greedy_rows_in_mixed_batches,
     patch_invalid_grammar_copy,
     patch_logprob_token_decoding,
     patch_merge_kv_sharding,
     patch_mixed_logprob_batches,
     patch_non_stream_chunks,
+    patch_output_logprob_rows,
     patch_zmq_linger,
     upstream_version,
     warn_if_untested_version,
@@ -233,9 +244,11 @@ def prepare_engine(architecture: str, kwargs: Mapping[str, Any], hf_config: HfCo
     patch_contain_engine_faults()
     patch_contain_tokenizer_loop_faults()
     patch_mixed_logprob_batches()
+    patch_output_logprob_rows()
     patch_invalid_grammar_copy()
     patch_logprob_token_decoding()
     patch_greedy_rows_in_mixed_batches()
+    patch_detokenizer_output()
     return out
 
 
@@ -280,12 +293,14 @@ __all__ = [
     "model_runner_of",
     "patch_contain_engine_faults",
     "patch_contain_tokenizer_loop_faults",
+    "patch_detokenizer_output",
     "patch_greedy_rows_in_mixed_batches",
     "patch_invalid_grammar_copy",
     "patch_logprob_token_decoding",
     "patch_merge_kv_sharding",
     "patch_mixed_logprob_batches",
     "patch_non_stream_chunks",
+    "patch_output_logprob_rows",
     "patch_zmq_linger",
     "prepare_engine",
     "quiet_idle_scheduler",

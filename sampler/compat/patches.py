@@ -4,9 +4,11 @@ patch is no longer needed, and a test that the patch works."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import threading
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +203,162 @@ def patch_mixed_logprob_batches() -> bool:
 
 
 # --------------------------------------------------------------------------------------
+# output ids: every generated id, once; text decoded under each request's own options
+# --------------------------------------------------------------------------------------
+
+#: Attribute on the detokenizer's per-request ``DecodeStatus``: how many generated ids the
+#: request has been sent so far.
+_IDS_SENT = "_sampler_ids_sent"
+#: A row's detokenization options (fields of ``BatchTokenIDOut``, one value per row).
+_DECODE_OPTIONS = ("skip_special_tokens", "spaces_between_special_tokens")
+
+
+def _rows(batch: Any, rows: list[int]) -> Any:
+    """The sub-batch of ``rows`` of a ``BatchTokenIDOut`` / ``BatchStrOut``: every per-row
+    field (a list with one entry per request) indexed, every batch-wide field kept."""
+    n = len(batch.rids)
+    changes = {
+        f.name: [value[i] for i in rows]
+        for f in dataclasses.fields(batch)
+        if isinstance(value := getattr(batch, f.name), list) and len(value) == n
+    }
+    return dataclasses.replace(batch, **changes)
+
+
+def _merge_rows(parts: list[tuple[list[int], Any]], n: int) -> Any:
+    """The inverse of ``_rows``: one batch of ``n`` rows from ``(rows, sub-batch)`` parts."""
+    first = parts[0][1]
+    changes = {}
+    for f in dataclasses.fields(first):
+        if not isinstance(getattr(first, f.name), list) or len(getattr(first, f.name)) != len(parts[0][0]):
+            continue
+        merged: list = [None] * n
+        for rows, part in parts:
+            for i, value in zip(rows, getattr(part, f.name)):
+                merged[i] = value
+        changes[f.name] = merged
+    return dataclasses.replace(first, **changes)
+
+
+#: What a decoder makes of bytes that are not (yet) a whole UTF-8 character.
+REPLACEMENT_CHARACTER = "\ufffd"
+
+
+def printable_prefix(text: str) -> str:
+    """``text`` without the replacement characters at its end: a streamed chunk that ends
+    inside a UTF-8 character waits for the tokens that complete it."""
+    return text.rstrip(REPLACEMENT_CHARACTER)
+
+
+def patch_detokenizer_output() -> bool:
+    """Make ``output_ids`` every id the scheduler generated, in order, each sent once; decode
+    each request's text under its own options; hold back streamed text that ends inside a
+    character (idempotent).
+
+    sglang-jax 0.1.0rc0's detokenizer (``DetokenizerManager.handle_batch_token_id_out``)
+    rewrites the ids it passes on: with ``skip_special_tokens`` (the default) it removes every
+    special id (``process_special_tokens_spaces``), it cuts the matched stop token, and in a
+    stream whose text chunk ends inside a UTF-8 character it sends again every id since its
+    decoding window's start. ``output_ids`` then no longer line up with
+    ``output_token_logprobs``, ``completion_tokens`` and the weight-version token indices.
+    It also decodes a whole batch under its first request's ``skip_special_tokens`` and
+    ``spaces_between_special_tokens``. The scheduler's incremental-decoding buffer, which the
+    detokenizer keeps per request, holds every generated id (through the stop token) after the
+    prompt's last ``read_offset`` ids: the ids sent are the new ones of that buffer. Batches that
+    mix decoding options are decoded one group at a time.
+
+    A streamed chunk whose text ends inside a character is meant to wait for the rest of it
+    (``find_printable_text``), but sglang-jax's version returns the text as it is: the chunk
+    sends a replacement character, and the final text never gets the character itself. It
+    now holds back the incomplete end. Returns True when applied now.
+    """
+    module = importlib.import_module("sgl_jax.srt.managers.detokenizer_manager")
+    dm = module.DetokenizerManager
+    original = dm.handle_batch_token_id_out
+    if getattr(original, "_exact_ids_patched", False):
+        return False
+
+    def exact_ids(self, recv_obj: Any, out: Any) -> Any:
+        for i, rid in enumerate(recv_obj.rids):
+            status = self.decode_status.get(rid)
+            if status is None or out.output_ids is None:  # evicted (upstream raises first) or no ids at all
+                continue
+            generated = status.decode_ids[recv_obj.read_offsets[i] :]
+            sent = getattr(status, _IDS_SENT, 0)
+            out.output_ids[i] = list(generated[sent:])
+            setattr(status, _IDS_SENT, len(generated))
+        return out
+
+    def handle_batch_token_id_out(self, recv_obj):
+        groups: dict[tuple, list[int]] = {}
+        for i in range(len(recv_obj.rids)):
+            groups.setdefault(tuple(getattr(recv_obj, f)[i] for f in _DECODE_OPTIONS), []).append(i)
+        if len(groups) <= 1:
+            return exact_ids(self, recv_obj, original(self, recv_obj))
+        parts = []
+        for rows in groups.values():
+            sub = _rows(recv_obj, rows)
+            parts.append((rows, exact_ids(self, sub, original(self, sub))))
+        return _merge_rows(parts, len(recv_obj.rids))
+
+    handle_batch_token_id_out._exact_ids_patched = True  # type: ignore[attr-defined]
+    handle_batch_token_id_out.__wrapped__ = original  # type: ignore[attr-defined]
+    dm.handle_batch_token_id_out = handle_batch_token_id_out
+    printable_prefix.__wrapped__ = module.find_printable_text  # type: ignore[attr-defined]
+    module.find_printable_text = printable_prefix
+    return True
+
+
+def _sent_marks(req: Any) -> tuple:
+    """What the scheduler's output step changes on a request it sends (offsets of ids sent)."""
+    return req.send_token_offset, req.send_decode_id_offset
+
+
+def patch_output_logprob_rows() -> bool:
+    """Send each request its own output logprobs, once (idempotent).
+
+    sglang-jax 0.1.0rc0's ``stream_output_generation`` builds one list entry per request for
+    every logprob field; but in a batch where some request wants input or top logprobs
+    (``return_logprob``, e.g. a scoring request with ``logprob_start_len``), a request that
+    wants output logprobs only (what plain ``return_logprob=True`` becomes) gets two entries:
+    every request after it receives the logprobs of the one before it (the next one gets
+    ``[]``). And it never advances an output-only request's logprob offset, so each streamed
+    chunk carries every logprob since the start (20 tokens -> 210 records). Sent as two
+    batches, output-only requests apart, each list has one entry per request; the offset of
+    an output-only request advances whenever its output is sent. Returns True when applied now.
+    """
+    mixin = importlib.import_module("sgl_jax.srt.managers.scheduler_output_processor_mixin")
+    cls = mixin.SchedulerOutputProcessorMixin
+    original = cls.stream_output_generation
+    if getattr(original, "_logprob_rows_patched", False):
+        return False
+
+    def send(self, reqs, return_logprob, return_output_logprob_only, skip_reqs, cache_miss_count):
+        only = [r for r in reqs if r.return_output_logprob_only]
+        before = [_sent_marks(r) for r in only]
+        original(self, reqs, return_logprob, return_output_logprob_only, skip_reqs, cache_miss_count)
+        for r, marks in zip(only, before):
+            if _sent_marks(r) != marks:  # sent now: its logprobs up to here went with it
+                r.send_output_token_logprobs_offset = len(r.output_token_logprobs_val)
+
+    def stream_output_generation(
+        self, reqs, return_logprob, return_output_logprob_only, skip_reqs=None, cache_miss_count=None
+    ):
+        only = [r for r in reqs if r.return_output_logprob_only]
+        if not return_logprob or not only:
+            return send(self, reqs, return_logprob, return_output_logprob_only, skip_reqs, cache_miss_count)
+        rest = [r for r in reqs if not r.return_output_logprob_only]
+        send(self, only, False, True, skip_reqs, cache_miss_count)
+        if rest:
+            send(self, rest, True, False, skip_reqs, cache_miss_count)
+
+    stream_output_generation._logprob_rows_patched = True  # type: ignore[attr-defined]
+    stream_output_generation.__wrapped__ = original  # type: ignore[attr-defined]
+    cls.stream_output_generation = stream_output_generation
+    return True
+
+
+# --------------------------------------------------------------------------------------
 # head_dim on CPU
 # --------------------------------------------------------------------------------------
 
@@ -248,14 +406,17 @@ DECODABLE_IDS = 1 << 32
 
 
 def patch_logprob_token_decoding() -> bool:
-    """Decode logprob token ids outside ``[0, 2**32)`` to ``None`` text instead of raising
-    (idempotent).
+    """Make every logprob record ``(float, id, text)`` with a Python float, and decode logprob
+    token ids outside ``[0, 2**32)`` to ``None`` text instead of raising (idempotent).
 
     The tokenizer manager decodes the token ids of logprobs (``token_ids_logprob``, or the
     prompt ids when input logprobs start at 0) to text on its event loop; a negative id makes
     the Rust tokenizer raise OverflowError there, and upstream's ``print_exception_wrapper``
     then kills the whole process. Request validation refuses such ids before they reach the
-    engine; this keeps a miss from being fatal. Returns True when applied now.
+    engine; this keeps a miss from being fatal. The scheduler hands over logprob values as
+    numpy floats, which the streamed ``/generate`` route cannot serialise (``orjson``:
+    "Type is not JSON serializable: numpy.float64", a 500 for every streamed request that
+    asks for logprobs). Returns True when applied now.
     """
     tm = importlib.import_module("sgl_jax.srt.managers.tokenizer_manager").TokenizerManager
     original = tm.detokenize_logprob_tokens
@@ -268,10 +429,11 @@ def patch_logprob_token_decoding() -> bool:
         return isinstance(t, numbers.Integral) and 0 <= t < DECODABLE_IDS
 
     def detokenize_logprob_tokens(self, token_logprobs_val, token_logprobs_idx, decode_to_text):
+        values = [None if v is None else float(v) for v in token_logprobs_val]
         if decode_to_text and not all(decodable(t) for t in token_logprobs_idx):
             texts = [self.tokenizer.decode([int(t)]) if decodable(t) else None for t in token_logprobs_idx]
-            return list(zip(token_logprobs_val, token_logprobs_idx, texts))
-        return original(self, token_logprobs_val, token_logprobs_idx, decode_to_text)
+            return list(zip(values, token_logprobs_idx, texts))
+        return original(self, values, token_logprobs_idx, decode_to_text)
 
     detokenize_logprob_tokens._range_patched = True  # type: ignore[attr-defined]
     detokenize_logprob_tokens.__wrapped__ = original  # type: ignore[attr-defined]
