@@ -28,7 +28,7 @@ from sampler.recovery import RestartReport
 from sampler.reports import SharingReport, UpdateReport
 from sampler.sampler import SglangJaxSampler
 from sampler.tunix_config import as_sampler_config, is_tunix_config
-from sampler.validation import RequestLimits, per_prompt, prompt_ids
+from sampler.validation import RequestLimits, per_prompt, prompt_ids, samples_per_prompt
 
 #: The warm-up request that compiles an engine's forward passes before the next one starts.
 WARMUP_PROMPT = [1, 2, 3]
@@ -294,7 +294,8 @@ class DataParallelSampler(RolloutEngine):
         logprob_start_len: int | list[int] | None = None,
         timeout: float | None = None,
     ) -> list[dict]:
-        """``SglangJaxSampler.generate_ids`` over all engines; results in input order.
+        """``SglangJaxSampler.generate_ids`` over all engines; results in input order (with
+        ``n`` > 1: the ``n`` answers of each prompt together, as one engine returns them).
 
         The whole call is validated before any engine gets a prompt."""
         prompts = prompt_ids(prompts)
@@ -317,10 +318,11 @@ class DataParallelSampler(RolloutEngine):
                 timeout=timeout,
             )
 
-        out: list[dict | None] = [None] * len(prompts)
+        n = samples_per_prompt(per)  # each engine answers its prompts prompt-major, n answers each
+        out: list[dict | None] = [None] * (len(prompts) * n)
         for idx, results in self._scatter(budget, call):
-            for i, r in zip(idx, results):
-                out[i] = r
+            for j, i in enumerate(idx):
+                out[i * n : (i + 1) * n] = results[j * n : (j + 1) * n]
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ lifecycle

@@ -54,7 +54,7 @@ from sampler.core import Push, SwapWindow, WeightSync, check_finite_leaves
 from sampler.engine import PAUSE_TIMEOUT_S, EngineHandle, UpdateTimeoutError
 from sampler.inflight import check_in_flight
 from sampler.reports import UpdateReport
-from sampler.validation import RequestLimits
+from sampler.validation import RequestLimits, samples_per_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -587,14 +587,15 @@ class CollectiveGeneration:
                     )
             except Exception as e:  # noqa: BLE001 - every process raises it
                 error = e
+            k = samples_per_prompt([p for b in batches for p in b[1]])  # answers per prompt, prompt-major
             offset = 0
             for r, b in enumerate(batches):
-                mine = None if error is not None else results[offset : offset + len(b[0])]
+                mine = None if error is not None else results[offset * k : (offset + len(b[0])) * k]
                 offset += len(b[0])
                 answered.post(pickle.dumps((mine, None if error is None else _status(error).decode())), rank=r)
             if error is not None:
                 raise error
-            return results[:n]
+            return results[: n * k]
         out, message = pickle.loads(answered.get(self.group.rank, timeout))
         if message is not None:
             raise PeerFailureError(f"process 0 could not generate ({message})")

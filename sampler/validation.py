@@ -323,6 +323,15 @@ def per_prompt(value: Any, count: int, field: str) -> list:
     return [value] * count
 
 
+def samples_per_prompt(sampling_params: Any) -> int:
+    """How many answers each prompt of a call gets (sampling parameter ``n``, which request
+    validation makes the same for every prompt). sglang-jax returns them prompt-major: the
+    ``n`` answers of prompt 0, then those of prompt 1, ..."""
+    first = sampling_params if isinstance(sampling_params, Mapping) else (sampling_params or [{}])[0]
+    n = first.get("n") if isinstance(first, Mapping) else None
+    return n if is_int(n) and n > 0 else 1
+
+
 # --------------------------------------------------------------------------------------
 # the whole request
 # --------------------------------------------------------------------------------------
