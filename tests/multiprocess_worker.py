@@ -34,6 +34,11 @@ RANK = jax.process_index()
 CYCLES = 20
 #: A prompt per process for collective generation.
 OWN_PROMPTS = {0: ["1+1="], 1: ["hello world the quick"]}
+#: Special ids of the tiny tokenizer, the scale of their lm_head rows in the exact-ids step,
+#: and that step's request (n answers per prompt).
+SPECIAL_IDS = (0, 2)
+SPECIAL_ROW_SCALE = 30.0
+SPECIAL_PARAMS = {"max_new_tokens": 12, "temperature": 0.0, "ignore_eos": True, "n": 2}
 #: Bound on a late follower's waits for process 0 (ms); only a broken run reaches it.
 LATE_FOLLOWER_WAIT_MS = 120_000
 #: How often the unprotected late follower looks whether the coordination service is gone (s).
@@ -176,6 +181,26 @@ def main_scenario(path) -> dict:
         out["collective_tokens"] = greedy_ids(s, OWN_PROMPTS[RANK])
 
     step("collective generation")
+    # exact rollout data: lm_head rows of special ids scaled up, so answers hold them mid-way;
+    # every process gets all n answers of its own prompts, ids one to one with their logprobs
+    head = loaded["lm_head.embedding"]
+    factor = jnp.ones(head.shape[0], jnp.float32).at[jnp.asarray(SPECIAL_IDS)].set(SPECIAL_ROW_SCALE)
+    special = {
+        **loaded,
+        "lm_head.embedding": jax.jit(lambda x: (x.astype(jnp.float32) * factor[:, None]).astype(x.dtype))(head),
+    }
+    s.update_params(special)
+    with s.collective_generation():
+        answers = s.generate_ids([s.tokenize(p) for p in OWN_PROMPTS[RANK]], SPECIAL_PARAMS)
+    out["special_answers"] = [
+        {
+            "ids": a["output_ids"],
+            "logprob_ids": helpers.tokens_of(a),
+            "completion_tokens": a["meta_info"]["completion_tokens"],
+        }
+        for a in answers
+    ]
+    step("special ids")
     # update/generate cycles, fingerprints compared across processes every cycle
     scale = jax.jit(lambda x, f: (x.astype(jnp.float32) * f).astype(x.dtype))
     cycles = []

@@ -15,7 +15,7 @@ import pytest
 from sampler import multiprocess
 from sampler.launch import launch
 from tests import helpers
-from tests.multiprocess_worker import CYCLES, OWN_PROMPTS
+from tests.multiprocess_worker import CYCLES, OWN_PROMPTS, SPECIAL_IDS, SPECIAL_PARAMS
 
 pytestmark = pytest.mark.engine
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +107,19 @@ def test_bad_tree_raises_on_every_process_and_changes_nothing(main_run):
     # a tree only process 1 refuses: process 0 is told, nobody hangs
     assert ranks[1]["bad_on_rank1"].startswith("ParamsMismatchError")
     assert ranks[0]["bad_on_rank1"].startswith("PeerFailureError") and "process 1" in ranks[0]["bad_on_rank1"]
+
+
+def test_collective_generation_returns_every_generated_id(main_run):
+    """Every process gets all n answers of its own prompts, each with every generated id (the
+    special ones mid-answer included), one to one with its logprob records."""
+    _, ranks = main_run
+    n, length = SPECIAL_PARAMS["n"], SPECIAL_PARAMS["max_new_tokens"]
+    for rank, r in enumerate(ranks):
+        answers = r["special_answers"]
+        assert len(answers) == n * len(OWN_PROMPTS[rank])
+        for a in answers:
+            assert a["ids"] == a["logprob_ids"] and len(a["ids"]) == a["completion_tokens"] == length, a
+    assert any(t in SPECIAL_IDS for r in ranks for a in r["special_answers"] for t in a["ids"][:-1])
 
 
 def test_an_in_flight_policy_is_refused_on_every_process(main_run):
