@@ -199,11 +199,9 @@ class SamplerPool:
         key = self._key(model_path, load_format, config)
         if key not in self._samplers:
             cfg = SamplerConfig(
+                **{"context_length": 128, "max_running_requests": 4, **config},
                 model_path=str(model_path),
-                context_length=128,
-                max_running_requests=4,
                 load_format=load_format,
-                **config,
             )
             self._samplers[key] = SglangJaxSampler(config=cfg)
         return self._samplers[key]
@@ -315,14 +313,15 @@ def held_in_flight(sampler, ids, n=8):
 VARIED_WEIGHT_SCALE = 0.2
 
 
-def write_varied_case(path: Path, *, seed: int = 0, architecture: str = "Qwen3ForCausalLM") -> Path:
+def write_varied_case(path: Path, *, seed: int = 0, architecture: str = "Qwen3ForCausalLM", **overrides) -> Path:
     """A tiny checkpoint with larger random weights: greedy continuations differ from token
-    to token and between seeds, so a test can tell which weights produced which tokens."""
+    to token and between seeds, so a test can tell which weights produced which tokens (and
+    attention, so RoPE, matters to its logprobs). ``overrides``: config fields."""
     from transformers import AutoConfig
 
     from sampler.testing import random_hf_weights, write_weights
 
-    path = write_tiny_model(path, architecture, seed=seed, weights=False)
+    path = write_tiny_model(path, architecture, seed=seed, weights=False, **overrides)
     config = AutoConfig.from_pretrained(str(path))
     write_weights(path, random_hf_weights(config, seed=seed, scale=VARIED_WEIGHT_SCALE))
     return path

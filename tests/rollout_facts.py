@@ -5,6 +5,7 @@ and 0 here. Run on ``helpers.write_special_prone_case`` (special ids mid-answer)
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 import orjson
@@ -77,3 +78,30 @@ async def facts(engine, tokenizer) -> dict:
         for res in batch:
             out["broken_mixed_logprob_rows"] += res["output_ids"] != ids_of(res["meta_info"]["output_token_logprobs"])
     return dict(out)
+
+
+async def join_after_scoring(engine) -> list[int]:
+    """A scoring request (input logprobs) finishes first in a running batch of requests that
+    want output logprobs only; a new request joins that batch; an earlier one finishes. Returns
+    each request's number of generated ids (upstream's scheduler thread dies at the last step)."""
+    tm = engine.tokenizer_manager
+
+    def params(n):
+        return {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}
+
+    first = asyncio.ensure_future(
+        engine.async_generate(
+            input_ids=[[5, 6, 7], [8, 9, 10], [11, 12, 13]],
+            sampling_params=[params(2), params(60), params(120)],
+            return_logprob=True,
+            logprob_start_len=[0, -1, -1],
+        )
+    )
+    while len(tm.rid_to_state) != 2:  # the scoring request has its answer
+        await asyncio.sleep(JOIN_POLL_S)
+    joined = await engine.async_generate(input_ids=[14, 15, 16], sampling_params=params(120), return_logprob=True)
+    return [len(r["output_ids"]) for r in await first] + [len(joined["output_ids"])]
+
+
+#: How often ``join_after_scoring`` looks whether the scoring request has finished (s).
+JOIN_POLL_S = 0.001

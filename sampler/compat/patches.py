@@ -309,6 +309,37 @@ def patch_detokenizer_output() -> bool:
     return True
 
 
+def patch_filtered_logprob_lists() -> bool:
+    """Drop a running batch's per-request logprob lists once no request in it wants them
+    (idempotent).
+
+    sglang-jax 0.1.0rc0's ``ScheduleBatch.filter_batch`` recomputes ``return_logprob`` from the
+    requests left, but keeps their ``top_logprobs_nums`` / ``token_ids_logprobs``. When the
+    last request that wanted input or top logprobs (a scoring request) finishes, the batch
+    says it wants none but still holds the lists; ``merge_batch`` then adds the next
+    requests without extending them, and the next ``filter_batch`` indexes past their end:
+    IndexError in the scheduler thread, which dies with every request it held. With the
+    lists dropped, a later merge with a batch that wants them rebuilds them for every
+    request (upstream's own branch for that case). Returns True when applied now.
+    """
+    cls = importlib.import_module("sgl_jax.srt.managers.schedule_batch").ScheduleBatch
+    original = cls.filter_batch
+    if getattr(original, "_logprob_lists_patched", False):
+        return False
+
+    def filter_batch(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if not self.return_logprob:
+            for info in self.reqs_info:
+                info.top_logprobs_nums = info.token_ids_logprobs = None
+        return out
+
+    filter_batch._logprob_lists_patched = True  # type: ignore[attr-defined]
+    filter_batch.__wrapped__ = original  # type: ignore[attr-defined]
+    cls.filter_batch = filter_batch
+    return True
+
+
 def _sent_marks(req: Any) -> tuple:
     """What the scheduler's output step changes on a request it sends (offsets of ids sent)."""
     return req.send_token_offset, req.send_decode_id_offset
