@@ -13,7 +13,7 @@ import orjson
 #: Prompt texts (their ids end on a character boundary, so an answer's text is the decoding of
 #: its ids alone); greedy answers of the special-prone checkpoint hold special ids, and
 #: characters split across tokens, for several of them.
-PROMPTS = [f"{k}+{k + 1}= the {'é' * (k % 3)}" for k in range(16)]
+PROMPTS = [f"{k}+{k + 1}= the {'é' * (k % 3)}" for k in range(10)]
 SPECIAL_IDS = (0, 1, 2)
 NEW_TOKENS = 12
 
@@ -92,16 +92,21 @@ async def join_after_scoring(engine) -> list[int]:
     first = asyncio.ensure_future(
         engine.async_generate(
             input_ids=[[5, 6, 7], [8, 9, 10], [11, 12, 13]],
-            sampling_params=[params(2), params(60), params(120)],
+            sampling_params=[params(2), params(JOIN_TOKENS // 2), params(JOIN_TOKENS)],
             return_logprob=True,
             logprob_start_len=[0, -1, -1],
         )
     )
     while len(tm.rid_to_state) != 2:  # the scoring request has its answer
         await asyncio.sleep(JOIN_POLL_S)
-    joined = await engine.async_generate(input_ids=[14, 15, 16], sampling_params=params(120), return_logprob=True)
+    joined = await engine.async_generate(
+        input_ids=[14, 15, 16], sampling_params=params(JOIN_TOKENS), return_logprob=True
+    )
     return [len(r["output_ids"]) for r in await first] + [len(joined["output_ids"])]
 
 
 #: How often ``join_after_scoring`` looks whether the scoring request has finished (s).
 JOIN_POLL_S = 0.001
+#: Tokens of the requests that outlive the scoring request (the joining one arrives while the
+#: first of them still has about JOIN_TOKENS / 2 decode steps to go).
+JOIN_TOKENS = 80

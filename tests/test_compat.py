@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+import converters
 from sampler import SamplerConfig, SglangJaxSampler, UnsupportedModelError, compat
 from tests import helpers
 from tests.upstream_probe import busy_fraction
@@ -192,20 +193,110 @@ def test_zmq_linger_workaround(model_dir, engines):
     assert sockets and all(s.getsockopt(zmq.LINGER) == 0 for s in sockets)
 
 
-def test_tunix_rope_theta_still_ignored(model_dir):
-    """Tunix 0.1.7 models compute the same outputs whatever config.rope_theta says."""
+@pytest.mark.parametrize("case", ["qwen3-tied", "llama-untied"])
+def test_tunix_rope_theta_workaround_still_needed(case, model_dir):
+    """Unpatched Tunix 0.1.7 Qwen3 / Llama3 compute the same outputs whatever
+    config.rope_theta says (a child process: the patch is process-wide here)."""
+    rc, result, out = probe("tunix_rope_theta", model_dir(case))
+    assert rc == 0 and result is not None, out[-3000:]
+    assert result["same_output"], "Tunix honours rope_theta now: drop patch_tunix_rope_theta"
+
+
+#: Tunix fp32 trainer vs the float64 reference forward, prompt logprobs (nats).
+TRAINER_REFERENCE_ATOL = 1e-3
+
+
+def tunix_prompt_logprobs(model, ids: list[int]) -> np.ndarray:
     import jax.numpy as jnp
+
+    n = len(ids)
+    logits = model(jnp.asarray([ids]), jnp.arange(n)[None], None, jnp.tril(jnp.ones((n, n), bool))[None])[0]
+    logps = jax.nn.log_softmax(np.asarray(logits[0], np.float64)[:-1], axis=-1)
+    return logps[np.arange(n - 1), ids[1:]]
+
+
+@pytest.mark.parametrize(
+    "architecture,theta",
+    [("Qwen3ForCausalLM", 10_000.0), ("LlamaForCausalLM", 500_000.0), ("Qwen3MoeForCausalLM", 5_000_000.0)],
+)
+def test_tunix_rope_theta_workaround_works(architecture, theta, tmp_path):
+    """Patched, a Tunix trainer of a checkpoint with another rope_theta than Tunix's fixed 1e6
+    computes the HF model (the float64 reference forward); its ModelConfig's own value rules."""
+    from sampler.tunix_models import load_tunix_model
+    from tests import reference_forward as ref
+
+    path = helpers.write_varied_case(tmp_path / architecture, architecture=architecture, rope_theta=theta)
+    config, tensors = converters.read_hf_config(path), helpers.hf_tensors(path)
+    ids = [5, 17, 42, 99, 7, 3, 250, 11, 64, 128, 9, 300, 31, 77]
+    want = ref.prompt_logprobs(config, tensors, ids)
+    got = tunix_prompt_logprobs(load_tunix_model(path), ids)
+    np.testing.assert_allclose(got, want, atol=TRAINER_REFERENCE_ATOL)
+    fixed = tunix_prompt_logprobs(load_tunix_model(path, rope_theta=compat.TUNIX_FIXED_ROPE_THETA), ids)
+    assert np.abs(fixed - want).max() > 100 * TRAINER_REFERENCE_ATOL  # what unpatched Tunix computes
+
+
+def test_configs_tunix_cannot_follow_are_refused_naming_the_field(tmp_path):
+    """rope_scaling (any family), Gemma's rope_theta and query_pre_attn_scalar, Qwen3-MoE's
+    routing options: Tunix 0.1.7 has no such setting (checked on its config classes), so a
+    trainer of such a checkpoint is refused before any weights load, unless allowed."""
+    import dataclasses
+
+    from tunix.models.gemma import model as gemma
+    from tunix.models.llama3 import model as llama3
+    from tunix.models.qwen2 import model as qwen2
+    from tunix.models.qwen3 import model as qwen3
 
     from sampler.tunix_models import load_tunix_model
 
-    path = model_dir("qwen3-tied")
-    ids = jnp.asarray([[5, 6, 7, 8, 9, 10]])
-    pos = jnp.arange(6)[None]
-    mask = jnp.tril(jnp.ones((6, 6), bool))[None]
-    outs = [load_tunix_model(path, rope_theta=theta)(ids, pos, None, mask)[0] for theta in (10_000, 1_000_000)]
-    assert jnp.array_equal(outs[0], outs[1]), "Tunix honours rope_theta now: drop warn_tunix_rope_theta"
-    assert compat.warn_tunix_rope_theta("Qwen3ForCausalLM", 10_000)
-    assert not compat.warn_tunix_rope_theta("Qwen3ForCausalLM", 1_000_000.0)
+    for lib in (gemma, llama3, qwen2, qwen3):
+        fields = {f.name for f in dataclasses.fields(lib.ModelConfig)}
+        assert not fields & {"rope_scaling", "rope_type", "scaling_factor"}, (lib.__name__, fields)
+    gemma_fields = {f.name for f in dataclasses.fields(gemma.ModelConfig)}
+    assert not gemma_fields & {"query_pre_attn_scalar", "rope_theta", "rope_base_frequency"}, gemma_fields
+    qwen3_fields = {f.name for f in dataclasses.fields(qwen3.ModelConfig)}
+    assert not qwen3_fields & {"norm_topk_prob", "mlp_only_layers", "decoder_sparse_step"}, qwen3_fields
+
+    llama3_scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192}  # fmt: skip
+    refused = [
+        ("llama-untied", {"rope_scaling": llama3_scaling}, "rope_scaling"),
+        ("qwen2.5", {"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling"),
+        ("gemma2", {"rope_theta": 1_000_000.0}, "rope_theta"),
+        ("gemma2", {"query_pre_attn_scalar": 144}, "query_pre_attn_scalar"),
+        ("qwen3-moe", {"norm_topk_prob": False}, "norm_topk_prob"),
+    ]
+    for case, overrides, field in refused:
+        path = helpers.write_case(tmp_path / f"{case}-{field}", case, **overrides)
+        with pytest.raises(compat.TrainerMismatchError, match=field):
+            load_tunix_model(path)
+        assert load_tunix_model(path, allow_mismatch=True) is not None  # the user's explicit choice
+    # what Tunix does follow is not refused: plain RoPE ("default"), Gemma's own values
+    plain = helpers.write_case(tmp_path / "plain", "qwen3-tied", rope_scaling={"rope_type": "default"})
+    assert load_tunix_model(plain) is not None
+
+
+def test_a_rollout_refuses_a_trainer_of_another_model_before_its_engine_starts(tmp_path):
+    """An actor whose ModelConfig disagrees with the checkpoint the engine serves (a preset's
+    rope_theta) is refused, naming the field, before any engine thread starts; allowed on request."""
+    import functools
+
+    from tunix.rl.rollout import base_rollout
+
+    from sampler import SglangJaxRollout
+    from sampler.tunix_models import load_tunix_model
+
+    path = helpers.write_case(tmp_path / "theta", "qwen3-tied", rope_theta=10_000.0)
+    actor = load_tunix_model(path, rope_theta=compat.TUNIX_FIXED_ROPE_THETA)
+    config = base_rollout.RolloutConfig(
+        max_tokens_to_generate=4, max_prompt_length=8, rollout_sglang_jax_model_version=str(path),
+        rollout_sglang_jax_context_length=32, rollout_sglang_jax_max_running_requests=2,
+    )  # fmt: skip
+    before = set(threading.enumerate())
+    with pytest.raises(compat.TrainerMismatchError, match="rope_theta=10000 in the checkpoint, 1e.06"):
+        SglangJaxRollout(rollout_actor=actor, rollout_config=config)
+    assert set(threading.enumerate()) <= before
+    allowed = functools.partial(SglangJaxRollout, allow_trainer_mismatch=True)
+    allowed(rollout_actor=actor, rollout_config=config).shutdown()
 
 
 def test_upstream_internals_the_sampler_reads_still_exist(model_dir, engines):
@@ -305,27 +396,6 @@ def test_gemma4_text_dtype_workaround(tmp_path):
     assert compat.prepare_engine("Gemma4ForCausalLM", {"tp_size": 1, "dtype": "float32"}, config)["dtype"] == "float32"
 
 
-def test_tunix_gemma_and_moe_differences_still_exist():
-    """Tunix 0.1.7's Gemma has no query_pre_attn_scalar or rope setting and its Qwen3 MoE no
-    routing options: the trainer cannot follow such configs, so the sampler warns."""
-    import dataclasses
-
-    from tunix.models.gemma import model as gemma
-    from tunix.models.qwen3 import model as qwen3
-
-    gemma_fields = {f.name for f in dataclasses.fields(gemma.ModelConfig)}
-    assert not gemma_fields & {"query_pre_attn_scalar", "rope_theta", "rope_base_frequency"}, gemma_fields
-    qwen3_fields = {f.name for f in dataclasses.fields(qwen3.ModelConfig)}
-    assert not qwen3_fields & {"norm_topk_prob", "mlp_only_layers", "decoder_sparse_step"}, qwen3_fields
-    assert compat.warn_tunix_query_scale({"head_dim": 128, "query_pre_attn_scalar": 144})
-    assert not compat.warn_tunix_query_scale({"head_dim": 256, "query_pre_attn_scalar": 256})
-    assert compat.warn_tunix_moe_routing({"norm_topk_prob": False})
-    assert compat.warn_tunix_moe_routing({"norm_topk_prob": True, "mlp_only_layers": [0]})
-    assert not compat.warn_tunix_moe_routing({"norm_topk_prob": True, "mlp_only_layers": []})
-    assert compat.warn_tunix_rope_theta("Gemma2ForCausalLM", 1_000_000)
-    assert not compat.warn_tunix_rope_theta("Gemma2ForCausalLM", 10_000.0)
-
-
 def test_tokenizer_loop_containment_still_needed(model_dir):
     """A negative id among the logprob token ids kills the whole process (SIGKILL) upstream."""
     rc, result, out = probe("logprob_negative_id", model_dir("qwen3-tied"))
@@ -398,6 +468,24 @@ def test_rollout_data_workarounds_work(special_dir, engines):
     assert result["special_mid_answer"] > 0, result
     assert {k: v for k, v in result.items() if k.startswith("broken_") and v} == {}, result
     engines.drop(special_dir, load_format="safetensors")
+
+
+def test_filtered_logprob_lists_workaround_still_needed(special_dir):
+    rc, result, out = probe(
+        "join_after_scoring", special_dir, context_length=256, max_total_tokens=2048, max_running_requests=4
+    )
+    assert result is None and rc != 0, f"upstream keeps the batch's logprob lists right now ({result}): drop it"
+    assert "IndexError" in out and "filter_batch" in out, out[-3000:]
+
+
+def test_filtered_logprob_lists_workaround_works(special_dir, engines):
+    from tests.rollout_facts import JOIN_TOKENS, join_after_scoring
+
+    sampler = engines.get(special_dir, load_format="safetensors", context_length=256, max_total_tokens=2048)
+    n = JOIN_TOKENS
+    assert sampler._handle.run(join_after_scoring(sampler.engine), timeout=600) == [2, n // 2, n, n]
+    assert sampler.healthy
+    engines.drop(special_dir, load_format="safetensors", context_length=256, max_total_tokens=2048)
 
 
 def test_invalid_grammar_workaround_still_needed(model_dir):

@@ -57,6 +57,7 @@ class IterationCounter:
 def engine(model_dir, load_format="safetensors"):
     from sgl_jax.srt.entrypoints.engine import Engine
 
+    defaults = dict(context_length=128, max_running_requests=2, max_total_tokens=256)
     return Engine(
         model_path=model_dir,
         load_format=load_format,
@@ -65,11 +66,8 @@ def engine(model_dir, load_format="safetensors"):
         attention_backend="native",
         disable_precompile=True,
         disable_overlap_schedule=True,
-        context_length=128,
-        max_running_requests=2,
-        max_total_tokens=256,
         log_level="error",
-        **EXTRA,
+        **{**defaults, **EXTRA},
     )
 
 
@@ -305,13 +303,43 @@ def main(mode: str, model_dir: str) -> None:
         params = {"max_new_tokens": 3, "temperature": 1.0, "top_p": 1.0, "sampling_seed": 7}
         out = e.generate(input_ids=[[5, 6, 7]], sampling_params=[params])
         result["generated"] = len(out[0]["output_ids"]) if isinstance(out, list) else len(out["output_ids"])
+    elif mode == "tunix_rope_theta":  # Tunix's own Qwen3 and Llama3, unpatched, at two rope_theta values
+        import jax.numpy as jnp
+        from tunix.models.llama3 import params as llama_params
+        from tunix.models.qwen3 import params as qwen3_params
+
+        from converters import read_hf_config
+        from sampler.tunix_models import tunix_model_config
+
+        loader = {"Qwen3ForCausalLM": qwen3_params, "LlamaForCausalLM": llama_params}
+        ids, pos = jnp.asarray([[5, 6, 7, 8, 9, 10]]), jnp.arange(6)[None]
+        mask = jnp.tril(jnp.ones((6, 6), bool))[None]
+        lib = loader[read_hf_config(model_dir)["architectures"][0]]
+        outs = [
+            lib.create_model_from_safe_tensors(model_dir, tunix_model_config(model_dir, rope_theta=theta))(
+                ids, pos, None, mask
+            )[0]
+            for theta in (10_000, 1_000_000)
+        ]
+        result["same_output"] = bool(jnp.array_equal(outs[0], outs[1]))
+    elif mode == "join_after_scoring":  # a request joins a batch a scoring request has left
+        from sampler.compat import patch_merge_kv_sharding
+        from tests.rollout_facts import join_after_scoring
+
+        patch_merge_kv_sharding()  # a Llama checkpoint
+        e = engine(model_dir)
+        result["generated"] = e.loop.run_until_complete(join_after_scoring(e))
     elif mode == "rollout_facts":  # output ids, logprobs and text (tests/rollout_facts.py)
         from transformers import AutoTokenizer
 
-        from sampler.compat import patch_merge_kv_sharding
+        from sampler.compat import patch_filtered_logprob_lists, patch_merge_kv_sharding
         from tests.rollout_facts import facts
 
-        patch_merge_kv_sharding()  # the checkpoint is a Llama: without it no forward pass runs on CPU
+        # two other upstream bugs, tested on their own: the checkpoint is a Llama (no forward
+        # pass on CPU without the first); the batches mixing logprob kinds can crash the
+        # scheduler thread, depending on timing, without the second
+        patch_merge_kv_sharding()
+        patch_filtered_logprob_lists()
         e = engine(model_dir)
         result = e.loop.run_until_complete(facts(e, AutoTokenizer.from_pretrained(model_dir)))
     elif mode == "lifecycle":  # idle spin, threads after shutdown, signal handlers, child processes

@@ -168,9 +168,7 @@ def tiny_config_fields(
     eos_token_id: int = 1,
     pad_token_id: int = 0,
     max_position_embeddings: int = 1024,
-    # Tunix 0.1.7's Qwen3 and Llama3 attention ignore config.rope_theta and use 1e6 (see
-    # sampler.compat "tunix_fixed_rope_theta"); tiny models use that value so trainer and
-    # engine compute the same function.
+    # Qwen3's own value (Tunix's presets use it; tests that need another set it explicitly)
     rope_theta: float = 1_000_000.0,
     **extra: Any,
 ) -> dict[str, Any]:

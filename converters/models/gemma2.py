@@ -117,6 +117,11 @@ ARCHITECTURE = register_architecture(
         tables={"tunix": TUNIX, "hf": HF},
         tunix=TunixModel("tunix.models.gemma", "Gemma", _tunix_config, loader="params_safetensors"),
         tiny=TinyModel(tiny_config, tiny_weights),
-        quirks=("hybrid_swa_memory_on_cpu", "tunix_fixed_rope_theta", "tunix_query_pre_attn_scalar"),
+        quirks=(
+            "hybrid_swa_memory_on_cpu",
+            "tunix_gemma_rope_theta",
+            "tunix_no_rope_scaling",
+            "tunix_query_pre_attn_scalar",
+        ),
     )
 )

@@ -36,6 +36,6 @@ ARCHITECTURE = register_architecture(
         tunix=TunixModel("tunix.models.llama3", "Llama3", _tunix_config),
         tiny=TinyModel(tiny_config, tiny_weights),
         # CPU native attention: k and v reach merge_kv with different shardings.
-        quirks=("merge_kv_sharding", "tunix_fixed_rope_theta"),
+        quirks=("merge_kv_sharding", "tunix_rope_theta_ignored", "tunix_no_rope_scaling"),
     )
 )

@@ -40,6 +40,6 @@ ARCHITECTURE = register_architecture(
         tunix=TunixModel("tunix.models.qwen2", "Qwen2", _tunix_config),
         tiny=TinyModel(tiny_config, tiny_weights),
         # CPU native attention: k and v reach merge_kv with different shardings.
-        quirks=("merge_kv_sharding",),
+        quirks=("merge_kv_sharding", "tunix_no_rope_scaling"),
     )
 )

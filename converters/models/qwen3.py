@@ -35,6 +35,6 @@ ARCHITECTURE = register_architecture(
         tables=decoder.decoder_tables(qk_norm=True),
         tunix=TunixModel("tunix.models.qwen3", "Qwen3", _tunix_config),
         tiny=TinyModel(tiny_config, tiny_weights),
-        quirks=("tunix_fixed_rope_theta",),
+        quirks=("tunix_rope_theta_ignored", "tunix_no_rope_scaling"),
     )
 )

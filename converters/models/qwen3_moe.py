@@ -141,6 +141,12 @@ ARCHITECTURE = register_architecture(
         spec_fields=spec_fields,
         tunix=TunixModel("tunix.models.qwen3", "Qwen3", _tunix_config),
         tiny=TinyModel(tiny_config, tiny_weights),
-        quirks=("moe_sparse_layers", "moe_expert_parallel", "tunix_fixed_rope_theta", "tunix_moe_routing"),
+        quirks=(
+            "moe_sparse_layers",
+            "moe_expert_parallel",
+            "tunix_rope_theta_ignored",
+            "tunix_no_rope_scaling",
+            "tunix_moe_routing",
+        ),
     )
 )

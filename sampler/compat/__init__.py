@@ -35,6 +35,9 @@ fails once it is no longer needed, and a test that it works.
 | ``patch_output_logprob_rows``   | a batch mixing output-only logprob requests with input/top-logprob ones    |
 |                                 | shifts the output logprobs of every later request by one; streamed output- |
 |                                 | only logprobs repeat every earlier record in each chunk                    |
+| ``patch_filtered_logprob_lists``| a running batch keeps its input/top-logprob lists after the last request    |
+|                                 | that wanted them finished; the next requests merged in are not added to    |
+|                                 | them -> IndexError in ``filter_batch`` -> the scheduler thread dies        |
 | ``patch_contain_engine_faults`` | any exception in the scheduler/detokenizer thread SIGQUITs the process;    |
 |                                 | contained: recorded, callers get ``EngineFaultError``, the process lives   |
 | ``patch_contain_tokenizer_loop_ | any exception in the tokenizer manager's output loop (``handle_loop``)     |
@@ -59,8 +62,8 @@ fails once it is no longer needed, and a test that it works.
 | ``engine_scope``                | the HTTP routes and their lifespan read one module-global ``_GlobalState``  |
 | (``upstream_http_app``)         | (``http_server.py:99``): one engine per process; each engine's app gets     |
 |                                 | copies of the route functions bound to its own state                        |
-| ``warn_tunix_rope_theta``       | Tunix 0.1.7's Qwen3 (dense and MoE) and Llama3 ignore ``rope_theta``       |
-|                                 | (always 1e6); its Gemma always uses 1e4                                     |
+| ``patch_tunix_rope_theta``      | Tunix 0.1.7's Qwen3 (dense and MoE) and Llama3 ignore ``rope_theta``       |
+|                                 | (always 1e6); patched: the config's value                                  |
 | ``HYBRID_SWA_OFF``              | sliding-window models on CPU: the hybrid SWA KV pool lacks the method the   |
 | (``hybrid_swa_memory_on_cpu``)  | native backend calls -> AttributeError -> SIGQUIT; engine arg turns it off  |
 | ``gemma4_engine_dtype``         | Gemma 4: the engine dtype comes from text_config only (float32 without it) |
@@ -68,9 +71,9 @@ fails once it is no longer needed, and a test that it works.
 |                                 | on CPU, per-layer embeddings: refused; ``ep_size`` is ignored: warned       |
 | ``check_moe_sparse_layers``     | Qwen3-MoE: ``decoder_sparse_step`` > 1 ignored (every layer MoE): refused   |
 | ``check_expert_parallel``       | ``ep_size`` not dividing tp or the experts, fused MoE on CPU: refused       |
-| ``warn_tunix_query_scale``      | Tunix 0.1.7's Gemma scales queries by head_dim**-0.5, ignoring              |
-|                                 | ``query_pre_attn_scalar``                                                   |
-| ``warn_tunix_moe_routing``      | Tunix 0.1.7's Qwen3-MoE always renormalises top-k and makes every layer MoE |
+| ``check_trainer_config``        | Tunix 0.1.7 cannot follow ``rope_scaling`` (any family), Gemma's            |
+| (``TrainerMismatchError``)      | ``rope_theta`` / ``query_pre_attn_scalar``, Qwen3-MoE's ``norm_topk_prob`` / |
+|                                 | ``mlp_only_layers``: refused, naming the field, unless allowed             |
 | ``multinode`` (several JAX      | rank > 0 ``Engine()`` blocks in a health server, drops ``scheduler_info``,  |
 | processes, one engine)          | crashes with the loop daemon; followers wait for process 0 forever and      |
 |                                 | cannot be stopped or parked at one iteration (``LockstepPark``); see the    |
@@ -145,6 +148,7 @@ from sampler.compat.patches import (
     UnsupportedModelError,
     check_head_dim,
     patch_detokenizer_output,
+    patch_filtered_logprob_lists,
     patch_greedy_rows_in_mixed_batches,
     patch_invalid_grammar_copy,
     patch_logprob_token_decoding,
@@ -157,18 +161,23 @@ from sampler.compat.patches import (
     warn_if_untested_version,
 )
 from sampler.compat.tunix import (
+    HF_DEFAULT_ROPE_THETA,
     TUNIX_FIXED_ROPE_THETA,
     TUNIX_VERSION,
     NonDrainingSyncLock,
+    TrainerMismatchError,
+    check_trainer_config,
     enable_in_flight_sync,
     patch_rollout_start_off_loop,
+    patch_tunix_rope_theta,
     prompt_text,
     prompt_text_agent,
     record_sync_waits,
     sort_free_sampling,
-    warn_tunix_moe_routing,
-    warn_tunix_query_scale,
-    warn_tunix_rope_theta,
+    tunix_gemma_rope_theta,
+    tunix_moe_routing,
+    tunix_query_scale,
+    tunix_rope_scaling,
 )
 
 HfConfig = Mapping[str, Any]
@@ -204,11 +213,25 @@ ENGINE_QUIRKS: dict[str, EngineQuirk] = {
     "moe_sparse_layers": EngineQuirk(check=check_moe_sparse_layers),
     "moe_expert_parallel": EngineQuirk(check=check_expert_parallel),
 }
-#: Trainer-side quirks: name -> called with the HF config dict when a Tunix model is built.
-TUNIX_QUIRKS: dict[str, Callable[[dict], Any]] = {
-    "tunix_fixed_rope_theta": lambda hf: warn_tunix_rope_theta(hf["architectures"][0], hf.get("rope_theta", 10000)),
-    "tunix_query_pre_attn_scalar": warn_tunix_query_scale,
-    "tunix_moe_routing": warn_tunix_moe_routing,
+
+
+@dataclasses.dataclass(frozen=True)
+class TunixQuirk:
+    """What a Tunix trainer of one architecture needs to compute the engine's model: an
+    idempotent ``patch`` of Tunix, and a ``check`` of the HF config returning what Tunix cannot
+    follow (each problem naming its field)."""
+
+    patch: Callable[[], Any] | None = None
+    check: Callable[[HfConfig], list[str]] | None = None
+
+
+#: Trainer-side quirks an architecture module may name in ``Architecture.quirks``.
+TUNIX_QUIRKS: dict[str, TunixQuirk] = {
+    "tunix_rope_theta_ignored": TunixQuirk(patch=patch_tunix_rope_theta),
+    "tunix_no_rope_scaling": TunixQuirk(check=tunix_rope_scaling),
+    "tunix_gemma_rope_theta": TunixQuirk(check=tunix_gemma_rope_theta),
+    "tunix_query_pre_attn_scalar": TunixQuirk(check=tunix_query_scale),
+    "tunix_moe_routing": TunixQuirk(check=tunix_moe_routing),
 }
 
 
@@ -245,6 +268,7 @@ def prepare_engine(architecture: str, kwargs: Mapping[str, Any], hf_config: HfCo
     patch_contain_tokenizer_loop_faults()
     patch_mixed_logprob_batches()
     patch_output_logprob_rows()
+    patch_filtered_logprob_lists()
     patch_invalid_grammar_copy()
     patch_logprob_token_decoding()
     patch_greedy_rows_in_mixed_batches()
@@ -252,24 +276,29 @@ def prepare_engine(architecture: str, kwargs: Mapping[str, Any], hf_config: HfCo
     return out
 
 
-def warn_tunix_quirks(hf_config: dict) -> None:
-    """Warn about Tunix behaviour that makes a trainer of this model differ from the engine."""
-    for name in _quirks(hf_config["architectures"][0]):
-        if name in TUNIX_QUIRKS:
-            TUNIX_QUIRKS[name](hf_config)
+def prepare_tunix_trainer(hf_config: HfConfig, *, allow_mismatch: bool = False) -> list[str]:
+    """Before a Tunix model of this HF config trains against the engine: patch Tunix where it
+    can follow the config, refuse (``TrainerMismatchError`` naming each field) where it cannot,
+    unless ``allow_mismatch`` (then logged). Returns the problems allowed."""
+    architecture = hf_config["architectures"][0]
+    quirks = [TUNIX_QUIRKS[name] for name in _quirks(architecture) if name in TUNIX_QUIRKS]
+    for quirk in quirks:
+        if quirk.patch is not None:
+            quirk.patch()
+    checks = [quirk.check for quirk in quirks if quirk.check is not None]
+    return check_trainer_config(architecture, hf_config, checks, allow_mismatch=allow_mismatch)
 
 
 __all__ = [
     "ENGINE_QUIRKS",
     "ConditionalPark",
     "EngineQuirk",
+    "HF_DEFAULT_ROPE_THETA",
     "HYBRID_SWA_OFF",
     "check_expert_parallel",
     "check_gemma4",
     "check_moe_sparse_layers",
     "gemma4_engine_dtype",
-    "warn_tunix_moe_routing",
-    "warn_tunix_query_scale",
     "EngineFault",
     "SGLANG_JAX_VERSION",
     "NonDrainingSyncLock",
@@ -277,6 +306,15 @@ __all__ = [
     "TUNIX_FIXED_ROPE_THETA",
     "TUNIX_QUIRKS",
     "TUNIX_VERSION",
+    "TrainerMismatchError",
+    "TunixQuirk",
+    "check_trainer_config",
+    "patch_tunix_rope_theta",
+    "prepare_tunix_trainer",
+    "tunix_gemma_rope_theta",
+    "tunix_moe_routing",
+    "tunix_query_scale",
+    "tunix_rope_scaling",
     "UPSTREAM_CRASHES",
     "UnsupportedModelError",
     "UpstreamCrash",
@@ -294,6 +332,7 @@ __all__ = [
     "patch_contain_engine_faults",
     "patch_contain_tokenizer_loop_faults",
     "patch_detokenizer_output",
+    "patch_filtered_logprob_lists",
     "patch_greedy_rows_in_mixed_batches",
     "patch_invalid_grammar_copy",
     "patch_logprob_token_decoding",
@@ -325,7 +364,5 @@ __all__ = [
     "upstream_version",
     "wait_no_requests",
     "warn_if_untested_version",
-    "warn_tunix_quirks",
-    "warn_tunix_rope_theta",
     "watch_thread_faults",
 ]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import dataclasses
 import functools
+import importlib
 import logging
 import threading
 import time
@@ -22,69 +24,129 @@ TUNIX_VERSION = "0.1.7"
 TUNIX_FIXED_ROPE_THETA = 1_000_000
 #: Tunix's Gemma (1/2) attention calls ``apply_rope`` with its default max_wavelength.
 TUNIX_GEMMA_ROPE_THETA = 10_000
-#: The rope_theta each Tunix model class uses whatever its config says.
-TUNIX_ROPE_THETA = {
-    "Qwen3ForCausalLM": TUNIX_FIXED_ROPE_THETA,
-    "Qwen3MoeForCausalLM": TUNIX_FIXED_ROPE_THETA,
-    "LlamaForCausalLM": TUNIX_FIXED_ROPE_THETA,
-    "Gemma2ForCausalLM": TUNIX_GEMMA_ROPE_THETA,
-}
+#: HF's default rope_theta when a config.json names none (transformers' config classes).
+HF_DEFAULT_ROPE_THETA = 10_000
+#: Tunix model modules whose ``Attention.block`` calls ``apply_rope`` without the config's
+#: rope_theta (so it takes the default 1e6): Qwen3 (dense and MoE) and Llama3.
+TUNIX_ROPE_MODULES = ("tunix.models.qwen3.model", "tunix.models.llama3.model")
 
 
-def warn_tunix_rope_theta(architecture: str, rope_theta: float) -> bool:
-    """Tunix 0.1.7's Qwen3 (dense and MoE) and Llama3 attention call ``apply_rope`` without the
-    config's rope_theta, so they always use 1e6 (Gemma: 1e4). A trainer built from such a model
-    computes other logprobs than the engine (which follows the HF config) unless rope_theta is
-    that value (Qwen3's own; Llama 3 uses 5e5). Returns True when it warned."""
-    fixed = TUNIX_ROPE_THETA.get(architecture)
-    if fixed is not None and float(rope_theta) != fixed:
-        logger.warning(
-            "rope_theta=%s: Tunix %s's %s ignores it and uses %s, so trainer and engine logprobs will differ",
-            rope_theta,
-            TUNIX_VERSION,
-            architecture,
-            fixed,
-        )
-        return True
-    return False
+class TrainerMismatchError(ValueError):
+    """A Tunix trainer built for this config would compute another model than the engine
+    (which follows the HF config): its logprobs, and so the policy gradient, would be off."""
 
 
-def warn_tunix_query_scale(hf_config: Mapping[str, Any]) -> bool:
+# --------------------------------------------------------------------------------------
+# Tunix model configs the trainer cannot (or does not) follow
+# --------------------------------------------------------------------------------------
+
+#: The rope_theta of the attention being traced (``patch_tunix_rope_theta``).
+_rope_theta: contextvars.ContextVar[float | None] = contextvars.ContextVar("tunix_rope_theta", default=None)
+
+
+def patch_tunix_rope_theta() -> bool:
+    """Make Tunix 0.1.7's Qwen3 (dense and MoE) and Llama3 attention rotate with their config's
+    ``rope_theta`` (idempotent).
+
+    Their ``Attention.block`` calls the module's ``apply_rope`` without it, so every model
+    uses the default 1e6 (Qwen3's own value; Llama 3 uses 5e5, some Qwen3 releases 5e6):
+    a trainer built for another value computes another model than the engine (measured on a
+    tiny Qwen3 with rope_theta 1e4: 0.32 nats mean, 2.5 max off a float64 reference forward).
+    Patched: ``block`` makes its config's value the one ``apply_rope`` uses while it runs
+    (also inside ``nnx.remat``, which calls ``block`` through the class). Returns True when
+    applied now."""
+    applied = False
+    for name in TUNIX_ROPE_MODULES:
+        module = importlib.import_module(name)
+        if getattr(module.apply_rope, "_theta_patched", False):
+            continue
+        apply_rope, block = module.apply_rope, module.Attention.block
+
+        def patched_rope(inputs, positions, head_dim, rope_theta=None, _original=apply_rope):
+            theta = rope_theta if rope_theta is not None else _rope_theta.get()
+            return _original(inputs, positions, head_dim, TUNIX_FIXED_ROPE_THETA if theta is None else theta)
+
+        def patched_block(self, *args, _original=block, **kwargs):
+            token = _rope_theta.set(self.config.rope_theta)
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                _rope_theta.reset(token)
+
+        for fn, original in ((patched_rope, apply_rope), (patched_block, block)):
+            fn.__wrapped__ = original  # type: ignore[attr-defined]
+            fn._theta_patched = True  # type: ignore[attr-defined]
+        module.apply_rope, module.Attention.block = patched_rope, patched_block
+        applied = True
+    return applied
+
+
+def _rope_type(hf_config: Mapping[str, Any]) -> str | None:
+    scaling = hf_config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, Mapping) else scaling
+    return None if kind in (None, "default") else str(kind)
+
+
+def tunix_rope_scaling(hf_config: Mapping[str, Any]) -> list[str]:
+    """Tunix 0.1.7's Qwen2/2.5, Qwen3, Llama3 and Gemma implement plain RoPE only: a config
+    with ``rope_scaling`` (Llama 3.1+'s "llama3", YaRN, linear, dynamic) is computed without it."""
+    kind = _rope_type(hf_config)
+    return (
+        [f"rope_scaling={hf_config.get('rope_scaling')} (Tunix {TUNIX_VERSION} applies no {kind} scaling)"]
+        if kind
+        else []
+    )
+
+
+def tunix_gemma_rope_theta(hf_config: Mapping[str, Any]) -> list[str]:
+    """Tunix 0.1.7's Gemma has no RoPE setting: it always uses 1e4."""
+    theta = float(hf_config.get("rope_theta", TUNIX_GEMMA_ROPE_THETA))
+    if theta != TUNIX_GEMMA_ROPE_THETA:
+        return [f"rope_theta={theta:g} (Tunix {TUNIX_VERSION}'s Gemma always uses {TUNIX_GEMMA_ROPE_THETA:g})"]
+    return []
+
+
+def tunix_query_scale(hf_config: Mapping[str, Any]) -> list[str]:
     """Tunix 0.1.7's Gemma scales queries by ``head_dim**-0.5`` and has no
     ``query_pre_attn_scalar`` (tunix/models/gemma/model.py:420); the engine and HF use
     ``query_pre_attn_scalar**-0.5``. Equal for Gemma 2 2B/9B (256 = head_dim), not for 27B
-    (144 vs 128). Returns True when it warned."""
+    (144 vs 128)."""
     head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
     scalar = hf_config.get("query_pre_attn_scalar", head_dim)
     if scalar != head_dim:
-        logger.warning(
-            "query_pre_attn_scalar=%s: Tunix %s's Gemma scales queries by head_dim=%s instead, so trainer "
-            "and engine logprobs will differ",
-            scalar,
-            TUNIX_VERSION,
-            head_dim,
-        )
-        return True
-    return False
+        return [f"query_pre_attn_scalar={scalar} (Tunix {TUNIX_VERSION}'s Gemma scales queries by head_dim={head_dim})"]
+    return []
 
 
-def warn_tunix_moe_routing(hf_config: Mapping[str, Any]) -> bool:
+def tunix_moe_routing(hf_config: Mapping[str, Any]) -> list[str]:
     """Tunix 0.1.7's Qwen3 MoE layer always renormalises the top-k routing weights
     (tunix/models/qwen3/model.py:741) and makes every layer an MoE layer; the engine follows
-    ``norm_topk_prob`` and ``mlp_only_layers``. Returns True when it warned."""
+    ``norm_topk_prob`` and ``mlp_only_layers``."""
     problems = []
     if not hf_config.get("norm_topk_prob", False):
-        problems.append("norm_topk_prob=False (Tunix renormalises the top-k weights anyway)")
+        problems.append(f"norm_topk_prob=False (Tunix {TUNIX_VERSION} renormalises the top-k weights anyway)")
     if hf_config.get("mlp_only_layers"):
-        problems.append(f"mlp_only_layers={hf_config['mlp_only_layers']} (Tunix has no dense layers)")
-    if problems:
-        logger.warning(
-            "Tunix %s's Qwen3-MoE differs from the engine for this model: %s; trainer and engine logprobs will differ",
-            TUNIX_VERSION,
-            "; ".join(problems),
+        problems.append(f"mlp_only_layers={hf_config['mlp_only_layers']} (Tunix {TUNIX_VERSION} has no dense layers)")
+    return problems
+
+
+def check_trainer_config(
+    architecture: str, hf_config: Mapping[str, Any], checks: Any, *, allow_mismatch: bool = False
+) -> list[str]:
+    """Run ``checks`` (functions of the HF config returning problems, each naming its field);
+    raise ``TrainerMismatchError`` listing them, or with ``allow_mismatch`` log them. Returns
+    the problems."""
+    problems = [problem for check in checks for problem in check(hf_config)]
+    if problems and not allow_mismatch:
+        raise TrainerMismatchError(
+            f"a Tunix trainer of this {architecture} would compute another model than the engine: "
+            + "; ".join(problems)
+            + ". Its logprobs, and the policy gradient, would be off; pass allow_mismatch=True "
+            "(SglangJaxRollout: allow_trainer_mismatch=True) to train anyway"
         )
-        return True
-    return False
+    for problem in problems:
+        logger.warning("trainer and engine compute different models (allowed): %s", problem)
+    return problems
 
 
 # --------------------------------------------------------------------------------------
