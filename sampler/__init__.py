@@ -10,17 +10,18 @@ from sampler.compat import UnsupportedModelError
 from sampler.config import SamplerConfig
 from sampler.data_parallel import DataParallelSampler, create_sampler
 from sampler.engine import EngineFaultError, UpdateTimeoutError
+from sampler.mismatch import LogprobMismatch, logprob_mismatch
 from sampler.recovery import RestartReport, WeightsLostError
 from sampler.reports import SharingReport, UpdateReport
 from sampler.sampler import SglangJaxSampler
 from sampler.validation import InvalidRequestError
 
 
-def __getattr__(name):  # SglangJaxRollout pulls in tunix.rl; import it on first use
-    if name == "SglangJaxRollout":
-        from sampler.rollout import SglangJaxRollout
+def __getattr__(name):  # sampler.rollout pulls in tunix.rl; import it on first use
+    if name in ("SglangJaxRollout", "measure_mismatch"):
+        from sampler import rollout
 
-        return SglangJaxRollout
+        return getattr(rollout, name)
     raise AttributeError(name)
 
 
@@ -28,6 +29,7 @@ __all__ = [
     "DataParallelSampler",
     "EngineFaultError",
     "InvalidRequestError",
+    "LogprobMismatch",
     "RestartReport",
     "RolloutEngine",
     "SamplerConfig",
@@ -40,4 +42,6 @@ __all__ = [
     "UpdateTimeoutError",
     "WeightsLostError",
     "create_sampler",
+    "logprob_mismatch",
+    "measure_mismatch",
 ]

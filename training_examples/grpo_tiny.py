@@ -8,7 +8,8 @@ engine whose weights RLCluster.sync_weights() replaces after every step through
 SglangJaxRollout.update_params. The task: answer with digits only; the reward is
 the fraction of the completion's characters that are digits, which a random tiny
 model learns within a few dozen steps. Prints the reward and the weight-sync
-report per step and writes a plot of both (PNG).
+report per step, measures how far the engine's logprobs of the sampled tokens are from the
+trainer's (sampler/trainer mismatch) and writes a plot of the three (PNG).
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ class StepLog:
     aliased_mib: float | None
     copied_mib: float | None
     seconds: float
+    #: The sampler/trainer mismatch of the step's rollout (sampler.logprob_mismatch), if measured.
+    logp_diff_mean: float | None = None
+    logp_diff_max: float | None = None
+    k3_kl: float | None = None
 
 
 def run(
@@ -95,6 +100,7 @@ def run(
     rollout_devices: int = 1,
     rollout_overrides: dict | None = None,
     architecture: str = "Qwen3ForCausalLM",
+    mismatch: bool = True,
 ) -> list[StepLog]:
     """Run the demo; returns one StepLog per GRPO step.
 
@@ -102,7 +108,8 @@ def run(
     rollout is left running (the caller shuts it down). ``rollout_devices``: size of the
     rollout mesh; ``rollout_overrides``: extra RolloutConfig fields (e.g. data_parallel_size).
     ``architecture``: the tiny model's (any with a Tunix model and a tiny recipe, e.g.
-    "Qwen3MoeForCausalLM").
+    "Qwen3MoeForCausalLM"). ``mismatch``: measure the sampler/trainer logprob mismatch of every
+    rollout (one trainer forward pass per step; ``sampler.measure_mismatch``).
     """
     import grain.python as grain
     from transformers import AutoTokenizer
@@ -110,7 +117,7 @@ def run(
     from tunix.rl.grpo import grpo_learner
     from tunix.rl.rollout import base_rollout
 
-    from sampler import SglangJaxRollout
+    from sampler import SglangJaxRollout, measure_mismatch
     from sampler.testing import write_tiny_model
     from sampler.tunix_models import load_tunix_model
 
@@ -187,13 +194,16 @@ def run(
     dataset = grain.MapDataset.source(prompts).batch(batch_size).map(lambda x: {"prompts": np.asarray(x)})
 
     rollout: SglangJaxRollout = cluster.rollout
+    monitor = measure_mismatch(cluster) if mismatch else None
     t0 = time.perf_counter()
     learner.train(dataset)
     elapsed = time.perf_counter() - t0
     reports = list(rollout.history)[1:]  # the first is the initial full sync at construction
+    measured = {m.step: m.mismatch for m in monitor.history} if monitor else {}  # by global step (0-based)
     logs = []
     for i, reward in enumerate(rewards_per_step[:steps]):
         rep = reports[i] if i < len(reports) else None
+        mm = measured.get(i)
         logs.append(
             StepLog(
                 step=i + 1,
@@ -202,6 +212,9 @@ def run(
                 aliased_mib=rep.aliased_bytes / 2**20 if rep else None,
                 copied_mib=rep.copied_bytes / 2**20 if rep else None,
                 seconds=elapsed,
+                logp_diff_mean=mm.mean_abs if mm else None,
+                logp_diff_max=mm.max_abs if mm else None,
+                k3_kl=mm.k3_kl if mm else None,
             )
         )
         if verbose:
@@ -210,6 +223,8 @@ def run(
                 mib = 2**20
                 sync = f"sync {rep.seconds * 1e3:6.1f} ms, aliased {rep.aliased_bytes / mib:.2f} MiB, "
                 sync += f"copied {rep.copied_bytes / mib:.2f} MiB"
+            if mm:
+                sync += f", |dlogp| {mm.mean_abs:.4f}"
             print(f"step {i + 1:3d}  reward {reward:.3f}  {sync}", flush=True)
     if verbose:
         first, last = np.mean([log.reward for log in logs[:5]]), np.mean([log.reward for log in logs[-5:]])
@@ -236,13 +251,18 @@ def _plot(logs: list[StepLog], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     steps = [log.step for log in logs]
-    fig, (a, b) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    fig, (a, b, c) = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
     a.plot(steps, [log.reward for log in logs], marker="o")
     a.set_ylabel("mean reward")
     a.set_title("GRPO on a tiny Qwen3 with an in-process sglang-jax rollout")
     b.plot(steps, [log.sync_ms for log in logs], marker=".", color="tab:orange")
     b.set_ylabel("weight sync (ms)")
-    b.set_xlabel("GRPO step")
+    c.plot(steps, [log.logp_diff_mean for log in logs], marker=".", color="tab:green", label="mean")
+    c.plot(steps, [log.logp_diff_max for log in logs], marker=".", color="tab:red", alpha=0.5, label="max")
+    c.set_yscale("log")
+    c.set_ylabel("sampler vs trainer\n|logprob diff| (nats)")
+    c.legend(loc="upper right", fontsize="small")
+    c.set_xlabel("GRPO step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
