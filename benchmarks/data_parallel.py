@@ -4,7 +4,8 @@ same four simulated CPU devices, for the same batch of prompts.
 Prints tokens/s (median of several runs, fixed seed, greedy with ignore_eos so every run
 generates the same number of tokens) and, for the data-parallel sampler, the overlap
 achieved: the sum of the engines' times when each runs its share alone, divided by the wall
-time when they run together (1.0 = no overlap, 4.0 = perfect).
+time when they run together (1.0 = no overlap, 4.0 = perfect). Writes the table to
+docs/benchmarks/results/data_parallel.json (``--json PATH`` elsewhere, ``--no-json`` not at all).
 
     .venv/bin/python benchmarks/data_parallel.py [--prompts 32] [--new-tokens 32] [--runs 5]
 """
@@ -26,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from benchmarks.common import Results, add_output_args, num  # noqa: E402
 from sampler import DataParallelSampler, SamplerConfig, SglangJaxSampler  # noqa: E402
 from sampler.data_parallel import split_balanced  # noqa: E402
-from sampler.testing import write_tiny_model  # noqa: E402
+from sampler.tiny import write_tiny_model  # noqa: E402
 
 WORDS = "the quick brown fox jumps over a lazy dog while numbers one two three four".split()
 
@@ -54,6 +56,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    add_output_args(ap)
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-dp-"))
@@ -98,19 +101,25 @@ def main() -> None:
     finally:
         dp.shutdown()
 
-    print(
-        f"\n{args.prompts} prompts x {args.new_tokens} new tokens (greedy), Qwen3 hidden 384, 4 layers, "
-        f"4 simulated CPU devices on {os.cpu_count()} cores; median of {args.runs} runs"
+    res = Results(
+        "data_parallel",
+        args,
+        context={"tokens_per_run": tokens, "greedy_identical": same, "sequences": len(batch)},
     )
-    print(
-        f"greedy sequences identical across the two set-ups: {same}/{len(batch)} "
-        "(tp=4 sums bf16 partial products in another order than tp=1)\n"
+    table = res.table(
+        ["set-up", "wall (s)", "tokens/s", "overlap (sum of engines alone / wall)"],
+        key="throughput",
+        caption=(
+            f"{args.prompts} prompts x {args.new_tokens} new tokens (greedy), Qwen3 hidden 384, 4 layers, "
+            f"4 simulated CPU devices on {os.cpu_count()} cores; median of {args.runs} runs\n"
+            f"greedy sequences identical across the two set-ups: {same}/{len(batch)} "
+            "(tp=4 sums bf16 partial products in another order than tp=1)"
+        ),
     )
-    print("| set-up | wall (s) | tokens/s | overlap (sum of engines alone / wall) |")
-    print("|---|---|---|---|")
     for name, wall, overlap in rows:
-        ov = f"{overlap:.2f}x" if overlap is not None else "-"
-        print(f"| {name} | {wall:.2f} | {tokens / wall:.0f} | {ov} |")
+        ov = num(overlap, "{:.2f}x", "x") if overlap is not None else "-"
+        table.add(name, num(wall, "{:.2f}", "s"), num(tokens / wall, "{:.0f}", "tokens/s"), ov)
+    res.emit()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,10 @@ prefill; each also against the decode iteration in place of the step. A fixed se
 over ``--runs`` rounds after one warm-up round per mode.
 
     python benchmarks/inflight.py [--runs 5] [--models tiny qwen3-0.6b] [--smoke]
+
+Writes the table to docs/benchmarks/results/inflight-<models>.json (inflight-tiny.json for
+``--models tiny``, inflight-tiny-qwen3-0.6b.json by default, inflight-smoke.json for ``--smoke``;
+``--json PATH`` elsewhere, ``--no-json`` not at all).
 """
 
 from __future__ import annotations
@@ -52,10 +56,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.common import Results, add_output_args, num  # noqa: E402
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
-from sampler.compat.inflight import held_requests, record_batch_seconds, tokens_generated  # noqa: E402
-from sampler.testing import write_tiny_model  # noqa: E402
-from sampler.tunix_models import random_tunix_model  # noqa: E402
+from sampler.compat.scheduler import held_requests, record_batch_seconds, tokens_generated  # noqa: E402
+from sampler.tiny import write_tiny_model  # noqa: E402
+from sampler.tunix.models import random_tunix_model  # noqa: E402
 
 MODES = ("drain", "continue", "recompute")
 PROMPT = [5, 17, 42, 99, 7, 3, 1, 4]
@@ -241,18 +246,32 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="tiny model, 2 requests of 16 tokens, 1 run")
+    add_output_args(ap)
     args = ap.parse_args()
     cases = SMOKE if args.smoke else {k: CASES[k] for k in args.models}
     runs = 1 if args.smoke else args.runs
-    print(
-        f"JAX {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores), default SamplerConfig, "
-        f"Tunix-layout float32 trainer state, {runs} rounds after a warm-up, seed {args.seed}\n"
+    res = Results(
+        "inflight-smoke" if args.smoke else "inflight-" + "-".join(cases),
+        args,
+        context={
+            "runs": runs,
+            "cases": {key: {"name": c.name, "k": c.k, "length": c.length} for key, c in cases.items()},
+        },
     )
-    print("| model | K x L | what is measured | median ms |")
-    print("|---|---|---|---:|")
+    table = res.table(
+        ["model", "K x L", "what is measured", "median ms"],
+        align=[None, None, None, "right"],
+        key="inflight",
+        stream=True,  # one model's rows as soon as they are measured
+        caption=(
+            f"JAX {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores), default SamplerConfig, "
+            f"Tunix-layout float32 trainer state, {runs} rounds after a warm-up, seed {args.seed}"
+        ),
+    )
     for key, case in cases.items():
         for label, seconds in measure(key, case, runs, args.seed):
-            print(f"| {case.name} | {case.k} x {case.length} | {label} | {seconds * 1e3:.1f} |", flush=True)
+            table.add(case.name, num([case.k, case.length], "{} x {}"), label, num(seconds * 1e3, "{:.1f}", "ms"))
+    res.emit()
 
 
 if __name__ == "__main__":

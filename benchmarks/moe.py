@@ -6,7 +6,8 @@ made locally, default SamplerConfig on one device. Sources: a bf16 Tunix Qwen3-M
 already stacked (E, H, I) like the engine's) and engine-layout bf16 arrays on the engine's
 shardings. Prints a Markdown table: medians, bytes aliased and copied (copied measured by
 buffer pointers), transient memory two ways (see benchmarks/common.py) and the machine's
-memcpy time for the bytes copied, in the same run.
+memcpy time for the bytes copied, in the same run; writes them to docs/benchmarks/results/moe.json
+(``--json PATH`` elsewhere, ``--no-json`` not at all).
 
 The peer: Tunix 0.1.7's own SglangJaxSampler.update_params runs, but its sglang-jax mapping
 for Qwen3 (tunix/models/qwen3/mapping_sglang_jax.py) has no entries for the router and the
@@ -39,14 +40,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import MiB, copied_bytes, memcpy_seconds, rss_high_water, tunix_peer, tunix_update  # noqa: E402
+from common import (  # noqa: E402
+    MiB,
+    Results,
+    add_output_args,
+    copied_bytes,
+    memcpy_seconds,
+    num,
+    rss_high_water,
+    tunix_peer,
+    tunix_update,
+)
 from flax import nnx  # noqa: E402
 
 import converters  # noqa: E402
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
-from sampler.testing import write_tiny_model  # noqa: E402
-from sampler.tunix_models import random_tunix_model  # noqa: E402
-from sampler.weights import live_device_bytes  # noqa: E402
+from sampler.sync.leaves import live_device_bytes  # noqa: E402
+from sampler.tiny import write_tiny_model  # noqa: E402
+from sampler.tunix.models import random_tunix_model  # noqa: E402
 
 #: Qwen3-30B-A3B (config.json of Qwen/Qwen3-30B-A3B) but for the number of layers and experts.
 QWEN3_30B_A3B = dict(
@@ -86,6 +97,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    add_output_args(ap)
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-qwen3-30b-a3b-"))
@@ -144,28 +156,50 @@ def main() -> None:
         ("Tunix 0.1.7", "Tunix layout bf16", statistics.median(peer_times), None, None, None, None, None, stale)
     )
 
-    print(
-        f"\nQwen3-30B-A3B-shaped MoE, {args.layers} layers (48 in the real model), {args.experts} experts, "
-        f"{model_bytes / MiB:.0f} MiB bf16 of which experts {expert_bytes / MiB:.0f} MiB; JAX {jax.__version__} on "
-        f"{jax.devices()[0].platform} ({os.cpu_count()} cores), default SamplerConfig, tp 1, {args.runs} alternating "
-        f"rounds, seed {args.seed}\n"
+    res = Results("moe", args, context={"model_bytes": model_bytes, "expert_bytes": expert_bytes})
+    table = res.table(
+        [
+            "update",
+            "source",
+            "median ms",
+            "aliased MiB (report)",
+            "copied MiB (buffer pointers)",
+            "memcpy of the copied bytes, ms",
+            "extra memory: live arrays",
+            "extra memory: RSS high-water",
+            "engine bytes left stale",
+        ],
+        align=[None, None] + ["right"] * 7,
+        key="updates",
+        caption=(
+            f"Qwen3-30B-A3B-shaped MoE, {args.layers} layers (48 in the real model), {args.experts} experts, "
+            f"{model_bytes / MiB:.0f} MiB bf16 of which experts {expert_bytes / MiB:.0f} MiB; JAX {jax.__version__} "
+            f"on {jax.devices()[0].platform} ({os.cpu_count()} cores), default SamplerConfig, tp 1, {args.runs} "
+            f"alternating rounds, seed {args.seed}"
+        ),
     )
-    print(
-        "| update | source | median ms | aliased MiB (report) | copied MiB (buffer pointers) | memcpy of the copied "
-        "bytes, ms | extra memory: live arrays | extra memory: RSS high-water | engine bytes left stale |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for who, source, med, aliased, copied, limit, live, rss, stale_ in rows:
         if aliased is None:
-            print(
-                f"| {who} | {source} | {med * 1e3:.1f} | n/a | n/a | n/a | n/a | n/a | {stale_ / MiB:.0f} MiB "
-                "(no sglang-jax mapping for router, experts, c_proj: skipped) |"
+            table.add(
+                who,
+                source,
+                num(med * 1e3, "{:.1f}", "ms"),
+                *["n/a"] * 5,
+                num(stale_ / MiB, "{:.0f} MiB (no sglang-jax mapping for router, experts, c_proj: skipped)", "MiB"),
             )
             continue
-        print(
-            f"| {who} | {source} | {med * 1e3:.1f} | {aliased / MiB:.0f} | {copied / MiB:.0f} | {limit * 1e3:.1f} "
-            f"| {live / MiB:.0f} MiB | {rss / MiB:.0f} MiB | {stale_ / MiB:.0f} MiB |"
+        table.add(
+            who,
+            source,
+            num(med * 1e3, "{:.1f}", "ms"),
+            num(aliased / MiB, "{:.0f}", "MiB"),
+            num(copied / MiB, "{:.0f}", "MiB"),
+            num(limit * 1e3, "{:.1f}", "ms"),
+            num(live / MiB, "{:.0f} MiB", "MiB"),
+            num(rss / MiB, "{:.0f} MiB", "MiB"),
+            num(stale_ / MiB, "{:.0f} MiB", "MiB"),
         )
+    res.emit()
     sampler.shutdown()
 
 

@@ -13,6 +13,9 @@ that crossed to the other process over loopback, plus the coordination messages;
 bytes moved between processes, expected about 0 when every leaf is aliased.
 
     python benchmarks/multiprocess.py [--runs 5] [--layers 28] [--hidden 1024]
+
+Writes the table to docs/benchmarks/results/multiprocess.json (``--json PATH`` elsewhere,
+``--no-json`` not at all).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 MiB = 1 << 20
+
+from benchmarks.common import Results, add_output_args, num  # noqa: E402
 
 
 def _wchar() -> int:
@@ -50,7 +55,7 @@ def worker(args) -> None:
     from flax import nnx
 
     from sampler import SamplerConfig, SglangJaxSampler
-    from sampler.tunix_models import load_tunix_model
+    from sampler.tunix.models import load_tunix_model
 
     auto = (jax.sharding.AxisType.Auto,) * 2
     s = SglangJaxSampler(config=SamplerConfig(model_path=args.model, tp_size=jax.device_count(), context_length=128))
@@ -76,7 +81,8 @@ def worker(args) -> None:
             copied = report.copied_bytes
         rows[name] = {"ms": statistics.median(times) * 1e3, "written": statistics.median(written), "copied": copied}
     s.barrier("measured")
-    print("ROWS " + json.dumps({"rank": jax.process_index(), "rows": rows}), flush=True)
+    where = {"backend": jax.default_backend(), "devices": jax.device_count(), "processes": jax.process_count()}
+    print("ROWS " + json.dumps({"rank": jax.process_index(), "rows": rows, "jax": where}), flush=True)
     s.shutdown()
 
 
@@ -88,12 +94,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
+    add_output_args(ap)
     args = ap.parse_args()
     if args.worker:
         worker(args)
         return
-    from sampler.launch import launch
-    from sampler.testing import write_tiny_model
+    from sampler.multiprocess.launch import launch
+    from sampler.tiny import write_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         write_tiny_model(
@@ -114,20 +121,36 @@ def main() -> None:
         multi = launch(cmd, nproc=2, devices_per_proc=2, cwd=str(ROOT))
         runs["2 processes x 2 devices"] = [r.output for r in multi]
     shape = f"Qwen3 {args.layers} layers, hidden {args.hidden}, bf16"
-    print(f"{shape}; tp=4 engine; median of {args.runs}, seed {args.seed}")
-    print("| push | processes | median ms | bytes copied (plan) | bytes written by each process |")
-    print("|---|---|---:|---:|---:|")
+    res = Results("multiprocess", args, context={"failed": [], "jax": {}})
+    table = res.table(
+        ["push", "processes", "median ms", "bytes copied (plan)", "bytes written by each process"],
+        align=[None, None, "right", "right", "right"],
+        key="pushes",
+        caption=f"{shape}; tp=4 engine; median of {args.runs}, seed {args.seed}",
+    )
     for label, outputs in runs.items():
         found = [json.loads(line[5:]) for out in outputs for line in out.splitlines() if line.startswith("ROWS ")]
         if not found:
             print(f"| ({label} failed) | | | | |\n" + "\n".join(o[-3000:] for o in outputs), file=sys.stderr)
+            res.context["failed"].append(label)
             continue
+        res.context["jax"][label] = found[0].get("jax")
         for name in found[0]["rows"]:
             ms = max(f["rows"][name]["ms"] for f in found)
             ranks = sorted(found, key=lambda f: f["rank"])
-            written = " / ".join(f"{f['rows'][name]['written'] / MiB:.2f} MiB" for f in ranks)
+            written = [f["rows"][name]["written"] / MiB for f in ranks]
             copied = found[0]["rows"][name]["copied"] / MiB
-            print(f"| {name} | {label} | {ms:.1f} | {copied:.1f} MiB | {written} |")
+            table.add(
+                name,
+                label,
+                num(ms, "{:.1f}", "ms"),
+                num(copied, "{:.1f} MiB", "MiB"),
+                num(written, " / ".join(["{:.2f} MiB"] * len(written)), "MiB"),
+            )
+    workers = [w for w in res.context["jax"].values() if w]
+    if workers:  # the parent starts no JAX backend: the workers' is the one measured
+        res.machine_extra = {"jax_backend": workers[0]["backend"], "jax_device_count": workers[0]["devices"]}
+    res.emit()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@
    converted fp32; fingerprint check; generate); prints cycles/s, fingerprint mismatches and
    the live device bytes over the run (flat = no leak).
 
+Writes both tables to docs/benchmarks/results/reliability.json (``--skip-finite``: the soak alone,
+reliability-soak.json; ``--json PATH`` elsewhere, ``--no-json`` not at all).
+
     .venv/bin/python benchmarks/reliability.py [--rounds 7] [--cycles 500]
 """
 
@@ -30,10 +33,11 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import converters  # noqa: E402
+from benchmarks.common import Results, add_output_args, num  # noqa: E402
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
-from sampler.testing import write_tiny_model  # noqa: E402
-from sampler.tunix_models import random_tunix_model  # noqa: E402
-from sampler.weights import live_device_bytes  # noqa: E402
+from sampler.sync.leaves import live_device_bytes  # noqa: E402
+from sampler.tiny import write_tiny_model  # noqa: E402
+from sampler.tunix.models import random_tunix_model  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -42,7 +46,7 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def finite_check_cost(args) -> None:
+def finite_check_cost(args, res: Results) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-rel-"))
     write_tiny_model(
         tmp,
@@ -82,18 +86,27 @@ def finite_check_cost(args) -> None:
             base, checked = statistics.median(times[False]), statistics.median(times[True])
             rows.append((name, base, checked))
         size = sum(x.nbytes for x in engine_sets[0].values()) / 2**20
-        print(
-            f"\ncheck_finite cost, Qwen3-0.6B shape ({size:.0f} MiB bf16), {args.rounds} alternating rounds, median:\n"
+        res.context["check_finite_model_mib"] = size
+        table = res.table(
+            ["source", "update_params ms", "with check_finite ms", "added ms"],
+            align=[None, "right", "right", "right"],
+            key="check_finite",
+            caption=f"check_finite cost, Qwen3-0.6B shape ({size:.0f} MiB bf16), {args.rounds} alternating rounds, "
+            "median:",
         )
-        print("| source | update_params ms | with check_finite ms | added ms |")
-        print("|---|---:|---:|---:|")
         for name, base, checked in rows:
-            print(f"| {name} | {base * 1e3:.1f} | {checked * 1e3:.1f} | {(checked - base) * 1e3:.1f} |")
+            table.add(
+                name,
+                num(base * 1e3, "{:.1f}", "ms"),
+                num(checked * 1e3, "{:.1f}", "ms"),
+                num((checked - base) * 1e3, "{:.1f}", "ms"),
+            )
+        res.show(table)
     finally:
         sampler.shutdown()
 
 
-def soak(args) -> None:
+def soak(args, res: Results) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     path_a = write_tiny_model(tmp / "a", "Qwen3ForCausalLM", seed=args.seed)
     path_b = write_tiny_model(tmp / "b", "Qwen3ForCausalLM", seed=args.seed + 1)
@@ -123,16 +136,32 @@ def soak(args) -> None:
         elapsed = time.perf_counter() - t0
         first, last = live[: len(live) // 10], live[-len(live) // 10 :]
         mib = 2**20
-        print(f"\nsoak, tiny Qwen3 ({sum(x.nbytes for x in sets[0].values()) / mib:.2f} MiB bf16), seed {args.seed}:\n")
-        print(
-            "| cycles | s per cycle | fingerprint mismatches | live MiB at start "
-            "| live MiB min..max over the run | max of first 10% | max of last 10% |"
+        model_mib = sum(x.nbytes for x in sets[0].values()) / mib
+        res.context["soak_model_mib"] = model_mib
+        table = res.table(
+            [
+                "cycles",
+                "s per cycle",
+                "fingerprint mismatches",
+                "live MiB at start",
+                "live MiB min..max over the run",
+                "max of first 10%",
+                "max of last 10%",
+            ],
+            align=["right"] * 7,
+            key="soak",
+            caption=f"soak, tiny Qwen3 ({model_mib:.2f} MiB bf16), seed {args.seed}:",
         )
-        print("|---:|---:|---:|---:|---:|---:|---:|")
-        print(
-            f"| {args.cycles} | {elapsed / args.cycles * 1e3:.1f} ms | {mismatches} | {baseline / mib:.2f} | "
-            f"{min(live) / mib:.2f}..{max(live) / mib:.2f} | {max(first) / mib:.2f} | {max(last) / mib:.2f} |"
+        table.add(
+            args.cycles,
+            num(elapsed / args.cycles * 1e3, "{:.1f} ms", "ms"),
+            int(mismatches),
+            num(baseline / mib, "{:.2f}", "MiB"),
+            num([min(live) / mib, max(live) / mib], "{:.2f}..{:.2f}", "MiB"),
+            num(max(first) / mib, "{:.2f}", "MiB"),
+            num(max(last) / mib, "{:.2f}", "MiB"),
         )
+        res.show(table)
     finally:
         sampler.shutdown()
 
@@ -143,11 +172,14 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-finite", action="store_true")
+    add_output_args(ap)
     args = ap.parse_args()
     np.random.seed(args.seed)
-    soak(args)  # first: its live-bytes baseline is then this engine alone
+    res = Results("reliability-soak" if args.skip_finite else "reliability", args)
+    soak(args, res)  # first: its live-bytes baseline is then this engine alone
     if not args.skip_finite:
-        finite_check_cost(args)
+        finite_check_cost(args, res)
+    res.emit()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ another (greedy, ``ignore_eos``, so every run generates the same number of token
 tokens/s is the completion tokens of all clients over the run's wall time (median of
 ``--runs`` runs after a warm-up run, fixed seed). The reload row alternates two checkpoints
 (median of ``--reloads``); the machine's limit beside it is one host memcpy of the bytes the
-reload copied (``benchmarks.common.memcpy_seconds``), measured in the same run.
+reload copied (``benchmarks.common.memcpy_seconds``), measured in the same run. Writes both tables
+to docs/benchmarks/results/serve_multi.json (``--json PATH`` elsewhere, ``--no-json`` not at all).
 
     .venv/bin/python benchmarks/serve_multi.py [--engines 4] [--clients 8] [--requests 4]
         [--new-tokens 32] [--runs 3] [--reloads 5]
@@ -36,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import memcpy_seconds  # noqa: E402
-from sampler.testing import write_tiny_model  # noqa: E402
+from benchmarks.common import Results, add_output_args, memcpy_seconds, num  # noqa: E402
+from sampler.tiny import write_tiny_model  # noqa: E402
 
 TOKEN = "bench-admin-token"
 WORDS = "the quick brown fox jumps over a lazy dog while numbers one two three four".split()
@@ -127,6 +128,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--reloads", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    add_output_args(ap)
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-multi-"))
@@ -159,21 +161,33 @@ def main() -> None:
         finally:
             server.stop()
 
-    print(
-        f"\n{args.clients} concurrent openai clients x {args.requests} completions x {args.new_tokens} new tokens "
-        f"(greedy, ignore_eos), Qwen3 hidden 384, 4 layers, {n} simulated CPU devices on {os.cpu_count()} cores; "
-        f"median of {args.runs} runs\n"
+    res = Results("serve_multi", args)
+    table = res.table(
+        ["set-up (HTTP, one process)", "wall (s)", "completion tokens/s"],
+        key="throughput",
+        caption=(
+            f"{args.clients} concurrent openai clients x {args.requests} completions x {args.new_tokens} new tokens "
+            f"(greedy, ignore_eos), Qwen3 hidden 384, 4 layers, {n} simulated CPU devices on {os.cpu_count()} "
+            f"cores; median of {args.runs} runs"
+        ),
     )
-    print("| set-up (HTTP, one process) | wall (s) | completion tokens/s |")
-    print("|---|---|---|")
     for name, wall, tps in rows:
-        print(f"| {name} | {wall:.2f} | {tps:.0f} |")
-    print(f"\nOne reload of every engine (POST /admin/reload_weights), median of {args.reloads}:\n")
-    print("| set-up | HTTP latency (s) | server-side swap (s) | bytes copied | limit: memcpy of those bytes (s) |")
-    print("|---|---|---|---|---|")
+        table.add(name, num(wall, "{:.2f}", "s"), num(tps, "{:.0f}", "tokens/s"))
+    table = res.table(
+        ["set-up", "HTTP latency (s)", "server-side swap (s)", "bytes copied", "limit: memcpy of those bytes (s)"],
+        key="reload",
+        caption=f"One reload of every engine (POST /admin/reload_weights), median of {args.reloads}:",
+    )
     for name, latency, swap, copied in reload_rows:
         limit = memcpy_seconds(copied) if copied else 0.0
-        print(f"| {name} | {latency:.3f} | {swap:.3f} | {copied / 2**20:.1f} MiB | {limit:.4f} |")
+        table.add(
+            name,
+            num(latency, "{:.3f}", "s"),
+            num(swap, "{:.3f}", "s"),
+            num(copied / 2**20, "{:.1f} MiB", "MiB"),
+            num(limit, "{:.4f}", "s"),
+        )
+    res.emit()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ default SamplerConfig unless a row names a setting:
   the growth of anonymous RSS while it streams. Tunix 0.1.7 has no checkpoint path
   (SglangJaxSampler.load_checkpoint raises NotImplementedError for a path): no peer.
 
+Prints the three tables and writes them to docs/benchmarks/results/sharded.json (``--json PATH``
+elsewhere, ``--no-json`` not at all).
+
     python benchmarks/sharded.py [--runs 5] [--layers 28]
 """
 
@@ -37,13 +40,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import psutil  # noqa: E402
-from common import memcpy_seconds, rss_high_water, tunix_live_peak, tunix_peer, tunix_update  # noqa: E402
+from common import (  # noqa: E402
+    Results,
+    add_output_args,
+    memcpy_seconds,
+    num,
+    rss_high_water,
+    tunix_live_peak,
+    tunix_peer,
+    tunix_update,
+)
 from flax import nnx  # noqa: E402
 
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
-from sampler.testing import random_hf_weights, write_tiny_model, write_weights  # noqa: E402
-from sampler.tunix_models import random_tunix_model  # noqa: E402
-from sampler.weights import live_device_bytes  # noqa: E402
+from sampler.sync.leaves import live_device_bytes  # noqa: E402
+from sampler.tiny import random_hf_weights, write_tiny_model, write_weights  # noqa: E402
+from sampler.tunix.models import random_tunix_model  # noqa: E402
 
 MiB = 1 << 20
 
@@ -126,6 +138,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--seed", type=int, default=0)
+    add_output_args(ap)
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-sharded-"))
@@ -193,46 +206,92 @@ def main() -> None:
     dp_limit = memcpy_seconds(copies)
     dp.shutdown()
 
-    print(
-        f"\nQwen3-0.6B-shaped ({args.layers} layers), bf16 Tunix layout into a tp=4 engine on 4 simulated CPU "
-        f"devices; JAX {jax.__version__}, {os.cpu_count()} cores, default SamplerConfig, {args.runs} rounds, "
-        f"seed {args.seed}; bucket budget {budget / MiB:.0f} MiB\n"
+    med = statistics.median(ckpt_times)
+    n_shards = len(list(tmp.glob("*.safetensors")))
+    res = Results(
+        "sharded",
+        args,
+        context={
+            "reshard_bucket_bytes": budget,
+            "checkpoint_bytes": ckpt_bytes,
+            "checkpoint_shards": n_shards,
+            "largest_tensor_bytes": largest_tensor,
+        },
     )
-    print(
-        "| trainer | update | median ms | vs Tunix | bytes moved | memcpy of those bytes (limit) | vs limit "
-        "| extra memory: live arrays | extra memory: RSS high-water |"
+    table = res.table(
+        [
+            "trainer",
+            "update",
+            "median ms",
+            "vs Tunix",
+            "bytes moved",
+            "memcpy of those bytes (limit)",
+            "vs limit",
+            "extra memory: live arrays",
+            "extra memory: RSS high-water",
+        ],
+        align=[None, None] + ["right"] * 7,
+        key="resharded",
+        caption=(
+            f"Qwen3-0.6B-shaped ({args.layers} layers), bf16 Tunix layout into a tp=4 engine on 4 simulated CPU "
+            f"devices; JAX {jax.__version__}, {os.cpu_count()} cores, default SamplerConfig, {args.runs} rounds, "
+            f"seed {args.seed}; bucket budget {budget / MiB:.0f} MiB"
+        ),
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for trainer_name, who, seconds, moved, limit, live, rss in rows:
         tunix = next(r[2] for r in rows if r[0] == trainer_name and r[1].startswith("Tunix"))
-        moved_s = f"{moved / MiB:.0f} MiB" if moved is not None else "-"
-        limit_s = f"{limit * 1e3:.1f} ms" if limit else "-"
-        vs_limit = f"{seconds / limit:.1f}x" if limit else "-"
-        print(
-            f"| {trainer_name} | {who} | {seconds * 1e3:.1f} | {tunix / seconds:.1f}x | {moved_s} | {limit_s} "
-            f"| {vs_limit} | {live / MiB:.0f} MiB | {rss / MiB:.0f} MiB |"
+        table.add(
+            trainer_name,
+            who,
+            num(seconds * 1e3, "{:.1f}", "ms"),
+            num(tunix / seconds, "{:.1f}x", "x"),
+            num(moved / MiB, "{:.0f} MiB", "MiB") if moved is not None else "-",
+            num(limit * 1e3, "{:.1f} ms", "ms") if limit else "-",
+            num(seconds / limit, "{:.1f}x", "x") if limit else "-",
+            num(live / MiB, "{:.0f} MiB", "MiB"),
+            num(rss / MiB, "{:.0f} MiB", "MiB"),
         )
-    print(
-        "\n| data-parallel push (engine-layout bf16 on device 0) | median ms | bytes copied "
-        "| memcpy of those bytes | vs limit | RSS high-water |"
+    table = res.table(
+        [
+            "data-parallel push (engine-layout bf16 on device 0)",
+            "median ms",
+            "bytes copied",
+            "memcpy of those bytes",
+            "vs limit",
+            "RSS high-water",
+        ],
+        align=[None] + ["right"] * 5,
+        key="data_parallel_push",
     )
-    print("|---|---:|---:|---:|---:|---:|")
-    print(f"| one tp=1 engine (aliased) | {one * 1e3:.1f} | 0 MiB | - | - | - |")
-    print(
-        f"| 4 tp=1 engines (DataParallelSampler: engine 0 aliases, 1-3 copy, overlapped) | {four * 1e3:.1f} "
-        f"| {copies / MiB:.0f} MiB | {dp_limit * 1e3:.1f} ms | {four / dp_limit:.1f}x | {dp_rss / MiB:.0f} MiB |"
+    table.add("one tp=1 engine (aliased)", num(one * 1e3, "{:.1f}", "ms"), num(0, "{} MiB", "MiB"), "-", "-", "-")
+    table.add(
+        "4 tp=1 engines (DataParallelSampler: engine 0 aliases, 1-3 copy, overlapped)",
+        num(four * 1e3, "{:.1f}", "ms"),
+        num(copies / MiB, "{:.0f} MiB", "MiB"),
+        num(dp_limit * 1e3, "{:.1f} ms", "ms"),
+        num(four / dp_limit, "{:.1f}x", "x"),
+        num(dp_rss / MiB, "{:.0f} MiB", "MiB"),
     )
-    med = statistics.median(ckpt_times)
-    print(
-        f"\n| load_checkpoint (HF safetensors, {len(list(tmp.glob('*.safetensors')))} shards, "
-        f"{ckpt_bytes / MiB:.0f} MiB) | median s | MB/s | peak host memory growth (anonymous RSS) | largest tensor |"
+    table = res.table(
+        [
+            f"load_checkpoint (HF safetensors, {n_shards} shards, {ckpt_bytes / MiB:.0f} MiB)",
+            "median s",
+            "MB/s",
+            "peak host memory growth (anonymous RSS)",
+            "largest tensor",
+        ],
+        align=[None] + ["right"] * 4,
+        key="load_checkpoint",
     )
-    print("|---|---:|---:|---:|---:|")
-    print(
-        f"| ours, tp=4 | {med:.2f} | {ckpt_bytes / 1e6 / med:.0f} | {statistics.median(rss_growth) / MiB:.0f} MiB "
-        f"| {largest_tensor / MiB:.0f} MiB |"
+    table.add(
+        "ours, tp=4",
+        num(med, "{:.2f}", "s"),
+        num(ckpt_bytes / 1e6 / med, "{:.0f}", "MB/s"),
+        num(statistics.median(rss_growth) / MiB, "{:.0f} MiB", "MiB"),
+        num(largest_tensor / MiB, "{:.0f} MiB", "MiB"),
     )
-    print("| Tunix 0.1.7 | n/a (no checkpoint path) | | | |")
+    table.add("Tunix 0.1.7", "n/a (no checkpoint path)", None, None, None)
+    res.emit()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ good clients wait for it, the bad client keeps going). Checked and printed:
 - the engine never restarts (``/health`` restarts 0);
 - the server's resident memory (VmRSS of the child, sampled every second) stays flat.
 
+Prints the table and writes it to docs/benchmarks/results/soak_mixed.json (``--json PATH``
+elsewhere, ``--no-json`` not at all); exits 1 if a check failed (the file is written either way).
+
     .venv/bin/python benchmarks/soak_mixed.py [--duration 300] [--round-seconds 10] [--seed 0]
     .venv/bin/python benchmarks/soak_mixed.py --duration 20 --round-seconds 5   # a quick check
 """
@@ -39,8 +42,9 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import Results, add_output_args, num  # noqa: E402
 from converters import fingerprint_params  # noqa: E402
-from sampler.testing import write_tiny_model  # noqa: E402
+from sampler.tiny import write_tiny_model  # noqa: E402
 from tests.helpers import hf_tensors  # noqa: E402
 from tests.http_helpers import API_KEY, ServerProcess, call  # noqa: E402
 
@@ -155,6 +159,7 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bad-clients", type=int, default=1)
+    add_output_args(p)
     args = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="soak-mixed-"))
@@ -278,28 +283,6 @@ def soak(args, server: ServerProcess, ckpts: dict, fingerprints: dict) -> int:
     first, last = max(samples[:edge]), max(samples[-edge:])
     good_total = sum(n for k, n in tally.items() if k.startswith("good"))
     bad_total = sum(n for k, n in tally.items() if k.startswith("bad"))
-    print(
-        f"\nsoak_mixed: tiny Qwen3 (context 128), {args.good_clients} good clients + 1 bad client, "
-        f"seed {args.seed}, {elapsed:.0f} s, {reloads} reloads between rounds of {args.round_seconds:.0f} s\n"
-    )
-    print("| what | value |")
-    print("|---|---:|")
-    print(f"| good requests | {good_total} |")
-    print(f"| good answers exactly the served checkpoint's | {tally['good exact']} |")
-    print(f"| good requests with a 5xx | {tally['good 5xx']} |")
-    print(f"| good requests with a wrong answer or another status | {good_total - tally['good exact']} |")
-    print(f"| bad requests | {bad_total} |")
-    print(f"| bad requests answered 4xx / 2xx | {tally['bad 4xx']} / {tally['bad 2xx']} |")
-    print(f"| bad requests with a 5xx (503 while a reload swaps not counted) | {tally['bad 5xx']} |")
-    print(f"| bad requests with a 503 while a reload swapped | {tally['bad 503 during a reload']} |")
-    print(f"| engine restarts | {restarts} |")
-    print(f"| server RSS at start (MiB) | {samples[0] / MiB:.1f} |")
-    print(f"| server RSS min..max (MiB) | {min(samples) / MiB:.1f}..{max(samples) / MiB:.1f} |")
-    print(f"| server RSS max of first / last {EDGE:.0%} of the run (MiB) | {first / MiB:.1f} / {last / MiB:.1f} |")
-    print(f"| server RSS median (MiB) | {statistics.median(samples) / MiB:.1f} |")
-    print(f"| server RSS growth, last vs first {EDGE:.0%} (limit {RSS_GROWTH_LIMIT:.0%}) | {last / first - 1:+.1%} |")
-    for line in problems[:10]:
-        print("problem:", line)
     ok = (
         tally["good exact"] == good_total
         and tally["bad 5xx"] == 0
@@ -308,7 +291,52 @@ def soak(args, server: ServerProcess, ckpts: dict, fingerprints: dict) -> int:
         and bad_total > 0
         and last <= first * (1 + RSS_GROWTH_LIMIT)
     )
-    print(f"\nresult: {'OK' if ok else 'FAILED'}")
+    res = Results(
+        "soak_mixed",
+        args,
+        context={
+            "ok": ok,
+            "elapsed_s": elapsed,
+            "reloads": reloads,
+            "tally": dict(tally),
+            "rss_samples": len(samples),
+            "rss_growth_limit": RSS_GROWTH_LIMIT,
+            "problems": problems[:10],
+        },
+    )
+    table = res.table(
+        ["what", "value"],
+        align=[None, "right"],
+        key="soak",
+        caption=(
+            f"soak_mixed: tiny Qwen3 (context 128), {args.good_clients} good clients + 1 bad client, "
+            f"seed {args.seed}, {elapsed:.0f} s, {reloads} reloads between rounds of {args.round_seconds:.0f} s"
+        ),
+    )
+    table.add("good requests", good_total)
+    table.add("good answers exactly the served checkpoint's", tally["good exact"])
+    table.add("good requests with a 5xx", tally["good 5xx"])
+    table.add("good requests with a wrong answer or another status", good_total - tally["good exact"])
+    table.add("bad requests", bad_total)
+    table.add("bad requests answered 4xx / 2xx", num([tally["bad 4xx"], tally["bad 2xx"]], "{} / {}"))
+    table.add("bad requests with a 5xx (503 while a reload swaps not counted)", tally["bad 5xx"])
+    table.add("bad requests with a 503 while a reload swapped", tally["bad 503 during a reload"])
+    table.add("engine restarts", num(restarts, "{}"))
+    table.add("server RSS at start (MiB)", num(samples[0] / MiB, "{:.1f}", "MiB"))
+    table.add("server RSS min..max (MiB)", num([min(samples) / MiB, max(samples) / MiB], "{:.1f}..{:.1f}", "MiB"))
+    table.add(
+        f"server RSS max of first / last {EDGE:.0%} of the run (MiB)",
+        num([first / MiB, last / MiB], "{:.1f} / {:.1f}", "MiB"),
+    )
+    table.add("server RSS median (MiB)", num(statistics.median(samples) / MiB, "{:.1f}", "MiB"))
+    table.add(
+        f"server RSS growth, last vs first {EDGE:.0%} (limit {RSS_GROWTH_LIMIT:.0%})",
+        num(last / first - 1, "{:+.1%}", "fraction"),
+    )
+    for line in problems[:10]:
+        table.note(f"problem: {line}")
+    table.note(f"result: {'OK' if ok else 'FAILED'}")
+    res.emit()
     return 0 if ok else 1
 
 

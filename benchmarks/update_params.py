@@ -6,7 +6,8 @@ weights, config made locally). Everything runs on the default SamplerConfig (onl
 model path and the KV-cache sizing are given); one row shows what memory accounting
 (``track_memory=True``) adds. Prints Markdown tables: medians, bytes copied measured by
 buffer pointers for both libraries, transient memory two ways (see benchmarks/common.py),
-and the machine's memcpy time for one model's bytes in the same run.
+and the machine's memcpy time for one model's bytes in the same run; writes them to
+docs/benchmarks/results/update_params.json (``--json PATH`` elsewhere, ``--no-json`` not at all).
 
     python benchmarks/update_params.py [--runs 7] [--layers 28] [--seed 0]
 """
@@ -29,8 +30,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from common import (  # noqa: E402
     MiB,
+    Results,
+    add_output_args,
     copied_bytes,
     memcpy_seconds,
+    num,
     rss_high_water,
     tunix_live_peak,
     tunix_peer,
@@ -40,9 +44,9 @@ from flax import nnx  # noqa: E402
 
 import converters  # noqa: E402
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
-from sampler.testing import write_tiny_model  # noqa: E402
-from sampler.tunix_models import random_tunix_model  # noqa: E402
-from sampler.weights import live_device_bytes  # noqa: E402
+from sampler.sync.leaves import live_device_bytes  # noqa: E402
+from sampler.tiny import write_tiny_model  # noqa: E402
+from sampler.tunix.models import random_tunix_model  # noqa: E402
 
 
 def ours(sampler, tree, *, views=True, track_memory=False, **update_kwargs) -> tuple[float, object]:
@@ -61,6 +65,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--seed", type=int, default=0)
+    add_output_args(ap)
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-qwen3-0.6b-"))
@@ -143,31 +148,60 @@ def main() -> None:
 
     med = [statistics.median(t) for t in times]
     peer_ms = {source: m for (who, source, _, _), m in zip(cases, med) if who == "Tunix"}
-    print(
-        f"\nQwen3-0.6B-shaped ({args.layers} layers, {model_bytes / MiB:.0f} MiB bf16), JAX {jax.__version__} "
-        f"on {jax.devices()[0].platform} ({os.cpu_count()} cores), default SamplerConfig, {args.runs} alternating "
-        f"rounds, seed {args.seed}; memcpy of {model_bytes / MiB:.0f} MiB on this machine: {limit * 1e3:.1f} ms\n"
+    res = Results(
+        "update_params",
+        args,
+        context={
+            "model_bytes": model_bytes,
+            "memcpy_one_model_ms": limit * 1e3,
+            "engine_layout_vs_tunix_bf16": peer_ms["Tunix layout bf16"] / med[5],
+            "track_memory_added_ms": {
+                "Tunix layout bf16": 1e3 * (med[6] - med[0]),
+                "engine layout bf16": 1e3 * (med[7] - med[5]),
+            },
+        },
     )
-    print(
-        "| update | source | median ms | vs Tunix, same source | vs memcpy of one model | bytes copied "
-        "(buffer pointers) | extra memory: live arrays | extra memory: RSS high-water |"
+    table = res.table(
+        [
+            "update",
+            "source",
+            "median ms",
+            "vs Tunix, same source",
+            "vs memcpy of one model",
+            "bytes copied (buffer pointers)",
+            "extra memory: live arrays",
+            "extra memory: RSS high-water",
+        ],
+        align=[None, None] + ["right"] * 6,
+        key="updates",
+        caption=(
+            f"Qwen3-0.6B-shaped ({args.layers} layers, {model_bytes / MiB:.0f} MiB bf16), JAX {jax.__version__} "
+            f"on {jax.devices()[0].platform} ({os.cpu_count()} cores), default SamplerConfig, {args.runs} alternating "
+            f"rounds, seed {args.seed}; memcpy of {model_bytes / MiB:.0f} MiB on this machine: {limit * 1e3:.1f} ms"
+        ),
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for k, (who, source, _, _) in enumerate(cases):
-        vs = f"{peer_ms[source] / med[k]:.1f}x" if source in peer_ms else "n/a (Tunix has no such path)"
-        print(
-            f"| {who} | {source} | {med[k] * 1e3:.1f} | {vs} | {med[k] / limit:.2f}x "
-            f"| {copied[k] / MiB:.0f} MiB | {live_peak[k] / MiB:.0f} MiB | {rss_peak[k] / MiB:.0f} MiB |"
+        vs = num(peer_ms[source] / med[k], "{:.1f}x", "x") if source in peer_ms else "n/a (Tunix has no such path)"
+        table.add(
+            who,
+            source,
+            num(med[k] * 1e3, "{:.1f}", "ms"),
+            vs,
+            num(med[k] / limit, "{:.2f}x", "x"),
+            num(copied[k] / MiB, "{:.0f} MiB", "MiB"),
+            num(live_peak[k] / MiB, "{:.0f} MiB", "MiB"),
+            num(rss_peak[k] / MiB, "{:.0f} MiB", "MiB"),
         )
-    print(
-        "\nours on the engine layout vs Tunix on the Tunix layout bf16 (different sources: Tunix cannot take "
+    table.note(
+        "ours on the engine layout vs Tunix on the Tunix layout bf16 (different sources: Tunix cannot take "
         f"the engine's layout): {peer_ms['Tunix layout bf16'] / med[5]:.0f}x"
     )
-    print(
+    table.note(
         f"memory accounting (track_memory=True) adds {1e3 * (med[6] - med[0]):.1f} ms (Tunix layout bf16) and "
         f"{1e3 * (med[7] - med[5]):.1f} ms (engine layout) per update here; it grows with the live arrays "
         "in the process"
     )
+    res.emit()
     sampler.shutdown()
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from converters import catalog
 from converters.registry import register_converter
 from converters.rules import Table, engine_layout
 from converters.spec import ConfigGetter
@@ -60,37 +61,23 @@ class Architecture:
     config_view: Callable[[ConfigGetter], ConfigGetter] | None = None
     tunix: TunixModel | None = None
     tiny: TinyModel | None = None
-    #: Names of ``sampler.compat`` workarounds this architecture needs (see ``compat.QUIRKS``).
+    #: Names of ``sampler.compat`` workarounds this architecture needs (``sampler.compat.quirks``).
     quirks: tuple[str, ...] = ()
-
-
-_ARCHITECTURES: dict[str, Architecture] = {}
 
 
 def register_architecture(arch: Architecture) -> Architecture:
     """Register an architecture and a converter for each of its source formats."""
-    if arch.name in _ARCHITECTURES:
+    if catalog.find_architecture(arch.name) is not None:
         raise ValueError(f"architecture {arch.name!r} is already registered")
     if ENGINE_FORMAT in arch.tables:
         raise ValueError(f"{arch.name}: the {ENGINE_FORMAT!r} table is derived, do not give it")
     for fmt, table in arch.tables.items():
         register_converter(arch.name, fmt, table)
     register_converter(arch.name, ENGINE_FORMAT, engine_layout(tuple(r for t in arch.tables.values() for r in t)))
-    _ARCHITECTURES[arch.name] = arch
+    catalog.add(arch.name, arch)
     return arch
 
 
-def find_architecture(name: str) -> Architecture | None:
-    return _ARCHITECTURES.get(name)
-
-
-def get_architecture(name: str) -> Architecture:
-    arch = _ARCHITECTURES.get(name)
-    if arch is None:
-        raise KeyError(f"unknown architecture {name!r}; registered: {sorted(_ARCHITECTURES)}")
-    return arch
-
-
-def architectures() -> list[str]:
-    """Names of every registered architecture."""
-    return sorted(_ARCHITECTURES)
+find_architecture = catalog.find_architecture
+get_architecture = catalog.get_architecture
+architectures = catalog.architectures

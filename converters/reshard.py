@@ -171,7 +171,7 @@ def assemble(layout: HostLayout, shards: Sequence[jax.Array], sharding: Any) -> 
 
 def place(layout: HostLayout, x: Any, sharding: Any) -> jax.Array:
     """The target leaf for ``x`` under ``sharding`` (one leaf; buckets of leaves fill their
-    shards side by side and hand them over in one call: ``sampler.weights``)."""
+    shards side by side and hand them over in one call: ``sampler.sync.leaves``)."""
     views = source_views(layout, x)
     hosts = [fill_shard(s, views, layout.dtype) for s in layout.shards]
     return assemble(layout, to_devices(hosts, [s.device for s in layout.shards]), sharding)

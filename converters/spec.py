@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from converters import catalog
+
 #: Reads one field of an HF config (a dict or a transformers config object).
 ConfigGetter = Callable[..., Any]
 
@@ -89,9 +91,7 @@ class ModelSpec:
         archs = get("architectures") or []
         if not archs:
             raise ValueError("the HF config names no architecture ('architectures' is empty)")
-        from converters.architecture import find_architecture
-
-        arch = find_architecture(archs[0])
+        arch = catalog.find_architecture(archs[0])
         if arch is not None and arch.config_view is not None:
             get = arch.config_view(get)
         heads = get("num_attention_heads")

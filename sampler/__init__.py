@@ -1,28 +1,54 @@
 """sglang-jax as the in-process rollout engine of JAX trainers (Tunix and others).
 
-Where things happen: a weight swap in ``sampler.core.WeightSync`` (leaf writes in
-``sampler.weights``); generation in ``sampler.base.RolloutEngine`` (the Tunix front end)
-over ``SglangJaxSampler.generate_ids``; every upstream patch in ``sampler.compat``.
+Where things happen (one answer each; the docs' architecture page has the layer picture):
+
+- the public front: ``SglangJaxSampler`` (one engine, ``sampler.sampler``),
+  ``DataParallelSampler`` (several, ``sampler.data_parallel``), ``create_sampler``
+  (``sampler.factory``), all on the ``RolloutEngine`` interface (``sampler.interface``: the
+  Tunix ``BaseSampler`` front end over ``generate_ids``, where generation is shaped);
+- a weight swap: ``sampler.sync`` (``WeightSync.update_params``; leaf writes in
+  ``sampler.sync.leaves``; requests in flight in ``sampler.sync.inflight``);
+- one engine's lifecycle and request validation: ``sampler.engine``;
+- one engine over several JAX processes: ``sampler.multiprocess``;
+- Tunix (``SglangJaxRollout``, the sampler/trainer mismatch, config mapping, trainers):
+  ``sampler.tunix``; the HTTP server: ``sampler.serve``;
+- every upstream patch: ``sampler.compat``; what maps where: the ``converters`` package.
 """
 
-from sampler.base import RolloutEngine, SglangSamplerOutput
-from sampler.compat import UnsupportedModelError
+from importlib.metadata import PackageNotFoundError, version
+
 from sampler.config import SamplerConfig
-from sampler.data_parallel import DataParallelSampler, create_sampler
-from sampler.engine import EngineFaultError, UpdateTimeoutError
+from sampler.data_parallel import DataParallelSampler
+from sampler.errors import (
+    EngineFaultError,
+    InvalidRequestError,
+    TrainerMismatchError,
+    UnsupportedModelError,
+    UpdateTimeoutError,
+    WeightsLostError,
+)
+from sampler.factory import create_sampler
+from sampler.interface import RolloutEngine, SglangSamplerOutput
 from sampler.mismatch import LogprobMismatch, logprob_mismatch
-from sampler.recovery import RestartReport, WeightsLostError
 from sampler.reports import SharingReport, UpdateReport
+from sampler.restart import RestartReport
 from sampler.sampler import SglangJaxSampler
-from sampler.validation import InvalidRequestError
+
+try:
+    __version__ = version("sglang-jax-sampler")
+except PackageNotFoundError:  # a source tree that was not installed
+    __version__ = "0+unknown"
+
+#: Names that import ``tunix.rl`` (slow): loaded from ``sampler.tunix`` on first use.
+_TUNIX = ("SglangJaxRollout", "measure_mismatch")
 
 
-def __getattr__(name):  # sampler.rollout pulls in tunix.rl; import it on first use
-    if name in ("SglangJaxRollout", "measure_mismatch"):
-        from sampler import rollout
+def __getattr__(name: str):
+    if name in _TUNIX:
+        import sampler.tunix
 
-        return getattr(rollout, name)
-    raise AttributeError(name)
+        return getattr(sampler.tunix, name)
+    raise AttributeError(f"module 'sampler' has no attribute {name!r}")
 
 
 __all__ = [
@@ -37,10 +63,12 @@ __all__ = [
     "SglangJaxRollout",
     "SglangJaxSampler",
     "SglangSamplerOutput",
+    "TrainerMismatchError",
     "UnsupportedModelError",
     "UpdateReport",
     "UpdateTimeoutError",
     "WeightsLostError",
+    "__version__",
     "create_sampler",
     "logprob_mismatch",
     "measure_mismatch",

@@ -20,15 +20,15 @@ from typing import Any
 import jax
 
 from converters import ModelSpec
-from sampler.base import RolloutEngine, as_tokenizer_adapter
 from sampler.config import SamplerConfig
-from sampler.core import Push, UpdateGate, is_path
-from sampler.inflight import check_in_flight
-from sampler.recovery import RestartReport
+from sampler.engine.validation import RequestLimits, per_prompt, prompt_ids, samples_per_prompt
+from sampler.interface import RolloutEngine, as_tokenizer_adapter
 from sampler.reports import SharingReport, UpdateReport
+from sampler.restart import RestartReport
 from sampler.sampler import SglangJaxSampler
-from sampler.tunix_config import as_sampler_config, is_tunix_config
-from sampler.validation import RequestLimits, per_prompt, prompt_ids, samples_per_prompt
+from sampler.sync.inflight import check_in_flight
+from sampler.sync.weight_sync import Push, UpdateGate, is_path
+from sampler.tunix.config import as_sampler_config
 
 #: The warm-up request that compiles an engine's forward passes before the next one starts.
 WARMUP_PROMPT = [1, 2, 3]
@@ -209,7 +209,7 @@ class DataParallelSampler(RolloutEngine):
         max_staleness: int | None = None,
     ) -> UpdateReport:
         """``SglangJaxSampler.load_checkpoint`` on every engine or on none (as ``update_params``)."""
-        options = dict(strict=strict, track_peak_memory=track_peak_memory)
+        options: dict[str, Any] = dict(strict=strict, track_peak_memory=track_peak_memory)
         if not is_path(path_or_weights):
             return self.update_params(path_or_weights, in_flight=in_flight, max_staleness=max_staleness, **options)
         check_in_flight(in_flight, max_staleness)
@@ -342,14 +342,3 @@ class DataParallelSampler(RolloutEngine):
         self._write_pool.shutdown(wait=True)
         for s in self.samplers:
             s.shutdown()
-
-
-def create_sampler(config: Any, tokenizer: Any = None, **engine_kwargs: Any) -> SglangJaxSampler | DataParallelSampler:
-    """A ``SglangJaxSampler``, or a ``DataParallelSampler`` when ``data_parallel_size > 1``
-    (``config``: a SamplerConfig or Tunix's SglangJaxConfig)."""
-    if is_tunix_config(config):
-        return SglangJaxSampler(tokenizer=tokenizer, config=config, **engine_kwargs)
-    config = as_sampler_config(config, **engine_kwargs)
-    if config.data_parallel_size > 1:
-        return DataParallelSampler(tokenizer=tokenizer, config=config)
-    return SglangJaxSampler(tokenizer=tokenizer, config=config)

@@ -9,7 +9,7 @@ rollout/actor probability difference; slime and others correct it with truncated
 sampling).
 
 ``logprob_mismatch`` computes the usual statistics from masked per-token logprobs (any
-trainer); ``sampler.rollout.measure_mismatch(rl_cluster)`` adds one trainer forward pass per
+trainer); ``sampler.tunix.mismatch.measure_mismatch(rl_cluster)`` adds one trainer forward pass per
 rollout to a Tunix ``RLCluster`` (Tunix 0.1.7's synchronous ``GRPOLearner`` never compares the
 two) and logs them as ``sampler_trainer/*`` metrics, the names Tunix's agentic learner uses.
 """

@@ -15,15 +15,17 @@ import jax
 from flax import nnx
 
 from converters import ConversionPlan, ModelSpec
-from sampler import multiprocess, recovery
-from sampler.base import RolloutEngine, SglangSamplerOutput, as_tokenizer_adapter
+from sampler import restart as restart_lib
 from sampler.config import SamplerConfig
-from sampler.core import is_path
-from sampler.engine import EngineFaultError, EngineHandle, UpdateTimeoutError
-from sampler.recovery import RestartReport, WeightsLostError, WeightSource
+from sampler.engine.handle import EngineHandle
+from sampler.engine.validation import RequestLimits, per_prompt, prompt_ids
+from sampler.errors import EngineFaultError, UpdateTimeoutError, WeightsLostError
+from sampler.interface import RolloutEngine, SglangSamplerOutput, as_tokenizer_adapter
+from sampler.multiprocess import CollectiveGeneration, MultiNodeEngineHandle, MultiProcessSync, topology
 from sampler.reports import SharingReport, UpdateReport
-from sampler.tunix_config import as_sampler_config, is_tunix_config, mapping_format
-from sampler.validation import RequestLimits, per_prompt, prompt_ids
+from sampler.restart import RestartReport, WeightSource
+from sampler.sync.weight_sync import WeightSync, is_path
+from sampler.tunix.config import as_sampler_config, is_tunix_config, mapping_format
 
 
 class SglangJaxSampler(RolloutEngine):
@@ -37,7 +39,7 @@ class SglangJaxSampler(RolloutEngine):
 
     def __init__(self, tokenizer: Any = None, config: Any = None, **engine_kwargs: Any):
         """``config``: a SamplerConfig, or Tunix's ``SglangJaxConfig`` (every field mapped, see
-        ``sampler.tunix_config``); extra keyword arguments go to the engine, as in Tunix."""
+        ``sampler.tunix.config``); extra keyword arguments go to the engine, as in Tunix."""
         tunix_mapping = getattr(config, "mapping_config", None) if is_tunix_config(config) else None
         config = as_sampler_config(config, **engine_kwargs)
         if config.data_parallel_size != 1:
@@ -50,7 +52,7 @@ class SglangJaxSampler(RolloutEngine):
         #: Where the served weights came from last (what ``restart`` can reload).
         self.weight_source = WeightSource()
         self._weights_lost: str | None = None  # set by a restart that could not restore them
-        self._unrestored: recovery.ServedWeights | None = None
+        self._unrestored: restart_lib.ServedWeights | None = None
         self._auto_restarts = 0
         self._start(config)
         if tunix_mapping is not None:
@@ -58,7 +60,7 @@ class SglangJaxSampler(RolloutEngine):
 
     def _start(self, config: SamplerConfig) -> None:
         # one engine in this process, or this process's part of one spanning several
-        self._handle, self.sync, self._collective = multiprocess.engine_parts(config)
+        self._handle, self.sync, self._collective = engine_parts(config)
         self.engine = self._handle.engine
 
     # ------------------------------------------------------------------ properties
@@ -109,7 +111,7 @@ class SglangJaxSampler(RolloutEngine):
     def restart(self) -> RestartReport:
         """Replace the engine (after a fault, or any time) with a new one serving the same
         weights: the served arrays themselves while they are alive, else the checkpoint
-        loaded last, else the configuration's (see ``sampler.recovery``); if none applies the
+        loaded last, else the configuration's (see ``sampler.restart``); if none applies the
         new engine refuses to generate until weights are pushed (``WeightsLostError``).
 
         Must run on the main thread (sglang-jax installs signal handlers while an engine
@@ -126,12 +128,12 @@ class SglangJaxSampler(RolloutEngine):
         fault = self.fault
         # A restart that failed after its new engine started left that engine's (empty)
         # weights in place: what to restore is still what was captured then.
-        served = self._unrestored or recovery.capture(self)
+        served = self._unrestored or restart_lib.capture(self)
         self._unrestored = served
         self.sync.close()
-        self._start(recovery.restart_config(self.config, served))
+        self._start(restart_lib.restart_config(self.config, served))
         self._weights_lost = "the restart is restoring them"
-        restored = recovery.restore(self, served)
+        restored = restart_lib.restore(self, served)
         self._unrestored = None
         self._weights_lost = (
             f"the engine was restarted after {fault or 'a restart request'} and the weights it served "
@@ -204,7 +206,7 @@ class SglangJaxSampler(RolloutEngine):
         ``check_finite=True`` refuses params holding NaN or Inf (ValueError naming the
         paths; costs one reduction over every leaf).
 
-        ``in_flight``: what happens to requests running at the swap (``sampler.inflight``):
+        ``in_flight``: what happens to requests running at the swap (``sampler.sync.inflight``):
         ``"drain"`` (they finish on the old weights first; new ones wait), ``"continue"``
         (they go on with their KV cache under the new weights) or ``"recompute"`` (their KV
         is recomputed under the new weights first). Every answer's
@@ -248,7 +250,7 @@ class SglangJaxSampler(RolloutEngine):
         ``in_flight`` / ``max_staleness`` as in ``update_params`` (with "continue" or
         "recompute" the scheduler stays parked while the tensors are read).
         """
-        options = dict(strict=strict, track_peak_memory=track_peak_memory, in_flight=in_flight)
+        options: dict[str, Any] = dict(strict=strict, track_peak_memory=track_peak_memory, in_flight=in_flight)
         if not is_path(path_or_weights):
             return self.update_params(path_or_weights, max_staleness=max_staleness, **options)
         self._recover_if_faulted()
@@ -313,7 +315,7 @@ class SglangJaxSampler(RolloutEngine):
         On a multi-process engine: on process 0 only, or on every process inside
         ``collective_generation()`` (each gets the results of its own prompts).
 
-        The whole call is validated before any prompt is sent (``sampler.validation``): a
+        The whole call is validated before any prompt is sent (``sampler.engine.validation``): a
         bad prompt or option raises ``InvalidRequestError`` (a ValueError) naming it.
         """
         prompts = prompt_ids(prompts)
@@ -356,7 +358,7 @@ class SglangJaxSampler(RolloutEngine):
     @property
     def process_index(self) -> int:
         """This process's rank in a multi-process engine (0 on a single-process one)."""
-        return 0 if self._collective is None else self._handle.topology.node_rank
+        return 0 if self._collective is None else self._collective.handle.topology.node_rank
 
     def _generate_local(
         self,
@@ -384,6 +386,26 @@ class SglangJaxSampler(RolloutEngine):
     def shutdown(self) -> None:
         """Stop the engine and every thread it started (idempotent)."""
         self.sync.close()
+
+
+def engine_parts(config: SamplerConfig) -> tuple[EngineHandle, WeightSync, CollectiveGeneration | None]:
+    """The engine handle and weight sync for ``config``: single-process, or this process's
+    part of a multi-process engine (then also its generation front)."""
+    topo = topology(config)
+    if topo is None:
+        handle = EngineHandle(config)
+        return handle, _sync_or_shutdown(WeightSync, handle, config), None
+    handle = MultiNodeEngineHandle(config, topo)
+    sync = _sync_or_shutdown(MultiProcessSync, handle, config)
+    return handle, sync, CollectiveGeneration(handle, sync.group)
+
+
+def _sync_or_shutdown(cls, handle, config):
+    try:
+        return cls(handle, config)
+    except BaseException:
+        handle.shutdown()
+        raise
 
 
 logger = logging.getLogger(__name__)

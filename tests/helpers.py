@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sampler.testing import write_tiny_model
+from sampler.tiny import write_tiny_model
 
 # case -> (architecture, config overrides). The one list of models the tests cover: every
 # case is checked in every source format its architecture has against sglang-jax's own loader
@@ -319,7 +319,7 @@ def write_varied_case(path: Path, *, seed: int = 0, architecture: str = "Qwen3Fo
     attention, so RoPE, matters to its logprobs). ``overrides``: config fields."""
     from transformers import AutoConfig
 
-    from sampler.testing import random_hf_weights, write_weights
+    from sampler.tiny import random_hf_weights, write_weights
 
     path = write_tiny_model(path, architecture, seed=seed, weights=False, **overrides)
     config = AutoConfig.from_pretrained(str(path))
@@ -340,7 +340,7 @@ def parked_at_tokens(sampler, n: int, *, timeout: float = 120):
     scheduler is parked, and is checked by the scheduler thread itself at every iteration
     boundary (each decode iteration adds one token). Send the request inside the block, then
     call the yielded ``wait()``; the scheduler resumes when the block ends."""
-    from sampler.compat.inflight import held_requests, tokens_generated
+    from sampler.compat.scheduler import held_requests, tokens_generated
 
     handle = sampler._handle
     scheduler = handle.scheduler
@@ -389,7 +389,7 @@ def write_special_prone_case(path: Path, *, seed: int = 0) -> Path:
     the lm_head rows of the special tokens are scaled up, so their logits lead often."""
     from transformers import AutoConfig
 
-    from sampler.testing import random_hf_weights, write_weights
+    from sampler.tiny import random_hf_weights, write_weights
 
     path = write_tiny_model(path, "LlamaForCausalLM", seed=seed, weights=False, tie_word_embeddings=False)
     weights = random_hf_weights(AutoConfig.from_pretrained(str(path)), seed=seed, scale=VARIED_WEIGHT_SCALE)

@@ -1,4 +1,4 @@
-"""One process of a multi-controller test program, started by ``sampler.launch`` (see
+"""One process of a multi-controller test program, started by ``sampler.multiprocess.launch`` (see
 tests/test_multiprocess.py). Every process runs the same steps; each prints its findings
 as one ``RESULT {json}`` line. Usage: python -m tests.multiprocess_worker SCENARIO MODEL_DIR
 """
@@ -22,9 +22,9 @@ from flax import nnx  # noqa: E402
 
 from converters import ParamsMismatchError, fingerprint_params  # noqa: E402
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
-from sampler.multiprocess import NotLeaderError, PeerFailureError  # noqa: E402
-from sampler.tunix_models import load_tunix_model  # noqa: E402
-from sampler.weights import buffer_pointers  # noqa: E402
+from sampler.errors import NotLeaderError, PeerFailureError  # noqa: E402
+from sampler.sync.leaves import buffer_pointers  # noqa: E402
+from sampler.tunix.models import load_tunix_model  # noqa: E402
 from tests import helpers  # noqa: E402
 
 P = jax.sharding.PartitionSpec

@@ -222,7 +222,7 @@ def tunix_prompt_logprobs(model, ids: list[int]) -> np.ndarray:
 def test_tunix_rope_theta_workaround_works(architecture, theta, tmp_path):
     """Patched, a Tunix trainer of a checkpoint with another rope_theta than Tunix's fixed 1e6
     computes the HF model (the float64 reference forward); its ModelConfig's own value rules."""
-    from sampler.tunix_models import load_tunix_model
+    from sampler.tunix.models import load_tunix_model
     from tests import reference_forward as ref
 
     path = helpers.write_varied_case(tmp_path / architecture, architecture=architecture, rope_theta=theta)
@@ -246,7 +246,7 @@ def test_configs_tunix_cannot_follow_are_refused_naming_the_field(tmp_path):
     from tunix.models.qwen2 import model as qwen2
     from tunix.models.qwen3 import model as qwen3
 
-    from sampler.tunix_models import load_tunix_model
+    from sampler.tunix.models import load_tunix_model
 
     for lib in (gemma, llama3, qwen2, qwen3):
         fields = {f.name for f in dataclasses.fields(lib.ModelConfig)}
@@ -283,7 +283,7 @@ def test_a_rollout_refuses_a_trainer_of_another_model_before_its_engine_starts(t
     from tunix.rl.rollout import base_rollout
 
     from sampler import SglangJaxRollout
-    from sampler.tunix_models import load_tunix_model
+    from sampler.tunix.models import load_tunix_model
 
     path = helpers.write_case(tmp_path / "theta", "qwen3-tied", rope_theta=10_000.0)
     actor = load_tunix_model(path, rope_theta=compat.TUNIX_FIXED_ROPE_THETA)
@@ -321,7 +321,7 @@ def test_upstream_internals_the_sampler_reads_still_exist(model_dir, engines):
         "waiting_queue", "grammar_queue", "pending_dp_reqs", "chunked_reqs", "tree_cache", "enable_overlap",
         "_add_request_to_queue",
     ):  # fmt: skip
-        assert hasattr(scheduler, name), f"Scheduler.{name} is gone (sampler.compat.inflight reads it)"
+        assert hasattr(scheduler, name), f"Scheduler.{name} is gone (sampler.compat.scheduler reads it)"
     assert hasattr(tm, "_wait_one_response"), "TokenizerManager._wait_one_response is gone (weight-version stamps)"
 
 
@@ -428,7 +428,7 @@ def test_logprob_decoding_workaround_still_needed(model_dir):
 
 
 def test_logprob_decoding_workaround_works(model_dir, engines):
-    from sampler.testing import POISON_REQUESTS, generate_unchecked
+    from sampler.serve.faults import POISON_REQUESTS, generate_unchecked
 
     sampler = engines.get(model_dir("qwen3-tied"), load_format="safetensors")
     tm = sampler.engine.tokenizer_manager
@@ -508,7 +508,7 @@ def test_inputs_validation_refuses_still_crash_upstream(model_dir):
     """Each request of compat.UPSTREAM_CRASHES, sent past request validation, still fails the
     engine thread it is listed for (contained here; upstream alone then kills the process).
     A dedicated sampler, restarted after each fault."""
-    from sampler.testing import generate_unchecked
+    from sampler.serve.faults import generate_unchecked
 
     path = str(model_dir("qwen3-tied"))
     sampler = SglangJaxSampler(config=SamplerConfig(model_path=path, load_format="safetensors", context_length=128))
@@ -552,7 +552,7 @@ def test_greedy_in_mixed_batch_workaround_works(model_dir, engines):
 
 
 # --------------------------------------------------------------------------------------
-# in-flight weight swaps (sampler.compat.inflight); the works tests are in test_inflight.py
+# in-flight weight swaps (sampler.compat.scheduler); the works tests are in test_inflight.py
 # --------------------------------------------------------------------------------------
 
 

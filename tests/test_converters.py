@@ -18,7 +18,7 @@ from converters import (
     build_plan,
     get_converter,
 )
-from sampler.tunix_models import load_tunix_model
+from sampler.tunix.models import load_tunix_model
 from tests import helpers
 
 ALL_CASES = sorted(helpers.CASES)

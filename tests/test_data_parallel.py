@@ -224,7 +224,7 @@ def test_a_push_failing_midway_blocks_generation_until_a_complete_push(dp, model
 def test_a_bad_prompt_sends_nothing_to_any_engine(dp):
     """The whole call is validated before it is split: with every scheduler parked, anything
     sent would still be in some engine's tokenizer manager table."""
-    from sampler.validation import InvalidRequestError
+    from sampler.errors import InvalidRequestError
 
     prompts = [[5, 6, 7]] * 7 + [[5, 6, -1]]  # the bad prompt is the last: another engine's share
     for s in dp.samplers:

@@ -15,9 +15,9 @@ from flax import nnx
 
 import converters
 from sampler import SamplerConfig, SglangJaxSampler, UnsupportedModelError
-from sampler.testing import write_tiny_model
-from sampler.tunix_models import load_tunix_model
-from sampler.weights import buffer_pointers
+from sampler.sync.leaves import buffer_pointers
+from sampler.tiny import write_tiny_model
+from sampler.tunix.models import load_tunix_model
 from tests import helpers
 
 EXPERT_LEAVES = (".mlp.wi_0", ".mlp.wi_1", ".mlp.wo")

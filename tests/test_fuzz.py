@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sampler import EngineFaultError
-from sampler.validation import SAMPLING_PARAMS
+from sampler.engine.validation import SAMPLING_PARAMS
 from tests.test_validation import KNOWN_IDS, KNOWN_PARAMS, request
 
 pytestmark = pytest.mark.engine

@@ -133,7 +133,7 @@ def test_rollout_returns_completions_at_their_real_length(model_dir):
     every trajectory as too long (it trained on nothing)."""
     from tunix.rl.rollout import base_rollout
 
-    from sampler.tunix_models import load_tunix_model
+    from sampler.tunix.models import load_tunix_model
 
     path = model_dir("qwen3-tied")
     config = base_rollout.RolloutConfig(

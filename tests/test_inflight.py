@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from sampler import DataParallelSampler, SamplerConfig, create_sampler
-from sampler.compat.inflight import held_requests
-from sampler.inflight import check_in_flight, oldest_version, token_staleness, token_versions
+from sampler.compat.scheduler import held_requests
 from sampler.serve.server import WeightServer
+from sampler.sync.inflight import check_in_flight, oldest_version, token_staleness, token_versions
 from tests import helpers
 
 pytestmark = pytest.mark.engine

@@ -9,7 +9,7 @@ from flax import nnx
 
 import converters
 from sampler import SglangJaxRollout
-from sampler.tunix_models import load_tunix_model
+from sampler.tunix.models import load_tunix_model
 from tests import helpers
 from training_examples import grpo_tiny
 

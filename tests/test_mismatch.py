@@ -12,7 +12,7 @@ from tunix.rl import common
 
 from sampler import compat, logprob_mismatch
 from sampler.mismatch import right_padded
-from sampler.tunix_models import load_tunix_model
+from sampler.tunix.models import load_tunix_model
 from tests import helpers
 
 #: What a healthy bf16 engine against an fp32 Tunix trainer measures here (nats): about

@@ -1,6 +1,6 @@
 """Several JAX processes, one engine (2 processes x 2 simulated CPU devices, loopback only):
 a Tunix FSDP trainer spanning both pushes into a tp=4 engine spanning both. Each scenario
-runs once as real processes (``sampler.launch``; tests/multiprocess_worker.py); the tests
+runs once as real processes (``sampler.multiprocess.launch``; tests/multiprocess_worker.py); the tests
 check what each process reported against sglang-jax's own loader and a single-process
 tp=4 engine in this process."""
 
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from sampler import multiprocess
-from sampler.launch import launch
+from sampler.multiprocess.launch import launch
 from tests import helpers
 from tests.multiprocess_worker import CYCLES, OWN_PROMPTS, SPECIAL_IDS, SPECIAL_PARAMS
 

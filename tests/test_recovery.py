@@ -1,5 +1,5 @@
 """Restarting a faulted engine from Python (``SglangJaxSampler.restart``, ``auto_restart``),
-with real engine-thread faults: the poison requests of ``sampler.testing`` sent past request
+with real engine-thread faults: the poison requests of ``sampler.serve.faults`` sent past request
 validation, and a served weight deleted under the engine. The restarted engine must serve the
 very weights served before (fingerprint and greedy tokens), keep the version, and free the old
 engine's device memory."""
@@ -12,8 +12,8 @@ import pytest
 
 import converters
 from sampler import EngineFaultError, SamplerConfig, SglangJaxSampler, WeightsLostError
-from sampler.testing import POISON_REQUESTS, generate_unchecked
-from sampler.weights import buffer_pointers, live_device_bytes
+from sampler.serve.faults import POISON_REQUESTS, generate_unchecked
+from sampler.sync.leaves import buffer_pointers, live_device_bytes
 from tests import helpers
 
 pytestmark = pytest.mark.engine

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import converters
-from sampler.tunix_models import load_tunix_model
+from sampler.tunix.models import load_tunix_model
 from tests import helpers
 from tests import reference_forward as ref
 

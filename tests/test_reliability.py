@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 import converters
 from converters import ParamsMismatchError
 from sampler import UpdateTimeoutError
-from sampler.testing import write_tiny_model
-from sampler.weights import buffer_pointers, live_device_bytes
+from sampler.sync.leaves import buffer_pointers, live_device_bytes
+from sampler.tiny import write_tiny_model
 from tests import helpers
 
 IDS = [5, 17, 42, 99, 7]

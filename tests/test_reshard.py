@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 import converters
-from sampler.tunix_models import load_tunix_model
-from sampler.weights import buffer_pointers
+from sampler.sync.leaves import buffer_pointers
+from sampler.tunix.models import load_tunix_model
 from tests import helpers
 
 pytestmark = pytest.mark.engine

@@ -12,9 +12,9 @@ from flax import nnx
 
 import converters
 from converters import CheckpointError, ParamsMismatchError
-from sampler.testing import write_weights
-from sampler.tunix_models import load_tunix_model
-from sampler.weights import buffer_pointers
+from sampler.sync.leaves import buffer_pointers
+from sampler.tiny import write_weights
+from sampler.tunix.models import load_tunix_model
 from tests import helpers
 
 pytestmark = pytest.mark.engine

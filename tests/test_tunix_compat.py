@@ -18,8 +18,8 @@ from tunix.generate import sglang_jax_sampler as tunix_sglang
 
 import converters
 from sampler import SglangJaxRollout, SglangJaxSampler
-from sampler.tunix_config import from_tunix_config
-from sampler.tunix_models import load_tunix_model, tunix_model_config
+from sampler.tunix.config import from_tunix_config
+from sampler.tunix.models import load_tunix_model, tunix_model_config
 from tests import helpers
 from training_examples import grpo_tiny
 
@@ -127,7 +127,7 @@ def test_mapping_config_with_renamed_keys_is_honoured(model_dir, engines):
     paths, leaves = converters.key_paths(state), jax.tree.leaves(state)
     source = {p.replace(".attn.", ".attention."): x for p, x in zip(paths, leaves)}
 
-    from sampler.tunix_config import mapping_format
+    from sampler.tunix.config import mapping_format
 
     name = mapping_format("LlamaForCausalLM", custom)
     assert name is not None and name.startswith("tunix-mapping-")

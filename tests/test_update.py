@@ -9,8 +9,8 @@ from flax import nnx
 
 import converters
 from converters import DeletedArrayError, ParamsMismatchError
-from sampler.tunix_models import load_tunix_model
-from sampler.weights import buffer_pointers, live_device_bytes
+from sampler.sync.leaves import buffer_pointers, live_device_bytes
+from sampler.tunix.models import load_tunix_model
 from tests import helpers
 
 pytestmark = pytest.mark.engine

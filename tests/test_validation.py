@@ -2,7 +2,7 @@
 every Python entry point, with an error naming the field and the allowed range; the engine
 keeps serving and a known request keeps its known answer. The inputs are those that crashed an
 engine thread, killed the process or were served as garbage on unvalidated sglang-jax 0.1.0rc0
-(see ``sampler.testing.POISON_REQUESTS`` and tests/test_compat.py for the unvalidated side)."""
+(see ``sampler.serve.faults.POISON_REQUESTS`` and tests/test_compat.py for the unvalidated side)."""
 
 import inspect
 import math
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from sampler.compat import UPSTREAM_CRASHES
-from sampler.testing import POISON_REQUESTS
-from sampler.validation import SAMPLING_PARAMS, InvalidRequestError, RequestLimits, RequestValidator
+from sampler.engine.validation import SAMPLING_PARAMS, RequestLimits, RequestValidator
+from sampler.errors import InvalidRequestError
+from sampler.serve.faults import POISON_REQUESTS
 from tests import helpers
 
 KNOWN_IDS = [5, 6, 7]

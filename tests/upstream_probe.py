@@ -186,7 +186,7 @@ def main(mode: str, model_dir: str) -> None:
         from sgl_jax.srt.managers.tokenizer_manager import TokenizerManager
 
         from sampler import EngineFaultError, SamplerConfig, SglangJaxSampler
-        from sampler.testing import POISON_REQUESTS, generate_unchecked
+        from sampler.serve.faults import POISON_REQUESTS, generate_unchecked
 
         config = SamplerConfig(model_path=model_dir, load_format="safetensors", context_length=128)
         sampler = SglangJaxSampler(config=config)
@@ -220,7 +220,7 @@ def main(mode: str, model_dir: str) -> None:
         from sgl_jax.srt.managers.io_struct import AbortReq, PauseGenerationReqInput
 
         from sampler import SamplerConfig, SglangJaxSampler
-        from sampler.compat.inflight import held_requests
+        from sampler.compat.scheduler import held_requests
         from tests import helpers
 
         sampler = SglangJaxSampler(
@@ -309,7 +309,7 @@ def main(mode: str, model_dir: str) -> None:
         from tunix.models.qwen3 import params as qwen3_params
 
         from converters import read_hf_config
-        from sampler.tunix_models import tunix_model_config
+        from sampler.tunix.models import tunix_model_config
 
         loader = {"Qwen3ForCausalLM": qwen3_params, "LlamaForCausalLM": llama_params}
         ids, pos = jnp.asarray([[5, 6, 7, 8, 9, 10]]), jnp.arange(6)[None]

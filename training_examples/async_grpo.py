@@ -173,9 +173,9 @@ def run(
     from tunix.rl.rollout import base_rollout
 
     from sampler import SglangJaxRollout, compat
-    from sampler.testing import write_eos_prone_model
-    from sampler.tunix_config import from_rollout_config
-    from sampler.tunix_models import load_tunix_model
+    from sampler.tiny import write_eos_prone_model
+    from sampler.tunix.config import from_rollout_config
+    from sampler.tunix.models import load_tunix_model
 
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: must be one of {MODES}")

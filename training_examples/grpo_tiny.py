@@ -118,8 +118,8 @@ def run(
     from tunix.rl.rollout import base_rollout
 
     from sampler import SglangJaxRollout, measure_mismatch
-    from sampler.testing import write_tiny_model
-    from sampler.tunix_models import load_tunix_model
+    from sampler.tiny import write_tiny_model
+    from sampler.tunix.models import load_tunix_model
 
     work = Path(workdir)
     model_dir = write_tiny_model(work / f"tiny-{architecture}", architecture, seed=seed)

@@ -22,8 +22,8 @@ from flax import nnx  # noqa: E402
 
 import converters  # noqa: E402
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
-from sampler.testing import write_tiny_model  # noqa: E402
-from sampler.tunix_models import load_tunix_model  # noqa: E402
+from sampler.tiny import write_tiny_model  # noqa: E402
+from sampler.tunix.models import load_tunix_model  # noqa: E402
 
 PROMPTS = ["1+1=", "hello world the quick", "Q: what is 3+4? A:"]
 

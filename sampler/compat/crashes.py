@@ -4,7 +4,7 @@ Upstream checks some request fields (``SamplingParams.verify``, the tokenizer ma
 length checks), but not token-id ranges, int32 bounds, types, or the logprob options. Each
 request here fails the scheduler or the detokenizer thread (unpatched upstream then kills the
 process; ``patch_contain_engine_faults`` contains it, but the engine is lost). The workaround is
-request validation (``sampler.validation``): it refuses every one of them, naming the field,
+request validation (``sampler.engine.validation``): it refuses every one of them, naming the field,
 before anything is sent. ``tests/test_compat.py`` sends each one past validation to show that
 upstream still crashes on it (drop the entry once it does not), and ``tests/test_validation.py``
 shows each is refused.
@@ -28,7 +28,7 @@ class UpstreamCrash:
     thread: str  # "scheduler" or "detokenizer"
     error: str  # the exception type the thread dies of
     where: str  # upstream's failing line (site-packages/sgl_jax/srt/...)
-    refused_as: str  # the field sampler.validation names when it refuses it
+    refused_as: str  # the field sampler.engine.validation names when it refuses it
 
 
 UPSTREAM_CRASHES: dict[str, UpstreamCrash] = {

@@ -173,7 +173,7 @@ def patch_contain_tokenizer_loop_faults() -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def _raise_stop() -> None:
+def raise_stop() -> None:
     """End the upstream thread this runs in.
 
     SystemExit is not an ``Exception``, so upstream ``except Exception`` handlers (which
@@ -187,14 +187,14 @@ class _UnpicklesToStop:
     """Sent over a zmq socket: ``recv_pyobj`` raises SystemExit while unpickling it."""
 
     def __reduce__(self):
-        return (_raise_stop, ())
+        return (raise_stop, ())
 
 
 class _StopOnUnpack:
     """Put on a ``queue.Queue`` whose consumer unpacks items: unpacking raises SystemExit."""
 
     def __iter__(self):
-        _raise_stop()
+        raise_stop()
 
 
 class _StopOnArithmetic(float):
@@ -204,10 +204,10 @@ class _StopOnArithmetic(float):
         return super().__new__(cls, float("inf"))
 
     def __floordiv__(self, other):
-        _raise_stop()
+        raise_stop()
 
 
-class _SchedulerStop(threading.Event):
+class SchedulerStop(threading.Event):
     """Set: the scheduler thread ends. ``wake()``: an idle scheduler returns from its wait now."""
 
     def __init__(self):
@@ -237,7 +237,7 @@ class _SchedulerStop(threading.Event):
                 pass
 
 
-def quiet_idle_scheduler(scheduler: Any, *, poll_ms: int = IDLE_POLL_MS) -> "_SchedulerStop":
+def quiet_idle_scheduler(scheduler: Any, *, poll_ms: int = IDLE_POLL_MS) -> "SchedulerStop":
     """Make the scheduler wait on its sockets instead of spinning while it has no work.
 
     Wraps the instance's ``recv_requests``: when nothing arrived and nothing is queued
@@ -247,7 +247,7 @@ def quiet_idle_scheduler(scheduler: Any, *, poll_ms: int = IDLE_POLL_MS) -> "_Sc
     """
     import zmq
 
-    stop = _SchedulerStop()
+    stop = SchedulerStop()
     original: Callable[[], list] = scheduler.recv_requests
     sockets = [s for s in (scheduler.recv_from_tokenizer, scheduler.recv_from_rpc) if s is not None]
     poller = zmq.Poller()
@@ -257,13 +257,13 @@ def quiet_idle_scheduler(scheduler: Any, *, poll_ms: int = IDLE_POLL_MS) -> "_Sc
 
     def recv_requests() -> list:
         if stop.is_set():
-            _raise_stop()
+            raise_stop()
         reqs = original()
         if not reqs and (scheduler._engine_paused or scheduler.is_fully_idle()):
             if dict(poller.poll(poll_ms)).get(stop.wake_fd):
                 stop.drain()
             if stop.is_set():
-                _raise_stop()
+                raise_stop()
             reqs = original()
         return reqs
 

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from converters.spec import TEXT_CONFIG
-from sampler.compat.patches import SGLANG_JAX_VERSION, UnsupportedModelError
+from sampler.compat.patches import SGLANG_JAX_VERSION
+from sampler.errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 

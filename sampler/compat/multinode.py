@@ -43,7 +43,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-from sampler.compat.lifecycle import _raise_stop, _SchedulerStop
+from sampler.compat.lifecycle import SchedulerStop, raise_stop
 
 #: Upstream's switch that keeps ``Engine()`` on rank > 0 from blocking in a health server.
 BLOCK_NONZERO_RANK_ENV = "SGLANG_BLOCK_NONZERO_RANK_CHILDREN"
@@ -171,7 +171,7 @@ class LockstepPark:
         self.leader = scheduler.node_rank == 0
         #: Set: the scheduler thread ends. The leader's handle replaces it with its
         #: quiet-idle scheduler's stop (the same kind of event, whose pipe wakes that loop).
-        self.stop = _SchedulerStop()
+        self.stop = SchedulerStop()
         #: Called (from any thread) while the scheduler is idle: no-op until ``ready`` is set.
         self.ready: Callable[[], bool] = lambda: not self.leader
         self.silence_s = silence_s
@@ -195,7 +195,7 @@ class LockstepPark:
                 self._cond.wait(FOLLOWER_POLL_MS / 1000)
             self._parked = False
         if self.stop.is_set():
-            _raise_stop()
+            raise_stop()
 
     def _leader_broadcast(self, original, recv_reqs):
         markers = []
@@ -207,7 +207,7 @@ class LockstepPark:
                 markers.append(_Marker(STOP))
         out = original(list(recv_reqs or []) + markers) if markers else original(recv_reqs)
         if any(m.kind == STOP for m in markers):
-            _raise_stop()
+            raise_stop()
         if park:
             self._wait_parked()
         return _split_markers(out)[0]
@@ -222,7 +222,7 @@ class LockstepPark:
         last = time.monotonic()
         while True:
             if self.stop.is_set():
-                _raise_stop()
+                raise_stop()
             events = dict(poller.poll(FOLLOWER_POLL_MS))
             if events.get(self.stop.wake_fd):
                 self.stop.drain()
@@ -236,7 +236,7 @@ class LockstepPark:
         reqs, kinds = _split_markers(reqs)
         if STOP in kinds:
             self.leader_stopped.set()
-            _raise_stop()
+            raise_stop()
         if PARK in kinds:
             with self._cond:
                 self._wanted = True

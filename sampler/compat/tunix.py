@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from sampler.errors import TrainerMismatchError
+
 logger = logging.getLogger(__name__)
 
 TUNIX_VERSION = "0.1.7"
@@ -29,11 +31,6 @@ HF_DEFAULT_ROPE_THETA = 10_000
 #: Tunix model modules whose ``Attention.block`` calls ``apply_rope`` without the config's
 #: rope_theta (so it takes the default 1e6): Qwen3 (dense and MoE) and Llama3.
 TUNIX_ROPE_MODULES = ("tunix.models.qwen3.model", "tunix.models.llama3.model")
-
-
-class TrainerMismatchError(ValueError):
-    """A Tunix trainer built for this config would compute another model than the engine
-    (which follows the HF config): its logprobs, and so the policy gradient, would be off."""
 
 
 # --------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ weight reloads (see ``sampler.serve.server.WeightServer``).
 One engine on ``--port``; ``--data-parallel-size N``: N engines on disjoint devices behind
 ``--port``; ``--num-servers N``: N engines, engine i on ``--base-port + i``. The main thread
 builds the engines, starts the HTTP servers on a thread and event loop of their own, and
-then watches: it rebuilds an engine after a fault (``sampler.serve.recovery``; engines can
+then watches: it rebuilds an engine after a fault (``sampler.serve.rebuild``; engines can
 only be built on the main thread) and runs the shutdown on SIGTERM/SIGINT.
 """
 
@@ -19,9 +19,9 @@ import threading
 import time
 
 from sampler.config import SamplerConfig
-from sampler.data_parallel import create_sampler
+from sampler.factory import create_sampler
 from sampler.serve.admin_client import ADMIN_TOKEN_ENV
-from sampler.serve.recovery import MAX_ENGINE_RESTARTS, EngineRecovery, caller_on
+from sampler.serve.rebuild import MAX_ENGINE_RESTARTS, EngineRecovery, caller_on
 from sampler.serve.server import API_KEY_ENV, MAX_BATCH_SIZE, MAX_BODY_BYTES, WeightServer
 
 logger = logging.getLogger("sampler.serve")

@@ -9,13 +9,13 @@ through the converters (see ``WeightServer``): one engine, or several on disjoin
 ``--num-servers N``: one port per engine), every weight change applied to all engines or
 none. The HTTP server runs on an event loop of its own; sglang-jax's routes run on each
 engine's loop (where its tokenizer manager lives) through ``bridge.EngineApp``, so the
-server outlives an engine that faults and is rebuilt (``sampler.serve.recovery``).
+server outlives an engine that faults and is rebuilt (``sampler.serve.rebuild``).
 """
 
 import asyncio
 import dataclasses
 import hmac
-import json
+import importlib
 import logging
 import math
 import time
@@ -30,20 +30,17 @@ import numpy as np
 from converters.checkpoint import CheckpointError
 from converters.errors import ConversionError
 from sampler import compat
-from sampler.base import RolloutEngine
-from sampler.engine import UpdateTimeoutError
-from sampler.inflight import check_in_flight
+from sampler.errors import UpdateTimeoutError
+from sampler.interface import RolloutEngine
 from sampler.reports import UpdateReport
 from sampler.serve.admin_client import ADMIN_TOKEN_ENV
-from sampler.serve.bridge import EngineApp, error_body, send_json
-from sampler.serve.routing import EngineRouter, request_cost
-from sampler.validation import InvalidRequestError, check_openai_request
+from sampler.serve.admission import Admission, bearer
+from sampler.serve.bridge import EngineApp
+from sampler.serve.routing import EngineRouter
+from sampler.sync.inflight import check_in_flight
 
 logger = logging.getLogger(__name__)
 
-#: Always answered, without a key, even during a reload or a rebuild (``/health`` says how
-#: the engine is).
-UNGATED_PATHS = frozenset({"/health"})
 #: The default cap on request bodies (bytes).
 MAX_BODY_BYTES = 16 * 2**20
 #: The default cap on prompts (times ``n``) per generation request.
@@ -52,27 +49,6 @@ MAX_BATCH_SIZE = 1024
 API_KEY_ENV = "SAMPLER_API_KEY"
 #: Retry-After (s) while the engine is rebuilt.
 RECOVERY_RETRY_AFTER_S = 5
-#: sglang-jax routes that change the engine's state: they need the admin token here.
-UPSTREAM_CONTROL_PATHS = frozenset(
-    {
-        "/abort_request",  # abort_all ends every client's requests
-        "/flush_cache",
-        "/pause_generation",
-        "/continue_generation",
-        "/release_memory_occupation",
-        "/resume_memory_occupation",
-        "/set_internal_state",
-        "/configure_logging",
-        "/start_profile",
-        "/stop_profile",
-        "/start_trace",
-        "/stop_trace",
-    }
-)
-
-
-#: The response header naming the engine (its index) that answered a request.
-ENGINE_HEADER = "x-sampler-engine"
 
 
 def serving_engines(sampler: RolloutEngine) -> list[Any]:
@@ -124,7 +100,7 @@ class WeightServer:
       ones finish on the old weights, then the weights are swapped and the prefix cache
       flushed; with ``"continue"`` / ``"recompute"`` nothing is refused: the scheduler is
       parked between two iterations, the weights swapped, and requests in flight go on
-      under the new weights (see ``sampler.inflight``). 409 while another weight change runs.
+      under the new weights (see ``sampler.sync.inflight``). 409 while another weight change runs.
       Every ``/generate`` answer's ``meta_info["weight_versions"]`` says which weight
       version produced which tokens.
     - ``GET /admin/reload_status``, ``GET /admin/weights_checksum`` (``fingerprint()``),
@@ -157,6 +133,8 @@ class WeightServer:
         self.api_key = api_key or None
         self.enable_weight_perturb = enable_weight_perturb
         self.enable_fault_injection = enable_fault_injection
+        #: Test-only fault injection (``sampler.serve.faults``), loaded only when enabled.
+        self.faults = importlib.import_module("sampler.serve.faults") if enable_fault_injection else None
         self.max_body_bytes = max_body_bytes
         self.state = "idle"  # idle | reloading | failed
         self.operation: str | None = None  # the weight change running now
@@ -174,13 +152,13 @@ class WeightServer:
         self.engine_events: dict[str, Any] = {"restarts": 0, "last_fault": None, "last_restart": None}
         self.engine_apps: list[EngineApp] = []
         self._admin_app = self._build_admin_app()
-        self.app = _Admission(self._admin_app, server=self)
+        self.app = Admission(self._admin_app, server=self)
         self.install_engines()
 
     # ------------------------------------------------------------------ apps
-    def port_apps(self) -> list["_Admission"]:
+    def port_apps(self) -> list["Admission"]:
         """One app per engine (the one-port-per-engine layout); admin endpoints act on all."""
-        return [_Admission(self._admin_app, server=self, engine=i) for i in range(len(self.engines))]
+        return [Admission(self._admin_app, server=self, engine=i) for i in range(len(self.engines))]
 
     def install_engines(self) -> None:
         """Serve sglang-jax's routes from each engine's current instance (from any thread but
@@ -279,15 +257,13 @@ class WeightServer:
 
         @app.post("/admin/inject_fault")
         async def inject_fault(body: FaultBody):
-            if not self.enable_fault_injection:
+            if self.faults is None:
                 return _error(403, "fault injection is disabled: it exists for tests (--enable-fault-injection)")
-            from sampler.testing import inject_fault
-
             if not 0 <= body.engine < len(self.engines):
                 return _error(400, f"engine must be in [0, {len(self.engines)}) (got {body.engine})")
             engine = self.engines[body.engine]
             try:
-                return await asyncio.to_thread(inject_fault, engine, park=body.park, thread=body.thread)
+                return await asyncio.to_thread(self.faults.inject_fault, engine, park=body.park, thread=body.thread)
             except ValueError as e:
                 return _error(400, str(e))
 
@@ -329,7 +305,7 @@ class WeightServer:
         """Why an admin request is refused (status, message), or None."""
         if self.admin_token is None:
             return 403, f"admin endpoints are disabled: start the server with --admin-token or ${ADMIN_TOKEN_ENV}"
-        given = headers.get("x-admin-token") or _bearer(headers)
+        given = headers.get("x-admin-token") or bearer(headers)
         if not given:
             return 401, "missing admin token (Authorization: Bearer <token>)"
         if not hmac.compare_digest(given.encode(), self.admin_token.encode()):
@@ -340,7 +316,7 @@ class WeightServer:
         """Why an inference request is refused for its API key (only with ``api_key``)."""
         if self.api_key is None:
             return None
-        given = _bearer(headers)
+        given = bearer(headers)
         if not given:
             return 401, "missing API key (Authorization: Bearer <key>)"
         if not hmac.compare_digest(given.encode(), self.api_key.encode()):
@@ -514,172 +490,3 @@ def _error(status: int, message: str, kind: str | None = None, headers: dict | N
         status_code=status,
         headers=headers,
     )
-
-
-def _bearer(headers) -> str | None:
-    auth = headers.get("authorization", "")
-    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
-
-
-#: Bytes of a too-large body read and dropped before the 413, so that the client (still
-#: sending) reads the answer instead of a reset connection; beyond it the connection is cut.
-DRAIN_BYTES = 64 * 2**20
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-async def _read_body(receive, limit: int, declared: int | None) -> bytes:
-    """The whole request body, or _BodyTooLarge once it exceeds ``limit`` (the rest, up to
-    DRAIN_BYTES, read and dropped)."""
-    chunks, size = [], 0
-    if declared is None or declared <= limit:
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return b"".join(chunks)
-            chunk, more = message.get("body", b""), message.get("more_body", False)
-            size += len(chunk)
-            if size > limit:
-                await _drain(receive, declared, size)
-                raise _BodyTooLarge()
-            chunks.append(chunk)
-        return b"".join(chunks)
-    await _drain(receive, declared, 0)
-    raise _BodyTooLarge()
-
-
-async def _drain(receive, declared: int | None, read: int) -> None:
-    """Read and drop the rest of a body the server answers without using (up to
-    DRAIN_BYTES), so that a client still sending reads the answer, not a reset connection."""
-    if declared is not None and declared - read > DRAIN_BYTES:
-        return
-    more = True
-    while more and read <= DRAIN_BYTES:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        read += len(message.get("body", b""))
-        more = message.get("more_body", False)
-
-
-def _replay(body: bytes, receive):
-    """A ``receive`` that yields the buffered body once, then waits on the client."""
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-class _Admission:
-    """The server's ASGI app: ``/health`` and ``/admin/*`` from the admin app; everything else
-    to an engine's app (``EngineApp``), after the admin token (engine-control routes) or the
-    API key (inference routes), the body-size cap, the OpenAI field checks, and a 503 while
-    the weights change or the engine cannot serve. Counts requests in flight until their
-    response's last byte, so streamed responses count too.
-
-    With ``engine`` set, every request goes to that engine; otherwise the router picks one
-    per request, and engine-control routes go to every engine."""
-
-    def __init__(self, app, server: WeightServer, engine: int | None = None):
-        self.app = app
-        self.server = server
-        self.engine = engine
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "lifespan":
-            return await _lifespan(receive, send)
-        path = scope.get("path", "")
-        if scope["type"] != "http" or path in UNGATED_PATHS:
-            return await self.app(scope, receive, send)
-        server = self.server
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        declared = int(headers["content-length"]) if headers.get("content-length", "").isdigit() else None
-        admin = path.startswith("/admin/") or path in UPSTREAM_CONTROL_PATHS
-        problem = server.auth_problem(headers) if admin else server.key_problem(headers)
-        if problem is not None:
-            await _drain(receive, declared, 0)
-            return await _reply(send, problem[0], problem[1], headers={"WWW-Authenticate": "Bearer"})
-        limit = server.max_body_bytes
-        try:
-            body = await _read_body(receive, limit, declared)
-        except _BodyTooLarge:
-            return await _reply(send, 413, f"the request body is larger than {limit} bytes (--max-body-bytes)")
-        if path.startswith("/admin/"):
-            return await self.app(scope, _replay(body, receive), send)
-        if not admin:
-            problem = server.admission_problem()
-            if problem is not None:
-                reason, retry_after = problem
-                headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-                return await _reply(send, 503, reason, "unavailable", headers)
-            try:
-                check_openai_request(path, body, server.sampler.request_limits)
-            except InvalidRequestError as e:  # in the form upstream answers errors on these routes
-                error = {"object": "error", "message": str(e), "type": "BadRequestError", "param": e.field, "code": 400}
-                return await send_json(send, 400, json.dumps(error).encode())
-        apps = server.engine_apps
-        if self.engine is None and admin and len(apps) > 1:
-            return await _fan_out(apps, scope, body, receive, send)
-        index = self.engine if self.engine is not None else server.router.choose()
-        cost = 0 if admin else request_cost(path, body)
-        server.router.begin(index, cost)
-        server.in_flight += 1
-        try:
-            await apps[index](scope, _replay(body, receive), _naming_engine(send, index))
-        finally:
-            server.in_flight -= 1
-            server.router.end(index, cost)
-
-
-def _naming_engine(send, index: int):
-    """``send`` with the ``ENGINE_HEADER`` added to the response's start line."""
-    name = (ENGINE_HEADER.encode(), str(index).encode())
-
-    async def named(message):
-        if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", []), name]}
-        await send(message)
-
-    return named
-
-
-async def _fan_out(apps: list[EngineApp], scope, body: bytes, receive, send) -> None:
-    """Run an engine-control request on every engine, one after another; answer with the
-    first engine's response that is not 2xx, else the last one's."""
-    answers = []
-    for index, app in enumerate(apps):
-        messages: list[dict] = []
-
-        async def keep(message, messages=messages):
-            messages.append(message)
-
-        await app(scope, _replay(body, receive), _naming_engine(keep, index))
-        answers.append(messages)
-    status = [next((m["status"] for m in a if m["type"] == "http.response.start"), 500) for a in answers]
-    chosen = next((a for a, code in zip(answers, status) if not 200 <= code < 300), answers[-1])
-    for message in chosen:
-        await send(message)
-
-
-async def _reply(send, status: int, message: str, kind: str | None = None, headers: dict | None = None):
-    await send_json(send, status, error_body(status, message, kind or "error"), headers)
-
-
-async def _lifespan(receive, send) -> None:
-    """The server's own lifespan: nothing to set up (the engine's app is started apart)."""
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

@@ -8,7 +8,7 @@ engines are built on the main thread) notices the fault and:
 1. stops serving the faulted engine: ``/health`` answers 503 with the reason, new requests
    503 + Retry-After naming the fault, requests in flight a 503 naming it;
 2. rebuilds it (every faulted engine) with ``SglangJaxSampler.restart()``: the weights it served (the served arrays
-   while alive, else the last checkpoint; ``sampler.recovery``), the same version;
+   while alive, else the last checkpoint; ``sampler.restart``), the same version;
 3. serves sglang-jax's routes from the new engine and resumes.
 
 A failed rebuild is retried up to ``attempts`` times; after ``max_restarts`` rebuilds in

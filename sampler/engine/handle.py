@@ -17,8 +17,9 @@ import jax
 from converters.spec import config_getter, head_dim_of, read_hf_config
 from sampler import compat
 from sampler.config import SamplerConfig
-from sampler.progress import progress
-from sampler.validation import RequestLimits, RequestValidator
+from sampler.engine.progress import progress
+from sampler.engine.validation import RequestLimits, RequestValidator
+from sampler.errors import EngineFaultError, UpdateTimeoutError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,14 +84,6 @@ def engine_kwargs(config: SamplerConfig) -> dict[str, Any]:
 
 #: What a call waiting on the engine gets when the engine is shut down under it.
 SHUT_DOWN_WHILE_WAITING = "the engine was shut down while this call waited for it"
-
-
-class EngineFaultError(RuntimeError):
-    """An engine thread failed; this engine cannot serve again (the process is fine)."""
-
-
-class UpdateTimeoutError(TimeoutError):
-    """Requests kept running past the time allowed for them to finish before a weight swap."""
 
 
 class EngineHandle:
