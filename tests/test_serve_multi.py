@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 
 from converters import fingerprint_params
-from sampler.serve.__main__ import parse_args
+from sampler.serve.cli import parse_args
 from sampler.serve.admin_client import main as admin_main
 from sampler.serve.routing import EngineRouter, request_cost
 from tests import helpers

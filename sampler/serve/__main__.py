@@ -6,11 +6,12 @@ One engine on ``--port``; ``--data-parallel-size N``: N engines on disjoint devi
 builds the engines, starts the HTTP servers on a thread and event loop of their own, and
 then watches: it rebuilds an engine after a fault (``sampler.serve.rebuild``; engines can
 only be built on the main thread) and runs the shutdown on SIGTERM/SIGINT.
+
+The command line (checked before anything starts) is ``sampler.serve.cli``.
 """
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -21,8 +22,9 @@ import time
 from sampler.config import SamplerConfig
 from sampler.factory import create_sampler
 from sampler.serve.admin_client import ADMIN_TOKEN_ENV
-from sampler.serve.rebuild import MAX_ENGINE_RESTARTS, EngineRecovery, caller_on
-from sampler.serve.server import API_KEY_ENV, MAX_BATCH_SIZE, MAX_BODY_BYTES, WeightServer
+from sampler.serve.cli import ENGINE_ARGS_TO_CONFIG, configure_logging, parse_args
+from sampler.serve.rebuild import EngineRecovery, caller_on
+from sampler.serve.server import API_KEY_ENV, WeightServer
 
 logger = logging.getLogger("sampler.serve")
 #: How often the main thread looks at the server while it runs (s).
@@ -30,102 +32,9 @@ SERVE_POLL_S = 0.2
 #: The warm-up request that compiles the forward passes before the first client waits on them.
 WARMUP_PROMPT = [1, 2, 3]
 WARMUP_PARAMS = {"max_new_tokens": 2, "temperature": 0.0}
-#: The largest TCP port.
-MAX_PORT = 65535
 #: Extra time uvicorn gives open connections beyond --graceful-timeout (by then every request
 #: has been answered: after the grace period the engine's requests get a 503).
 UVICORN_GRACE_MARGIN_S = 30.0
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sampler.serve", description=__doc__.splitlines()[0])
-    p.add_argument("--model-path", required=True, help="HF-style model directory (config, tokenizer, weights)")
-    p.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--tp", "--tp-size", dest="tp", type=int, default=1, help="tensor-parallel size of each engine")
-    p.add_argument(
-        "--data-parallel-size",
-        type=int,
-        default=1,
-        help="engines (each --tp devices, disjoint) behind --port; requests go to the least busy",
-    )
-    p.add_argument(
-        "--num-servers",
-        type=int,
-        default=None,
-        help="engines served one per port, from --base-port on (instead of --port); admin endpoints act on all",
-    )
-    p.add_argument("--base-port", type=int, default=31000, help="first port of --num-servers")
-    p.add_argument("--context-length", type=int, default=1024)
-    p.add_argument("--max-running-requests", type=int, default=8)
-    p.add_argument("--admin-token", default=None, help=f"token for /admin/* (or set ${ADMIN_TOKEN_ENV})")
-    p.add_argument(
-        "--api-key", default=None, help=f"key the inference routes require as a Bearer token (or set ${API_KEY_ENV})"
-    )
-    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="larger request bodies get 413")
-    p.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE, help="most prompts (times n) in one request")
-    p.add_argument(
-        "--max-engine-restarts",
-        type=int,
-        default=MAX_ENGINE_RESTARTS,
-        help="engine rebuilds after faults before the server gives up",
-    )
-    p.add_argument("--enable-weight-perturb", action="store_true", help="enable POST /admin/perturb_weights")
-    p.add_argument(
-        "--enable-fault-injection",
-        action="store_true",
-        help="enable POST /admin/inject_fault (for tests of fault recovery only: it crashes the engine)",
-    )
-    p.add_argument(
-        "--reload-timeout",
-        type=float,
-        default=120.0,
-        help="seconds in-flight requests may take to finish before a reload gives up",
-    )
-    p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds open requests get on SIGTERM")
-    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation before listening")
-    p.add_argument("--log-level", default="warning")
-    args = p.parse_args(argv)
-    problem = args_problem(args)
-    if problem is not None:
-        p.error(problem)
-    return args
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (only this machine can connect)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to any interface
-        return False
-
-
-def args_problem(args: argparse.Namespace) -> str | None:
-    """Why the command line cannot be served (named after its option), or None."""
-    if args.tp < 1:
-        return f"--tp-size must be >= 1 (got {args.tp})"
-    if args.data_parallel_size < 1:
-        return f"--data-parallel-size must be >= 1 (got {args.data_parallel_size})"
-    if args.num_servers is not None:
-        if args.num_servers < 1:
-            return f"--num-servers must be >= 1 (got {args.num_servers})"
-        if args.data_parallel_size not in (1, args.num_servers):
-            return f"--num-servers {args.num_servers} serves that many engines: drop --data-parallel-size"
-        last = args.base_port + args.num_servers - 1
-        if not 0 < args.base_port <= last <= MAX_PORT:
-            return f"--base-port {args.base_port} + --num-servers {args.num_servers} must stay within 1..{MAX_PORT}"
-    if not 0 <= args.port <= MAX_PORT:
-        return f"--port must be within 0..{MAX_PORT} (got {args.port})"
-    if not is_loopback(args.host) and not (args.admin_token or os.environ.get(ADMIN_TOKEN_ENV)):
-        return (
-            f"refusing to listen on non-loopback address {args.host!r} without an admin token: "
-            f"pass --admin-token or set ${ADMIN_TOKEN_ENV} (and --api-key or ${API_KEY_ENV} to guard the "
-            "inference routes too), or listen on 127.0.0.1"
-        )
-    return None
 
 
 def listen_ports(args: argparse.Namespace) -> list[int]:
@@ -147,7 +56,7 @@ class HttpThread:
                     app,
                     host=args.host,
                     port=port,
-                    log_level=args.log_level,
+                    log_level=args.log_level,  # a LOG_LEVELS name: lower case, "warn" taken for "warning"
                     timeout_keep_alive=5,
                     timeout_graceful_shutdown=args.graceful_timeout + UVICORN_GRACE_MARGIN_S,
                 )
@@ -187,8 +96,10 @@ class HttpThread:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    args = parse_args(argv, check_model_path=True)
+    configure_logging(args.log_level)
+    engine_kwargs = dict(args.engine_kwargs)
+    config_fields = {key: engine_kwargs.pop(key) for key in ENGINE_ARGS_TO_CONFIG if key in engine_kwargs}
     config = SamplerConfig(
         model_path=args.model_path,
         load_format=args.load_format,
@@ -198,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         max_running_requests=args.max_running_requests,
         update_timeout_s=args.reload_timeout,
         max_batch_size=args.max_batch_size,
+        engine_kwargs=engine_kwargs,
+        **config_fields,
     )
     sampler = create_sampler(config)
     try:
