@@ -4,6 +4,11 @@ A plan holds one entry per engine leaf: which source leaf feeds it and what has 
 happen on the way (nothing -> the engine aliases the source buffers; otherwise a
 copy with the reasons: reshape, transpose, kv-head replication, cast, reshard).
 Building a plan validates everything; applying it does no key matching.
+
+Over 500 lines because building, checking and applying a plan are one algorithm over one data
+structure (``PlanEntry``): the entry kinds (alias, view, convert, reshard, host), the checks
+that name every offending path, and the apply paths that write each kind share their
+invariants; split apart, each half would have to re-derive the other's.
 """
 
 from __future__ import annotations

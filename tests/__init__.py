@@ -1,0 +1,1 @@
+"""The test suite: real sglang-jax engines on JAX's CPU backend (see conftest.py)."""

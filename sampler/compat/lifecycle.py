@@ -6,6 +6,11 @@ exception in its scheduler or detokenizer thread, stops no thread in
 ``Engine.shutdown()`` (and kills every child process of the host there), and replaces
 the host's SIGCHLD handler. Each workaround has a still-needed and a works test in
 ``tests/test_compat.py``.
+
+Over 500 lines because it is one mechanism: the scheduler loop that parks, stops and stays
+quiet is the same replaced function (``dispatch_scheduler_event_loop``) whose exceptions are
+contained and whose thread shutdown stops; parking, quieting, containment and stopping read
+and write the same per-engine state.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import importlib
 import logging
 import os
 import pickle
@@ -20,7 +26,10 @@ import queue
 import signal
 import threading
 import time
+import traceback
 from typing import Any, Callable
+
+import zmq
 
 from sampler.compat.patches import destroy_engine_contexts
 
@@ -68,8 +77,6 @@ def unwatch_thread_faults(threads: list[threading.Thread]) -> None:
 
 
 def _record_fault(error: BaseException, name: str | None = None) -> EngineFault:
-    import traceback
-
     thread = threading.current_thread()
     fault = EngineFault(name or thread.name, f"{type(error).__name__}: {error}", traceback.format_exc())
     _thread_faults[thread] = fault
@@ -101,8 +108,6 @@ def patch_contain_engine_faults() -> bool:
     scheduler's ``cur_batch`` is cleared so that its watchdog does not fire later.
     Returns True when applied now.
     """
-    import importlib
-
     sched = importlib.import_module("sgl_jax.srt.managers.scheduler")
     detok = importlib.import_module("sgl_jax.srt.managers.detokenizer_manager")
     original = sched.dispatch_scheduler_event_loop
@@ -148,8 +153,6 @@ def patch_contain_tokenizer_loop_faults() -> bool:
     the scheduler and detokenizer threads (callers get ``EngineFaultError``, requests in
     flight are aborted), and lets the loop thread live on. Returns True when applied now.
     """
-    import importlib
-
     tm = importlib.import_module("sgl_jax.srt.managers.tokenizer_manager")
     original = tm.print_exception_wrapper
     if getattr(original, "_contained", False):
@@ -245,8 +248,6 @@ def quiet_idle_scheduler(scheduler: Any, *, poll_ms: int = IDLE_POLL_MS) -> "Sch
     latency) or ``poll_ms`` passes. Returns an Event; once set, the scheduler thread
     ends at its next loop iteration.
     """
-    import zmq
-
     stop = SchedulerStop()
     original: Callable[[], list] = scheduler.recv_requests
     sockets = [s for s in (scheduler.recv_from_tokenizer, scheduler.recv_from_rpc) if s is not None]
@@ -414,8 +415,6 @@ def stop_engine_threads(
     Replaces ``Engine.shutdown()``, which stops none of them and kills every child
     process of the host (for example a server a test started).
     """
-    import zmq
-
     scheduler = engine.scheduler_info.get("scheduler") if engine.scheduler_info else None
     # Keep the SystemExit of the threads we end out of any installed excepthook (pytest's
     # reports every thread exception; the default hook already ignores SystemExit).

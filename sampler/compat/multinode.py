@@ -43,6 +43,9 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+import zmq
+from jax._src import distributed
+
 from sampler.compat.lifecycle import SchedulerStop, raise_stop
 
 #: Upstream's switch that keeps ``Engine()`` on rank > 0 from blocking in a health server.
@@ -213,8 +216,6 @@ class LockstepPark:
         return _split_markers(out)[0]
 
     def _follower_broadcast(self):
-        import zmq
-
         sub = self._scheduler.subscriber
         poller = zmq.Poller()
         poller.register(sub, zmq.POLLIN)
@@ -319,8 +320,6 @@ def patch_lockstep_broadcast() -> bool:
 
 def distributed_client() -> Any:
     """The key-value store / barrier client of an initialised ``jax.distributed``."""
-    from jax._src import distributed
-
     client = distributed.global_state.client
     if client is None:
         raise RuntimeError("jax.distributed is not initialised in this process")
@@ -329,14 +328,10 @@ def distributed_client() -> Any:
 
 def coordinator_address() -> str | None:
     """``host:port`` of JAX's coordination service, when ``jax.distributed`` is initialised."""
-    from jax._src import distributed
-
     return distributed.global_state.coordinator_address
 
 
 def distributed_initialized() -> bool:
-    from jax._src import distributed
-
     return distributed.global_state.client is not None
 
 
@@ -349,8 +344,6 @@ def outlive_followers() -> None:
     so it returns as the last one leaves. A follower that hangs holds process 0's exit with
     it (a thread cannot bound the wait: Python 3.12 starts none at exit).
     """
-    from jax._src import distributed
-
     state = distributed.global_state
     if state.process_id != 0 or state.client is None:
         return

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import numbers
 from typing import Any
 
 # --------------------------------------------------------------------------------------
@@ -277,8 +278,6 @@ def patch_logprob_token_decoding() -> bool:
     original = tm.detokenize_logprob_tokens
     if getattr(original, "_range_patched", False):
         return False
-
-    import numbers
 
     def decodable(t) -> bool:
         return isinstance(t, numbers.Integral) and 0 <= t < DECODABLE_IDS

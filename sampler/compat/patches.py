@@ -8,6 +8,10 @@ import importlib
 import logging
 import threading
 
+import jax
+import jax.numpy as jnp
+import zmq
+
 from sampler.errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -48,7 +52,6 @@ def patch_merge_kv_sharding() -> bool:
     global _merge_kv_patched
     if _merge_kv_patched:
         return False
-    import jax
     from sgl_jax.srt.mem_cache import memory_pool
 
     original = memory_pool.merge_kv
@@ -86,8 +89,6 @@ def patch_zmq_linger() -> bool:
     messages queued for a peer that is gone make ``zmq_ctx_term`` block at
     interpreter exit, so the process never ends. Returns True when applied now.
     """
-    import zmq
-
     common = importlib.import_module("sgl_jax.srt.utils.common_utils")
     original = common.get_zmq_socket
     if getattr(original, "_linger_patched", False):
@@ -201,9 +202,6 @@ def patch_greedy_rows_in_mixed_batches() -> bool:
     might be returned"), and then samples among them: a greedy client's tokens change with
     what other clients send. Returns True when applied now.
     """
-    import jax
-    import jax.numpy as jnp
-
     sampler = importlib.import_module("sgl_jax.srt.layers.sampler")
     original = sampler.top_k_top_p_min_p_sampling_from_probs_jax
     if getattr(original, "_greedy_patched", False):

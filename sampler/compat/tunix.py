@@ -9,6 +9,7 @@ import contextvars
 import dataclasses
 import functools
 import importlib
+import importlib.metadata
 import logging
 import threading
 import time
@@ -317,8 +318,6 @@ class PolicyVersions:
 
 
 def _check_tunix_version() -> None:
-    import importlib.metadata
-
     installed = importlib.metadata.version("google-tunix")
     if installed != TUNIX_VERSION:
         logger.warning(

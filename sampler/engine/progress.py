@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from tqdm import tqdm
+
 
 class _Quiet:
     """The no-op bar (not a terminal, or asked to be quiet)."""
@@ -25,6 +27,4 @@ def progress(total: int, description: str, enabled: bool | None = None, *, unit:
         enabled = sys.stderr.isatty()
     if not enabled:
         return _Quiet()
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=description, unit=unit, leave=False)

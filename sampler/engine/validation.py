@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from sampler import compat
 from sampler.errors import InvalidRequestError
 
 #: Bounds of the int32 arrays the scheduler packs ``top_k`` and ``sampling_seed`` into.
@@ -60,8 +61,6 @@ class RequestLimits:
 
     @classmethod
     def of(cls, engine: Any, max_batch_size: int | None = None) -> "RequestLimits":
-        from sampler import compat
-
         return cls(**compat.engine_limits(engine), max_batch_size=max_batch_size)
 
     @property

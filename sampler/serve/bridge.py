@@ -25,6 +25,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from sampler import compat
+
 logger = logging.getLogger(__name__)
 
 #: How long starting or stopping upstream's app on the engine loop may take (s).
@@ -138,7 +140,6 @@ class EngineApp:
     # ------------------------------------------------------------------ lifecycle (any thread but the engine loop's)
     def start(self) -> None:
         """Start upstream's app on the engine loop (its lifespan builds the OpenAI handlers)."""
-        from sampler import compat
 
         async def enter():
             self._lifespan = await compat.enter_upstream_app(self.app)
