@@ -19,8 +19,8 @@ import urllib.request
 import pytest
 
 from converters import fingerprint_params
-from sampler.serve.cli import parse_args
 from sampler.serve.admin_client import main as admin_main
+from sampler.serve.cli import parse_args
 from sampler.serve.routing import EngineRouter, request_cost
 from tests import helpers
 from tests.http_helpers import ADMIN_TOKEN, READY_TIMEOUT_S, ServerProcess, call, error_message
