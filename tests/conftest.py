@@ -1,7 +1,7 @@
 """Shared fixtures: tiny HF checkpoints built locally and real engines on JAX's CPU backend.
 
 Engines are expensive to start and compile, so tests share them through
-session-scoped fixtures. Four CPU devices are simulated for the sharding tests.
+session-scoped fixtures and share compiled programs through JAX's persistent cache. Four CPU devices are simulated for the sharding tests.
 """
 
 import os
@@ -9,6 +9,17 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
+# Engines of one model compile the same programs. JAX's persistent compilation cache lets
+# every engine after the first (here, in the other xdist worker, in probe and multi-process
+# children, and after a restart) load them instead of compiling again: it halves the CPU time
+# of the engine tests. helpers.counting_compiles counts a cache load as a compilation, so the
+# tests that check "no recompile" still see one. runs/ is not committed; a fresh clone starts
+# cold.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, "runs", "jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 
 import logging  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -217,10 +217,16 @@ class SamplerPool:
         self._samplers.clear()
 
 
+#: JAX's event for a program found in the persistent compilation cache (jax._src.compiler).
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+
 @contextlib.contextmanager
 def counting_compiles():
     """Yields a list that collects every XLA compilation in this process while open, the
-    engine's scheduler thread included (jax.monitoring listeners are process-wide)."""
+    engine's scheduler thread included (jax.monitoring listeners are process-wide). A program
+    loaded from the persistent compilation cache (conftest turns it on) counts too: JAX times
+    the load under the same event."""
     import jax
     from jax._src.dispatch import BACKEND_COMPILE_EVENT  # a rename fails here, not silently
 

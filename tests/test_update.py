@@ -261,3 +261,37 @@ def test_checkpoint_load_shows_progress_only_when_asked_or_on_a_terminal(setup, 
         sampler.config.progress = None
     err = capfd.readouterr().err
     assert "loading weights" in err and "leaf" in err
+
+
+def test_counting_compiles_counts_programs_loaded_from_the_compilation_cache():
+    """The suite runs with JAX's persistent compilation cache (conftest): a program it answers
+    is still a compilation for the "no recompile" checks above."""
+    if not jax.config.jax_compilation_cache_dir:
+        pytest.skip("no persistent compilation cache in this run")
+    threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+
+        def program(x):
+            return jnp.tanh(x @ x.T) * 3.0 + 1.5
+
+        x = jnp.ones((7, 5))
+        with helpers.counting_compiles() as compiles:
+            jax.jit(program)(x).block_until_ready()  # compiled, or loaded from an earlier run's cache
+        assert len(compiles) >= 1
+        jax.clear_caches()  # the in-memory caches: the next call asks the persistent one
+        hits = []
+
+        def on_event(event: str, **_) -> None:
+            hits.append(event == helpers.CACHE_HIT_EVENT)
+
+        jax.monitoring.register_event_listener(on_event)
+        try:
+            with helpers.counting_compiles() as compiles:
+                jax.jit(program)(x).block_until_ready()
+        finally:
+            jax.monitoring.unregister_event_listener(on_event)
+        assert any(hits), "the persistent cache did not answer: this check checks nothing"
+        assert len(compiles) == 1, "a program loaded from the persistent cache was not counted"
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
