@@ -1,7 +1,8 @@
 """Shared fixtures: tiny HF checkpoints built locally and real engines on JAX's CPU backend.
 
-Engines are expensive to start and compile, so tests share them through
-session-scoped fixtures and share compiled programs through JAX's persistent cache. Four CPU devices are simulated for the sharding tests.
+Engines are expensive to start and compile, so tests share them through session-scoped
+fixtures, and share compiled programs through JAX's persistent cache. Four CPU devices are
+simulated for the sharding tests.
 """
 
 import os
