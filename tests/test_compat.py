@@ -24,18 +24,51 @@ pytestmark = pytest.mark.engine
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class ProbeServer:
+    """One ``tests.upstream_probe --serve`` fork server for this module's probes: each probe runs
+    in its own forked child (unpatched, crashes contained) without paying the imports again."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+
+    def run(self, request: dict) -> dict:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.upstream_probe", "--serve"],
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "XLA_FLAGS": ""},
+            )
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the probe server died (exit status {self.proc.wait()})")
+        return json.loads(answer)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(60)
+
+
+PROBES = ProbeServer()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _probe_server():
+    yield
+    PROBES.close()
+
+
 def probe(mode: str, model_dir, **engine_kwargs) -> tuple[int, dict | None, str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.upstream_probe", mode, str(model_dir), json.dumps(engine_kwargs)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "XLA_FLAGS": ""},
-    )
-    out = proc.stdout + proc.stderr
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
-    return proc.returncode, (json.loads(lines[-1][6:]) if lines else None), out
+    """Runs ``tests.upstream_probe`` MODE on ``model_dir``: (exit status, its PROBE result, its output)."""
+    answer = PROBES.run({"mode": mode, "model_dir": str(model_dir), "extra": engine_kwargs})
+    out = answer["out"]
+    lines = [line for line in out.splitlines() if line.startswith("PROBE ")]
+    return answer["rc"], (json.loads(lines[-1][6:]) if lines else None), out
 
 
 def test_upstream_version_is_the_one_checked():

@@ -4,6 +4,13 @@ Used by test_compat.py to show that each workaround in sampler.compat is still
 needed (upstream still misbehaves). Usage:
 python -m tests.upstream_probe MODE MODEL_DIR [ENGINE_KWARGS_JSON]
 (extra Engine arguments, e.g. '{"tp_size": 2, "disable_hybrid_swa_memory": true}').
+
+``python -m tests.upstream_probe --serve`` is a fork server for the same probes: it imports
+JAX, sglang-jax and transformers once (without starting a JAX backend), then runs each probe
+named by a JSON line on stdin (``{"mode", "model_dir", "extra"}``) in a forked child, and
+answers one JSON line (``{"rc", "out"}``: the exit status as ``subprocess`` gives it, and the
+child's stdout and stderr). A probe then costs its engine, not the imports (about 3 s of CPU
+each, for some 30 probes a run).
 """
 
 import json
@@ -12,15 +19,26 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import traceback
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-EXTRA = json.loads(sys.argv[3]) if __name__ == "__main__" and len(sys.argv) > 3 else {}
-if len(sys.argv) > 1 and sys.argv[1].startswith("fault"):  # a second device to misplace a weight on
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-elif EXTRA.get("tp_size", 1) > 1:
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={EXTRA['tp_size']}"
+#: Extra Engine arguments of the probe being run (``configure``).
+EXTRA: dict = {}
+#: A probe that runs longer than this is killed (its answer says so).
+PROBE_TIMEOUT_S = 600
+
+
+def configure(mode: str, extra: dict) -> None:
+    """Sets the probe's Engine arguments and the devices it needs (before JAX starts a backend)."""
+    global EXTRA
+    EXTRA = dict(extra)
+    if mode.startswith("fault"):  # a second device to misplace a weight on
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    elif EXTRA.get("tp_size", 1) > 1:
+        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={EXTRA['tp_size']}"
 
 
 def cpu_seconds() -> float:
@@ -363,5 +381,59 @@ def main(mode: str, model_dir: str) -> None:
     os._exit(0)  # upstream leaves threads that would keep the interpreter busy
 
 
+def _wait(pid: int, timeout: float) -> int:
+    """The child's exit status as ``subprocess`` reports it (-N for signal N); kills it at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return -signal.SIGKILL
+        time.sleep(0.05)
+
+
+def _run_forked(request: dict) -> dict:
+    with tempfile.TemporaryFile() as out:
+        pid = os.fork()
+        if pid == 0:  # the probe, as if started on its own
+            try:
+                signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(devnull, 0)
+                os.dup2(out.fileno(), 1)
+                os.dup2(out.fileno(), 2)
+                configure(request["mode"], request.get("extra") or {})
+                main(request["mode"], request["model_dir"])  # ends the process
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
+        rc = _wait(pid, request.get("timeout", PROBE_TIMEOUT_S))
+        out.seek(0)
+        return {"rc": rc, "out": out.read().decode(errors="replace")}
+
+
+def serve() -> None:
+    """The fork server (module docstring). Upstream's engine threads signal their parent
+    process with SIGQUIT on some faults: here that is this server, which ignores it (the child
+    restores the default)."""
+    import jax  # noqa: F401  (imported only: each child starts the backend with its devices)
+    import transformers  # noqa: F401
+    from sgl_jax.srt.entrypoints.engine import Engine  # noqa: F401
+
+    signal.signal(signal.SIGQUIT, lambda *_: None)
+    for line in sys.stdin:
+        print(json.dumps(_run_forked(json.loads(line))), flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "--serve":
+        serve()
+    else:
+        configure(sys.argv[1], json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})
+        main(sys.argv[1], sys.argv[2])
