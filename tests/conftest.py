@@ -7,7 +7,16 @@ simulated for the sharding tests.
 
 import os
 
+#: XLA flags of every program the suite compiles, here and in its child processes. The models
+#: are tiny: compiling, not running, is the cost, and LLVM's optimizations make it a third
+#: longer. What the tests check (weights bit for bit, ids, orderings, outputs against a float64
+#: reference within tolerances) does not depend on them. XLA_FLAGS=--xla_backend_optimization_level=2
+#: restores XLA's default for a run.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
@@ -19,7 +28,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 # cold.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, "runs", "jax-cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 
 import logging  # noqa: E402

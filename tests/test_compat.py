@@ -18,6 +18,7 @@ import pytest
 import converters
 from sampler import SamplerConfig, SglangJaxSampler, UnsupportedModelError, compat
 from tests import helpers
+from tests.conftest import TEST_XLA_FLAGS
 from tests.upstream_probe import busy_fraction
 
 pytestmark = pytest.mark.engine
@@ -39,7 +40,7 @@ class ProbeServer:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
-                env={**os.environ, "XLA_FLAGS": ""},
+                env={**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS},  # one device unless the probe asks for more
             )
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()

@@ -35,10 +35,11 @@ def configure(mode: str, extra: dict) -> None:
     """Sets the probe's Engine arguments and the devices it needs (before JAX starts a backend)."""
     global EXTRA
     EXTRA = dict(extra)
-    if mode.startswith("fault"):  # a second device to misplace a weight on
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    elif EXTRA.get("tp_size", 1) > 1:
-        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={EXTRA['tp_size']}"
+    # fault: a second device to misplace a weight on
+    devices = 2 if mode.startswith("fault") else EXTRA.get("tp_size", 1)
+    if devices > 1:
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+        os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
 
 
 def cpu_seconds() -> float:
