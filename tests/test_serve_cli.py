@@ -347,3 +347,20 @@ def test_log_level_and_engine_args_reach_a_running_server(tiny_model, tmp_path):
         assert "Traceback" not in log, log[-3000:]
     finally:
         srv.stop()
+
+
+def test_a_configuration_the_engine_refuses_is_a_clear_error_without_traceback(tiny_model):
+    """Past the command line: a value only the engine start can judge (tp over more devices than
+    the process has) ends the server with one line naming the problem, and no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sampler.serve", "--model-path", str(tiny_model), "--tp", "8", "--no-warmup"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        cwd=ROOT,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out
+    assert "sampler.serve: the engine could not start" in out and "tp" in out, out
+    assert "Traceback" not in out, out

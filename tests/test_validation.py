@@ -361,3 +361,14 @@ def test_every_known_upstream_crash_is_refused(name):
     with pytest.raises(InvalidRequestError) as err:
         RequestValidator(LIMITS).check(request(**crash.request))
     assert err.value.field == crash.refused_as, str(err.value)
+
+
+def test_tp_over_the_devices_of_the_process_is_refused_before_the_engine_starts(model_dir):
+    """Upstream fails such an engine in its scheduler and SIGQUITs the whole process."""
+    import jax
+
+    from sampler import SamplerConfig, SglangJaxSampler
+
+    config = SamplerConfig(model_path=str(model_dir("qwen3-tied")), tp_size=2 * jax.device_count())
+    with pytest.raises(ValueError, match="tp_size=.*devices"):
+        SglangJaxSampler(config=config)

@@ -50,6 +50,8 @@ def engine_kwargs(config: SamplerConfig) -> dict[str, Any]:
         enable_deterministic_sampling=config.deterministic_sampling,
         log_level=config.log_level,
     )
+    if config.tp_size > jax.device_count():  # upstream would fail in its scheduler and SIGQUIT the process
+        raise ValueError(f"tp_size={config.tp_size} needs that many devices; this process has {jax.device_count()}")
     device_indexes = config.device_indexes
     if device_indexes is None and jax.device_count() > config.tp_size:
         device_indexes = list(range(config.tp_size))  # upstream needs them when devices > tp

@@ -29,6 +29,8 @@ from sampler.serve.server import API_KEY_ENV, WeightServer
 logger = logging.getLogger("sampler.serve")
 #: How often the main thread looks at the server while it runs (s).
 SERVE_POLL_S = 0.2
+#: Exit status when the engine refuses the configuration it was given (2 is a usage error).
+EXIT_ENGINE_START_FAILED = 3
 #: The warm-up request that compiles the forward passes before the first client waits on them.
 WARMUP_PROMPT = [1, 2, 3]
 WARMUP_PARAMS = {"max_new_tokens": 2, "temperature": 0.0}
@@ -112,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         engine_kwargs=engine_kwargs,
         **config_fields,
     )
-    sampler = create_sampler(config)
+    try:
+        sampler = create_sampler(config)
+    except Exception as e:  # a value the engine refuses (--tp, --engine-arg, the checkpoint): no traceback
+        logger.debug("engine start failed", exc_info=True)
+        print(f"sampler.serve: the engine could not start: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return EXIT_ENGINE_START_FAILED
     try:
         server = WeightServer(
             sampler,
