@@ -8,10 +8,10 @@ simulated for the sharding tests.
 import os
 
 #: XLA flags of every program the suite compiles, here and in its child processes. The models
-#: are tiny: compiling, not running, is the cost, and LLVM's optimizations make it a third
-#: longer. What the tests check (weights bit for bit, ids, orderings, outputs against a float64
-#: reference within tolerances) does not depend on them. XLA_FLAGS=--xla_backend_optimization_level=2
-#: restores XLA's default for a run.
+#: are tiny: compiling, not running, is the cost, and LLVM's optimizations make it longer.
+#: What the tests check (weights bit for bit, ids, orderings, outputs against a float64
+#: reference within tolerances) does not depend on them.
+#: XLA_FLAGS=--xla_backend_optimization_level=2 restores XLA's default for a run.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -22,10 +22,9 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 
 # Engines of one model compile the same programs. JAX's persistent compilation cache lets
 # every engine after the first (here, in the other xdist worker, in probe and multi-process
-# children, and after a restart) load them instead of compiling again: it halves the CPU time
-# of the engine tests. helpers.counting_compiles counts a cache load as a compilation, so the
-# tests that check "no recompile" still see one. runs/ is not committed; a fresh clone starts
-# cold.
+# children, and after a restart) load them instead of compiling again.
+# helpers.counting_compiles counts a cache load as a compilation, so the tests that check
+# "no recompile" still see one. runs/ is not committed; a fresh clone starts cold.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, "runs", "jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

@@ -18,11 +18,16 @@ import pytest
 import converters
 from sampler import SamplerConfig, SglangJaxSampler, UnsupportedModelError, compat
 from tests import helpers
-from tests.conftest import TEST_XLA_FLAGS
 from tests.upstream_probe import busy_fraction
 
 pytestmark = pytest.mark.engine
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_device_flags() -> str:
+    """This run's XLA flags less the simulated device count: a probe has one device unless it
+    asks for more (``upstream_probe.configure``)."""
+    return " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f)
 
 
 class ProbeServer:
@@ -40,7 +45,7 @@ class ProbeServer:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
-                env={**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS},  # one device unless the probe asks for more
+                env={**os.environ, "XLA_FLAGS": one_device_flags()},
             )
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
@@ -68,6 +73,8 @@ def probe(mode: str, model_dir, **engine_kwargs) -> tuple[int, dict | None, str]
     """Runs ``tests.upstream_probe`` MODE on ``model_dir``: (exit status, its PROBE result, its output)."""
     answer = PROBES.run({"mode": mode, "model_dir": str(model_dir), "extra": engine_kwargs})
     out = answer["out"]
+    if answer["rc"] is None:  # a hang is not "upstream still fails"
+        raise TimeoutError(f"probe {mode} ran past its timeout:\n{out[-3000:]}")
     lines = [line for line in out.splitlines() if line.startswith("PROBE ")]
     return answer["rc"], (json.loads(lines[-1][6:]) if lines else None), out
 

@@ -272,14 +272,16 @@ def test_counting_compiles_counts_programs_loaded_from_the_compilation_cache():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     try:
 
-        def program(x):
-            return jnp.tanh(x @ x.T) * 3.0 + 1.5
+        def make_program():  # a new function each call: JAX's in-memory caches miss, the persistent one is asked
+            def program(x):
+                return jnp.tanh(x @ x.T) * 3.0 + 1.5
+
+            return program
 
         x = jnp.ones((7, 5))
         with helpers.counting_compiles() as compiles:
-            jax.jit(program)(x).block_until_ready()  # compiled, or loaded from an earlier run's cache
+            jax.jit(make_program())(x).block_until_ready()  # compiled, or loaded from an earlier run's cache
         assert len(compiles) >= 1
-        jax.clear_caches()  # the in-memory caches: the next call asks the persistent one
         hits = []
 
         def on_event(event: str, **_) -> None:
@@ -288,10 +290,10 @@ def test_counting_compiles_counts_programs_loaded_from_the_compilation_cache():
         jax.monitoring.register_event_listener(on_event)
         try:
             with helpers.counting_compiles() as compiles:
-                jax.jit(program)(x).block_until_ready()
+                jax.jit(make_program())(x).block_until_ready()
         finally:
             jax.monitoring.unregister_event_listener(on_event)
         assert any(hits), "the persistent cache did not answer: this check checks nothing"
-        assert len(compiles) == 1, "a program loaded from the persistent cache was not counted"
+        assert len(compiles) >= 1, "a program loaded from the persistent cache was not counted"
     finally:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)

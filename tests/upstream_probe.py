@@ -8,9 +8,9 @@ python -m tests.upstream_probe MODE MODEL_DIR [ENGINE_KWARGS_JSON]
 ``python -m tests.upstream_probe --serve`` is a fork server for the same probes: it imports
 JAX, sglang-jax and transformers once (without starting a JAX backend), then runs each probe
 named by a JSON line on stdin (``{"mode", "model_dir", "extra"}``) in a forked child, and
-answers one JSON line (``{"rc", "out"}``: the exit status as ``subprocess`` gives it, and the
-child's stdout and stderr). A probe then costs its engine, not the imports (about 3 s of CPU
-each, for some 30 probes a run).
+answers one JSON line (``{"rc", "out"}``: the exit status as ``subprocess`` gives it, None for
+a probe killed at its timeout, and the child's stdout and stderr). A probe then costs its
+engine, not the imports.
 """
 
 import json
@@ -382,8 +382,9 @@ def main(mode: str, model_dir: str) -> None:
     os._exit(0)  # upstream leaves threads that would keep the interpreter busy
 
 
-def _wait(pid: int, timeout: float) -> int:
-    """The child's exit status as ``subprocess`` reports it (-N for signal N); kills it at ``timeout``."""
+def _wait(pid: int, timeout: float) -> int | None:
+    """The child's exit status as ``subprocess`` reports it (-N for signal N), or None when it
+    ran past ``timeout`` (then it is killed)."""
     deadline = time.monotonic() + timeout
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -392,7 +393,7 @@ def _wait(pid: int, timeout: float) -> int:
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-            return -signal.SIGKILL
+            return None
         time.sleep(0.05)
 
 
