@@ -1,5 +1,5 @@
 """The same push into a tp=4 engine from one process (4 devices) and from two processes
-(2 x 2 devices, one engine spanning both, ``sampler.launch`` on loopback).
+(2 x 2 devices, one engine spanning both, ``sampler.multiprocess.launch`` on loopback).
 
 Two pushes, each timed (median of ``--runs``, after one untimed push of the same kind):
 - "fsdp tunix bf16": a Tunix Qwen3 model FSDP-sharded over the 4 devices (every leaf is

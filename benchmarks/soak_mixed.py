@@ -320,7 +320,7 @@ def soak(args, server: ServerProcess, ckpts: dict, fingerprints: dict) -> int:
         align=[None, "right"],
         key="soak",
         caption=(
-            f"soak_mixed: tiny Qwen3 (context 128), {args.good_clients} good clients + 1 bad client, "
+            f"soak_mixed: tiny Qwen3 (context 128), {args.good_clients} good clients + {args.bad_clients} bad, "
             f"seed {args.seed}, {elapsed:.0f} s, {reloads} reloads between rounds of {args.round_seconds:.0f} s"
         ),
     )

@@ -125,8 +125,15 @@ def date_text(date: str) -> str:
 
 
 def provenance(results: dict) -> str:
-    """The line under each table: which command, on which machine, when."""
-    return f"Produced by `{results['command']}` on {machine_text(results['machine'])}, {date_text(results['date'])}."
+    """The line under each table: which command, at which commit, on which machine, when."""
+    git = results.get("git") or {}
+    commit = f" at commit {git['commit'][:10]}" if git.get("commit") else ""
+    if commit and git.get("dirty"):
+        commit += " (with uncommitted changes)"
+    return (
+        f"Produced by `{results['command']}`{commit} on {machine_text(results['machine'])}, "
+        f"{date_text(results['date'])}."
+    )
 
 
 # --- whole files -----------------------------------------------------------------------------
