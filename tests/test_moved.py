@@ -93,3 +93,16 @@ def test_python_m_sampler_admin_client_runs():
         [sys.executable, "-m", "sampler.admin_client", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and "usage" in proc.stdout.lower(), proc.stdout + proc.stderr
+    assert "RuntimeWarning" not in proc.stderr, proc.stderr  # the module ran before its package imported it
+
+
+def test_python_m_sampler_serve_admin_client_runs_without_a_warning():
+    proc = subprocess.run(
+        [sys.executable, "-m", "sampler.serve.admin_client", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "usage" in proc.stdout.lower(), proc.stdout + proc.stderr
+    assert "RuntimeWarning" not in proc.stderr, proc.stderr

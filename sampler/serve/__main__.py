@@ -21,7 +21,7 @@ import time
 
 from sampler.config import SamplerConfig
 from sampler.factory import create_sampler
-from sampler.serve.admin_client import ADMIN_TOKEN_ENV
+from sampler.serve.admission import ADMIN_TOKEN_ENV
 from sampler.serve.cli import ENGINE_ARGS_TO_CONFIG, configure_logging, parse_args
 from sampler.serve.rebuild import EngineRecovery, caller_on
 from sampler.serve.server import API_KEY_ENV, WeightServer

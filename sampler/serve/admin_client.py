@@ -23,7 +23,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-ADMIN_TOKEN_ENV = "SAMPLER_ADMIN_TOKEN"
+from sampler.serve.admission import ADMIN_TOKEN_ENV
+
 DEFAULT_BASE_URL = "http://127.0.0.1:30000"
 
 

@@ -13,6 +13,9 @@ from sampler.errors import InvalidRequestError
 from sampler.serve.bridge import EngineApp, error_body, send_json
 from sampler.serve.routing import request_cost
 
+#: Environment variable holding the admin token (server and admin client read it).
+ADMIN_TOKEN_ENV = "SAMPLER_ADMIN_TOKEN"
+
 #: Always answered, without a key, even during a reload or a rebuild (``/health`` says how
 #: the engine is).
 UNGATED_PATHS = frozenset({"/health"})

@@ -34,7 +34,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
-from sampler.serve.admin_client import ADMIN_TOKEN_ENV
+from sampler.serve.admission import ADMIN_TOKEN_ENV
 from sampler.serve.rebuild import MAX_ENGINE_RESTARTS
 from sampler.serve.server import API_KEY_ENV, MAX_BATCH_SIZE, MAX_BODY_BYTES
 

@@ -33,8 +33,7 @@ from sampler import compat
 from sampler.errors import UpdateTimeoutError
 from sampler.interface import RolloutEngine
 from sampler.reports import UpdateReport
-from sampler.serve.admin_client import ADMIN_TOKEN_ENV
-from sampler.serve.admission import Admission, bearer
+from sampler.serve.admission import ADMIN_TOKEN_ENV, Admission, bearer
 from sampler.serve.bridge import EngineApp
 from sampler.serve.routing import EngineRouter
 from sampler.sync.inflight import check_in_flight
