@@ -378,8 +378,17 @@ def main(mode: str, model_dir: str) -> None:
         result["iterations_after_shutdown_per_s"] = iterations.per_second(1.0)
         result["child_killed"] = child.poll() is not None
         child.kill()
-    print("PROBE " + json.dumps(result), flush=True)
+    emit_result(result)
     os._exit(0)  # upstream leaves threads that would keep the interpreter busy
+
+
+def emit_result(result: dict) -> None:
+    """Writes the ``PROBE`` line in one system call on a line of its own: upstream's threads
+    write to the same output, and ``print`` writes the text and its newline separately, so a
+    thread's output could land between them."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.write(1, ("\nPROBE " + json.dumps(result) + "\n").encode())
 
 
 def _wait(pid: int, timeout: float) -> int | None:
