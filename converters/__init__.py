@@ -30,6 +30,7 @@ from converters.errors import (
 from converters.fingerprint import fingerprint
 from converters.ops import ExpandDims, MergeAxes, ReplicateKVHeads, SplitAxis, Take, Transpose
 from converters.plan import ConversionPlan, EngineLeaf, PlanEntry, build_plan, convert_params
+from converters.quantization import Quantization, QuantizedLeaf, quantize
 from converters.registry import (
     Converter,
     available_converters,
@@ -64,6 +65,8 @@ __all__ = [
     "ModelSpec",
     "ParamsMismatchError",
     "PlanEntry",
+    "Quantization",
+    "QuantizedLeaf",
     "ReplicateKVHeads",
     "SplitAxis",
     "Transpose",
@@ -75,6 +78,7 @@ __all__ = [
     "fingerprint_params",
     "formats_for",
     "get_converter",
+    "quantize",
     "register_converter",
     "to_engine_layout",
 ]
@@ -94,11 +98,15 @@ def to_engine_layout(
     source_format: str | None = None,
     filter_types: Sequence[type] | type | None = None,
     dtype: Any = None,
+    quantization: Quantization | str | None = None,
 ) -> dict[str, jax.Array]:
     """Convert a trainer tree to ``{engine path: array}`` without an engine.
 
     ``spec`` is a ModelSpec, an HF config, or a model directory; arrays stay on the
     source's devices and take the engine dtype (``spec.dtype`` unless ``dtype``).
+    ``quantization`` (a :class:`Quantization`, e.g. a sampler's ``quantization``, or "int8" /
+    "fp8" for sglang-jax's own configs): the leaves a quantized engine serves as values and
+    scales become those pairs, bit for bit.
     """
     spec = _spec(spec)
     tree = as_param_tree(params, filter_types)
@@ -106,7 +114,9 @@ def to_engine_layout(
     leaves = jax.tree_util.tree_leaves(tree)
     fmt = source_format or detect_format(spec.architecture, paths)
     conv = get_converter(spec.architecture, fmt)
-    return convert_params(conv, spec, paths, leaves, jnp.dtype(dtype or spec.dtype))
+    if isinstance(quantization, str):
+        quantization = Quantization.uniform(quantization)
+    return convert_params(conv, spec, paths, leaves, jnp.dtype(dtype or spec.dtype), quantization)
 
 
 def fingerprint_params(
@@ -116,8 +126,12 @@ def fingerprint_params(
     source_format: str | None = None,
     filter_types: Sequence[type] | type | None = None,
     dtype: Any = None,
+    quantization: Quantization | str | None = None,
 ) -> str:
-    """The fingerprint an engine serving ``params`` reports (see SglangJaxSampler.fingerprint)."""
+    """The fingerprint an engine serving ``params`` reports (see SglangJaxSampler.fingerprint);
+    for a quantized engine pass its ``quantization``."""
     return fingerprint(
-        to_engine_layout(params, spec, source_format=source_format, filter_types=filter_types, dtype=dtype)
+        to_engine_layout(
+            params, spec, source_format=source_format, filter_types=filter_types, dtype=dtype, quantization=quantization
+        )
     )

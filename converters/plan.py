@@ -23,6 +23,15 @@ import numpy as np
 
 from converters import ops as ops_lib
 from converters.errors import DeletedArrayError, ParamsMismatchError
+from converters.quantization import (
+    Quantization,
+    QuantizedLeaf,
+    quantization_scale,
+    quantize,
+    quantized_leaves,
+    quantized_values,
+    served_scale,
+)
 from converters.registry import Converter, abstract_key
 from converters.reshard import HostLayout, host_layout, place
 from converters.rules import LeafRule
@@ -62,10 +71,16 @@ class PlanEntry:
     #: CPU backend: placed shard by shard from host views of the source's shards (views
     #: where a target shard is a source shard's memory, copies of the rest), no XLA program.
     host: HostLayout | None = None
+    #: The engine serves this weight quantized: ``engine_index`` / ``engine_path`` are its
+    #: values leaf, ``scale_index`` its scale; both are written from the source in one pass.
+    quantized: QuantizedLeaf | None = None
+    scale_index: int | None = None
 
     @property
     def kind(self) -> str:
         """How this leaf reaches the engine (``UpdateReport.paths``)."""
+        if self.quantized is not None:
+            return "quantize"
         if self.aliased:
             return "view" if self.view else "alias"
         if self.host is not None:
@@ -113,18 +128,33 @@ def _transform(
     out_sharding: Any,
     into: bool = False,
     stacked: bool = False,
+    quantized: QuantizedLeaf | None = None,
 ):
     """One jitted function per (ops, spec, dtype, output sharding): layers share it.
 
     ``into=True`` takes the engine's old leaf as a donated first argument, so the
     result is written into its buffer: no new allocation, no extra memory.
     ``stacked=True`` takes the sources as separate arguments and stacks them first.
+    ``quantized``: the result is the (values, scale) pair of that quantized leaf (``dtype``
+    is then the model dtype it is cast to first; with ``into``, both old leaves are donated).
     """
 
     def fn(*xs):
         x = jnp.stack(xs) if stacked else xs[0]
+        if quantized is not None:
+            return quantize(ops_lib.apply(ops, x, spec), quantized, dtype)
         return ops_lib.apply(ops, x, spec).astype(dtype)
 
+    if into and quantized is not None:
+
+        def fn_into_pair(old_values, old_scale, *xs):
+            values, scale = fn(*xs)
+            return (
+                jax.lax.dynamic_update_slice(old_values, values, (0,) * old_values.ndim),
+                jax.lax.dynamic_update_slice(old_scale, scale, (0,) * old_scale.ndim),
+            )
+
+        return jax.jit(fn_into_pair, out_shardings=out_sharding, donate_argnums=(0, 1))
     if into:
         # The result must depend on ``old`` or jit drops (and never donates) it; a full
         # dynamic_update_slice of the donated buffer is done in place.
@@ -133,6 +163,76 @@ def _transform(
 
         return jax.jit(fn_into, out_shardings=out_sharding, donate_argnums=0)
     return jax.jit(fn, out_shardings=out_sharding)
+
+
+@dataclasses.dataclass(frozen=True)
+class _QuantizeSteps:
+    """The programs that quantize one kind of leaf, shared by every layer of that shape: the
+    cast to the model dtype (its own program, when the source has another dtype: within one
+    program XLA may skip the rounding), the scale, the values in the unquantized layout, and
+    their placement (transposed, for linear layers) into the engine's donated old buffer.
+    Separate programs, because XLA's CPU backend runs the fused transposing quantization
+    several times slower than these."""
+
+    cast: Any
+    scale: Any
+    values: Any
+    served: Any
+    transpose: bool
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def of(
+        ops: tuple[ops_lib.Op, ...],
+        spec: ModelSpec,
+        dtype: Any,
+        stacked: bool,
+        leaf: QuantizedLeaf,
+        source_dtype: Any,
+    ) -> "_QuantizeSteps":
+        def prepare(xs):
+            x = jnp.stack(xs) if stacked else xs[0]
+            return ops_lib.apply(ops, x, spec).astype(dtype)
+
+        cast = jax.jit(lambda *xs: prepare(xs)) if np.dtype(source_dtype) != np.dtype(dtype) else None
+        inline = (lambda xs: xs[0]) if cast is not None else prepare  # scale/values take the cast leaf
+        return _QuantizeSteps(
+            cast=cast,
+            scale=jax.jit(lambda *xs: quantization_scale(inline(xs), leaf)),
+            values=jax.jit(lambda scale, *xs: quantized_values(inline(xs), scale, leaf)),
+            served=jax.jit(lambda scale: served_scale(scale, leaf)),
+            transpose=leaf.layout.transpose,
+        )
+
+    def inputs(self, xs: tuple) -> tuple:
+        return (self.cast(*xs),) if self.cast is not None else xs
+
+    def place(self, old: jax.Array | None, values: jax.Array, out_sharding: Any) -> jax.Array:
+        """``values`` in the engine's layout, written into ``old`` (donated) when given."""
+        return _placer(self.transpose, old is not None, out_sharding)(
+            *((old, values) if old is not None else (values,))
+        )
+
+
+def _transposed(v: jax.Array) -> jax.Array:
+    # one-byte values move as uint8: XLA's CPU backend transposes float8 several times slower
+    if v.dtype.itemsize == 1 and v.dtype != jnp.uint8:
+        return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(v, jnp.uint8).T, v.dtype)
+    return v.T
+
+
+@functools.lru_cache(maxsize=None)
+def _placer(transpose: bool, into: bool, out_sharding: Any):
+    def layout(v):
+        return _transposed(v) if transpose else v
+
+    if into:
+        return jax.jit(
+            lambda old, v: jax.lax.dynamic_update_slice(old, layout(v), (0,) * old.ndim),
+            out_shardings=out_sharding,
+            donate_argnums=0,
+        )
+    return jax.jit(layout, out_shardings=out_sharding)
 
 
 @functools.lru_cache(maxsize=None)
@@ -247,6 +347,8 @@ class ConversionPlan:
         """
         target = self.engine_leaves[entry.engine_index]
         sharding = target.sharding
+        if entry.quantized is not None:
+            return self._quantize(entry, x, reuse)
         if entry.host is not None:
             return place(entry.host, x, sharding)
         if entry.view:
@@ -272,6 +374,39 @@ class ConversionPlan:
         # Source on other devices: transform where it lives, then move the result.
         y = _transform(entry.ops, self.spec, dtype, None, False, entry.stacked)(*xs)
         return jax.device_put(y, sharding)
+
+    def _quantize(self, entry: PlanEntry, x: Any, reuse: Any) -> tuple[jax.Array, jax.Array]:
+        """The (values, scale) pair of a quantized entry; ``reuse``: the engine's current pair,
+        whose values buffer is donated. The source is read twice (scale, then values), and no
+        full-precision copy of it outlives this leaf."""
+        values_leaf = self.engine_leaves[entry.engine_index]
+        scale_leaf = self.engine_leaves[entry.scale_index]
+        xs = tuple(
+            a if isinstance(a, jax.Array) else jax.device_put(np.asarray(a), _host_target(values_leaf.sharding))
+            for a in (x if entry.stacked else (x,))
+        )
+        steps = _QuantizeSteps.of(
+            entry.ops,
+            self.spec,
+            np.dtype(self.spec.dtype),
+            entry.stacked,
+            entry.quantized.recipe,
+            np.dtype(xs[0].dtype),
+        )
+        same_devices = values_leaf.sharding is None or xs[0].sharding.device_set == values_leaf.sharding.device_set
+        xs = steps.inputs(xs)
+        if not same_devices:  # quantize where the source lives, then move the (smaller) result
+            scale = steps.scale(*xs)
+            values = steps.place(None, steps.values(scale, *xs), None)
+            return jax.device_put(values, values_leaf.sharding), jax.device_put(
+                steps.served(scale), scale_leaf.sharding
+            )
+        out = auto_sharding(values_leaf.sharding)
+        old = relabel(reuse[0], out) if reuse is not None else None
+        scale = steps.scale(*xs)
+        values = steps.place(old, steps.values(scale, *xs), out)
+        served = jax.device_put(steps.served(scale), scale_leaf.sharding)
+        return (values if out is values_leaf.sharding else relabel(values, values_leaf.sharding)), served
 
     def materialize_bucket(self, entries: Sequence[PlanEntry], leaves: Sequence[Any]) -> list[jax.Array]:
         """Several converted or resharded leaves from one XLA program (the accelerator path:
@@ -301,7 +436,12 @@ class ConversionPlan:
         source (``leaves.lazy``: a checkpoint read tensor by tensor) is written into the engine
         buffer one source at a time, so host memory holds one expert, not the whole stack."""
         target = self.engine_leaves[entry.engine_index]
-        lazy = entry.stacked and getattr(leaves, "lazy", False) and target.sharding is not None
+        lazy = (
+            entry.stacked
+            and entry.quantized is None  # scales need the whole stack's values: written at once
+            and getattr(leaves, "lazy", False)
+            and target.sharding is not None
+        )
         if not lazy or not _keeps_stack_axis(entry.ops, _stack_input_shape(entry, leaves), self.spec):
             return self.materialize(entry, entry.inputs(leaves), reuse=reuse)
         out = auto_sharding(target.sharding)
@@ -479,9 +619,10 @@ def build_plan(
     (when ``strict``) missing parameter.
     """
     index = {leaf.path: i for i, leaf in enumerate(engine_leaves)}
+    quantized = quantized_leaves(engine_leaves)
 
     def known(target: str) -> str | None:
-        if target in index:
+        if target in index or target in quantized:
             return target
         wrapped = lora_wrapped(target)  # the engine serves this linear with a LoRA wrapper
         return wrapped if wrapped in index else None
@@ -491,8 +632,10 @@ def build_plan(
     for target, group in targets.items():
         if group.rule.stack is not None and sorted(group.sources) != list(range(int(spec.get(group.rule.stack) or 0))):
             continue  # reported by _match_sources
-        ei = index[target]
-        leaf = engine_leaves[ei]
+        q = quantized.get(target)
+        ei = index[q.values_path if q else target]
+        # a quantized leaf: the rules produce the unquantized leaf, in the model dtype
+        leaf = EngineLeaf(target, q.shape, spec.dtype) if q else engine_leaves[ei]
         sis, source_path, shape, dtypes, shardings, stacked = _entry_inputs(group, paths, signatures, target)
         rule = group.rule
         try:
@@ -515,6 +658,25 @@ def build_plan(
             )
             continue
         eff = ops_lib.effective_ops(rule.ops, shape, spec)
+        if q is not None:
+            reasons = (["stack"] if stacked else []) + [op.reason for op in eff] + _casts(dtypes, leaf.dtype)
+            reasons += ["host array"] if any(sh is None for sh in shardings) else []
+            reasons.append(q.reason)  # never aliased: the engine serves values and scales
+            entries.append(
+                PlanEntry(
+                    ei,
+                    q.values_path,
+                    sis,
+                    source_path,
+                    eff,
+                    tuple(reasons),
+                    q.nbytes,
+                    stacked=stacked,
+                    quantized=q,
+                    scale_index=index[q.scale_path],
+                )
+            )
+            continue
         if not stacked and allow_views and _can_view(eff, dtypes[0], shardings[0], leaf):
             entries.append(PlanEntry(ei, target, sis, source_path, eff, (), leaf.nbytes, view=True))
             continue
@@ -531,14 +693,7 @@ def build_plan(
             entries.append(PlanEntry(ei, target, sis, source_path, eff, (), leaf.nbytes, view=True, host=layout))
             continue
         reasons = (["stack"] if stacked else []) + [op.reason for op in eff]
-        cast = sorted(
-            {
-                f"cast {np.dtype(d).name}->{np.dtype(leaf.dtype).name}"
-                for d in dtypes
-                if np.dtype(d) != np.dtype(leaf.dtype)
-            }
-        )
-        reasons += cast
+        reasons += _casts(dtypes, leaf.dtype)
         if any(sh is None for sh in shardings):
             reasons.append("host array")
         elif leaf.sharding is not None and not stacked and not _equivalent(shardings[0], leaf.sharding, len(shape)):
@@ -548,12 +703,15 @@ def build_plan(
             PlanEntry(ei, target, sis, source_path, eff, tuple(reasons), leaf.nbytes, stacked=stacked, host=host)
         )
 
-    missing = [leaf.path for leaf in engine_leaves if converter.feeds(leaf.path) and leaf.path not in targets]
+    fed = [leaf.path for leaf in engine_leaves if leaf.path not in quantized] + list(quantized)
+    missing = [p for p in fed if converter.feeds(p) and p not in targets]
     if missing and strict:
         for path in (p for p in missing if not converter.rule_for(p).optional):
             src = converter.source_for(path)
+            shape = quantized[path].shape if path in quantized else tuple(engine_leaves[index[path]].shape)
             problems.append(
-                f"missing parameter for engine leaf {path} {tuple(engine_leaves[index[path]].shape)}"
+                f"missing parameter for engine leaf {path} {shape}"
+                + (" (served quantized)" if path in quantized else "")
                 + (f" (expected source {src})" if src else "")
             )
     if problems:
@@ -563,6 +721,12 @@ def build_plan(
             f"({converter.architecture}/{converter.source_format})",
         )
     return ConversionPlan(converter, spec, entries, engine_leaves, missing, len(paths))
+
+
+def _casts(dtypes: Sequence[Any], target: Any) -> list[str]:
+    return sorted(
+        {f"cast {np.dtype(d).name}->{np.dtype(target).name}" for d in dtypes if np.dtype(d) != np.dtype(target)}
+    )
 
 
 def lora_wrapped(path: str) -> str:
@@ -595,11 +759,13 @@ def convert_params(
     paths: Sequence[str],
     leaves: Sequence[Any],
     dtype: Any,
+    quantization: Quantization | None = None,
 ) -> dict[str, jax.Array]:
     """Convert a whole source tree to engine paths without an engine (on the source's devices).
 
     Used to compute what an engine would serve, e.g. for :func:`converters.fingerprint_params`.
-    Leaves take ``dtype`` unless their rule names the engine's fixed dtype for them.
+    Leaves take ``dtype`` unless their rule names the engine's fixed dtype for them; with
+    ``quantization``, the leaves it quantizes become their (values, scale) pairs.
     """
     signatures = [(tuple(np.shape(x)), getattr(x, "dtype", None), None) for x in leaves]
     targets, problems = _match_sources(converter, spec, paths, [s[0] for s in signatures])
@@ -612,5 +778,12 @@ def convert_params(
         sis, _, shape, _, _, stacked = _entry_inputs(group, paths, signatures, target)
         eff = ops_lib.effective_ops(group.rule.ops, shape, spec)
         leaf_dtype = np.dtype(group.rule.dtype or dtype)
+        q = quantization.leaf(target, ops_lib.out_shape(eff, shape, spec)) if quantization else None
+        if q is not None:
+            values, scale = _transform(eff, spec, np.dtype(dtype), None, False, stacked, q.recipe)(
+                *(leaves[i] for i in sis)
+            )
+            out[q.values_path], out[q.scale_path] = values, scale
+            continue
         out[target] = _transform(eff, spec, leaf_dtype, None, False, stacked)(*(leaves[i] for i in sis))
     return out

@@ -7,6 +7,10 @@ from typing import Any
 
 #: SamplerConfig.reshard values.
 RESHARD_MODES = ("auto", "bucket", "leaf")
+#: SamplerConfig.quantization names: sglang-jax's own per-channel configs of the same name
+#: (``sgl_jax/srt/utils/quantization/configs/<name>.yaml``); ``_w8a8`` ones also quantize
+#: activations at run time (the weights a push writes are the same).
+QUANTIZATIONS = ("int8", "fp8", "int8_w8a8", "fp8_w8a8")
 
 
 @dataclasses.dataclass
@@ -77,9 +81,32 @@ class SamplerConfig:
     #: raising ``PeerFailureError`` (a process that died is reported sooner, by its heartbeat).
     peer_timeout_s: float = 300.0
     log_level: str = "error"
+    #: Serve the weights quantized: one of ``QUANTIZATIONS`` or a sglang-jax quantization
+    #: config file (the same as ``engine_kwargs={"quantization_config_path": ...}``). Pushes
+    #: quantize each leaf as they convert it, bit for bit as sglang-jax does at load.
+    quantization: str | None = None
     engine_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    @property
+    def quantization_config_path(self) -> str | None:
+        """The sglang-jax quantization config the engine starts with (None: not quantized)."""
+        q = self.quantization
+        if q is None:
+            return self.engine_kwargs.get("quantization_config_path")
+        return q if q.endswith((".yaml", ".yml")) else f"{q}.yaml"
+
     def __post_init__(self):
+        if self.quantization is not None:
+            q = self.quantization
+            if not isinstance(q, str) or not (q in QUANTIZATIONS or q.endswith((".yaml", ".yml"))):
+                raise ValueError(
+                    f"SamplerConfig.quantization={q!r}: one of {QUANTIZATIONS} or a quantization config .yaml file"
+                )
+            if self.engine_kwargs.get("quantization_config_path") not in (None, self.quantization_config_path):
+                raise ValueError(
+                    f"SamplerConfig.quantization={q!r} and engine_kwargs quantization_config_path="
+                    f"{self.engine_kwargs['quantization_config_path']!r} disagree: set one"
+                )
         if self.reshard not in RESHARD_MODES:
             raise ValueError(f"SamplerConfig.reshard={self.reshard!r}: one of {RESHARD_MODES}")
         if self.reshard_bucket_bytes < 1:

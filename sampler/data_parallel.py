@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from converters import ModelSpec
+from converters import ModelSpec, Quantization
 from sampler.config import SamplerConfig
 from sampler.engine.validation import RequestLimits, per_prompt, prompt_ids, samples_per_prompt
 from sampler.interface import RolloutEngine, as_tokenizer_adapter
@@ -114,6 +114,10 @@ class DataParallelSampler(RolloutEngine):
     @property
     def spec(self) -> ModelSpec:
         return self.samplers[0].spec
+
+    @property
+    def quantization(self) -> Quantization | None:
+        return self.samplers[0].quantization
 
     @property
     def mesh(self) -> jax.sharding.Mesh:

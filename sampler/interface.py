@@ -19,7 +19,7 @@ import numpy as np
 from tunix.generate import base_sampler
 from tunix.generate import tokenizer_adapter as tok_adapter
 
-from converters import ModelSpec
+from converters import ModelSpec, Quantization
 from sampler import compat
 from sampler.config import SamplerConfig
 from sampler.engine.validation import RequestLimits, integer, is_int, token_ids
@@ -79,6 +79,12 @@ class RolloutEngine(base_sampler.BaseSampler, abc.ABC):
     @property
     @abc.abstractmethod
     def spec(self) -> ModelSpec: ...
+
+    @property
+    def quantization(self) -> Quantization | None:
+        """How the engine(s) serve weights quantized (pass it to ``converters.fingerprint_params``);
+        None when they serve the model dtype."""
+        return None
 
     @property
     @abc.abstractmethod

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from converters import ConversionPlan, ModelSpec
+from converters import ConversionPlan, ModelSpec, Quantization
 from sampler import restart as restart_lib
 from sampler.config import SamplerConfig
 from sampler.engine.handle import EngineHandle
@@ -67,6 +67,11 @@ class SglangJaxSampler(RolloutEngine):
     @property
     def spec(self) -> ModelSpec:
         return self.sync.spec
+
+    @property
+    def quantization(self) -> Quantization | None:
+        """How the engine serves its weights quantized (``quantization_config_path``), or None."""
+        return self.sync.quantization
 
     @property
     def version(self) -> int:

@@ -5,6 +5,7 @@ fixtures, and share compiled programs through JAX's persistent cache. Four CPU d
 simulated for the sharding tests.
 """
 
+import contextlib
 import os
 
 #: XLA flags of every program the suite compiles, here and in its child processes. The models
@@ -29,6 +30,24 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, "runs", "jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
+
+
+def _drop_orphan_cache_entries(cache_dir: str) -> None:
+    """JAX's size-limited cache writes an entry's ``-cache`` file, then its ``-atime`` file; a
+    process killed in between leaves an entry without one, and every later write then fails
+    (its eviction pass reads every entry's atime: FileNotFoundError). Drop such halves."""
+    if not os.path.isdir(cache_dir):
+        return
+    names = set(os.listdir(cache_dir))
+    for name in names:
+        key, _, kind = name.rpartition("-")
+        other = {"cache": "atime", "atime": "cache"}.get(kind)
+        if other is not None and f"{key}-{other}" not in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(cache_dir, name))
+
+
+_drop_orphan_cache_entries(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 import logging  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -64,6 +64,7 @@ from sampler.compat.models import (
     check_expert_parallel,
     check_gemma4,
     check_moe_sparse_layers,
+    check_quantized_engine,
     gemma4_engine_dtype,
 )
 from sampler.compat.outputs import (
@@ -123,6 +124,7 @@ __all__ = [
     "check_expert_parallel",
     "check_gemma4",
     "check_moe_sparse_layers",
+    "check_quantized_engine",
     "gemma4_engine_dtype",
     "EngineFault",
     "SGLANG_JAX_VERSION",

@@ -151,3 +151,31 @@ def check_gemma4(hf_config: Mapping[str, Any], kwargs: Mapping[str, Any]) -> Non
             SGLANG_JAX_VERSION,
             tp,
         )
+
+
+# -------------------------------------------------------------------------------- quantized engines
+#: Architectures sglang-jax quantizes at load but cannot then generate with: Gemma 2's
+#: attention mixes the quantized layer's output sharding with its own (ShardingTypeError in
+#: the scheduler thread at the first forward).
+QUANTIZATION_UNSERVABLE = ("Gemma2ForCausalLM",)
+
+
+def check_quantized_engine(architecture: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuse quantized engines upstream starts but cannot generate with: static LoRA on a
+    quantized base (quantization replaces the LoRA-wrapped linears, then the scheduler fails:
+    ``'LoRAManager' object has no attribute 'lora_backend'``), and the architectures in
+    :data:`QUANTIZATION_UNSERVABLE`."""
+    path = kwargs.get("quantization_config_path")
+    if not path:
+        return
+    if kwargs.get("enable_static_lora"):
+        raise UnsupportedModelError(
+            f"quantization_config_path={path!r} with enable_static_lora: LoRA adapters on a quantized base "
+            f"are not supported (sglang-jax {SGLANG_JAX_VERSION} replaces the LoRA layers when it quantizes, "
+            "and its scheduler then fails); merge the adapters and push the merged weights instead"
+        )
+    if architecture in QUANTIZATION_UNSERVABLE:
+        raise UnsupportedModelError(
+            f"quantization_config_path={path!r}: sglang-jax {SGLANG_JAX_VERSION} quantizes {architecture} "
+            "at load but cannot generate with it (ShardingTypeError in its scheduler); serve it unquantized"
+        )

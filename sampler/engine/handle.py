@@ -77,6 +77,8 @@ def engine_kwargs(config: SamplerConfig) -> dict[str, Any]:
     elif config.max_total_tokens is not None:
         kwargs["max_total_tokens"] = config.max_total_tokens
     kwargs.update(config.engine_kwargs)
+    if config.quantization_config_path is not None:
+        kwargs["quantization_config_path"] = config.quantization_config_path
     # The scheduler runs in this process (its model runner is what a swap writes), and the
     # event loop in its own daemon thread, so any thread may submit work.
     kwargs["enable_single_process"] = True
@@ -107,6 +109,7 @@ class EngineHandle:
             backend=jax.default_backend(),
             attention_backend=kwargs.get("attention_backend", "fa"),
         )
+        compat.check_quantized_engine((self.hf_config.get("architectures") or ["?"])[0], kwargs)
         kwargs = compat.prepare_engine((self.hf_config.get("architectures") or ["?"])[0], kwargs, self.hf_config)
         self.kwargs = kwargs
         saved = compat.save_signal_handlers()

@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         max_running_requests=args.max_running_requests,
         update_timeout_s=args.reload_timeout,
         max_batch_size=args.max_batch_size,
+        quantization=args.quantization,
         engine_kwargs=engine_kwargs,
         **config_fields,
     )

@@ -34,6 +34,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
+from sampler.config import QUANTIZATIONS
 from sampler.serve.admission import ADMIN_TOKEN_ENV
 from sampler.serve.rebuild import MAX_ENGINE_RESTARTS
 from sampler.serve.server import API_KEY_ENV, MAX_BATCH_SIZE, MAX_BODY_BYTES
@@ -115,6 +116,19 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def quantization(text: str) -> str:
+    """An argparse ``type``: a ``SamplerConfig.quantization`` name or an existing config file."""
+    if text in QUANTIZATIONS:
+        return text
+    if not text.endswith((".yaml", ".yml")):
+        raise argparse.ArgumentTypeError(
+            f"one of {', '.join(QUANTIZATIONS)} or a quantization config .yaml (got {text!r})"
+        )
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such quantization config file: {text!r}")
+    return os.path.abspath(text)
 
 
 def seconds(*, zero: bool) -> Callable[[str], float]:
@@ -298,6 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="most tokens of a sequence (prompt and output) each engine takes",
     )
     p.add_argument(
+        "--quantization",
+        metavar="NAME|FILE",
+        type=quantization,
+        default=None,
+        help=f"serve the weights quantized: {', '.join(QUANTIZATIONS)} (sglang-jax's configs of that name) "
+        "or a sglang-jax quantization config file; reloads and pushes quantize as they load",
+    )
+    p.add_argument(
         "--max-running-requests",
         metavar="N",
         type=int_in(1),
@@ -427,6 +449,8 @@ def args_problem(args: argparse.Namespace) -> str | None:
         last = args.base_port + args.num_servers - 1
         if not 0 < args.base_port <= last <= MAX_PORT:
             return f"--base-port {args.base_port} + --num-servers {args.num_servers} must stay within 1..{MAX_PORT}"
+    if args.quantization is not None and "quantization_config_path" in args.engine_kwargs:
+        return "--quantization and --engine-arg quantization_config_path=... both set the quantization: give one"
     if not is_loopback(args.host) and not (args.admin_token or os.environ.get(ADMIN_TOKEN_ENV)):
         return (
             f"refusing to listen on non-loopback address {args.host!r} without an admin token: "

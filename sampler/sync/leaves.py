@@ -50,6 +50,8 @@ def live_device_bytes() -> int:
 RESHARD_AUTO, RESHARD_BUCKET, RESHARD_LEAF = "auto", "bucket", "leaf"
 #: Bytes of resharded leaves in flight at once (a single larger leaf goes alone).
 DEFAULT_BUCKET_BYTES = 256 << 20
+#: Plan entry kinds whose result is written into the donated buffers of the leaves it replaces.
+IN_PLACE_KINDS = ("convert", "quantize")
 #: Threads that copy host shards at once (numpy releases the GIL while copying).
 HOST_COPY_THREADS = max(1, min(8, os.cpu_count() or 1))
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -129,6 +131,16 @@ class EngineWeights:
         was_broken, self.broken = self.broken, True  # until every leaf is in place
 
         def put(entry, new, kind):
+            if entry.quantized is not None:  # the (values, scale) pair
+                for i, x, path in zip(
+                    (entry.engine_index, entry.scale_index), new, (entry.engine_path, entry.quantized.scale_path)
+                ):
+                    self._setters[i](x)
+                    work[i] = x
+                    self.owned[i] = True
+                    written.append(x)
+                    paths[path] = kind
+                return
             i = entry.engine_index
             self._setters[i](new)
             work[i] = new
@@ -150,9 +162,9 @@ class EngineWeights:
             if entry.aliased:
                 new, kind = aliases.pop(i), entry.kind if alias else "copy"
             else:
-                reuse = work[i] if self.owned[i] and not work[i].is_deleted() else None
+                reuse = self._reusable(work, entry)
                 new = plan.materialize_from(entry, leaves, reuse=reuse)
-                kind = "convert in place" if reuse is not None and entry.kind == "convert" else entry.kind
+                kind = f"{entry.kind} in place" if reuse is not None and entry.kind in IN_PLACE_KINDS else entry.kind
                 if "reshard" in entry.reasons and len(new.sharding.device_set) > 1:
                     # One resharding computation at a time: bounded memory, and XLA's CPU
                     # collectives can deadlock when several run at once.
@@ -164,6 +176,14 @@ class EngineWeights:
         # A partial update cannot repair what an earlier failed swap left half-replaced.
         self.broken = was_broken and not plan.complete
         return written, paths
+
+    def _reusable(self, work: list, entry) -> Any:
+        """The engine's current leaf (or quantized pair) for ``entry`` when it owns it: donated
+        to the conversion, which writes into its buffers. None when it cannot be."""
+        indexes = (entry.engine_index,) if entry.quantized is None else (entry.engine_index, entry.scale_index)
+        if not all(self.owned[i] and not work[i].is_deleted() for i in indexes):
+            return None
+        return work[indexes[0]] if entry.quantized is None else tuple(work[i] for i in indexes)
 
     def _reshard_bucket(self, plan, bucket, leaves, reshard: str) -> tuple[list[jax.Array], str]:
         if all(e.host is not None for e in bucket):

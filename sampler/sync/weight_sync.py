@@ -28,6 +28,7 @@ from converters import fingerprint as fingerprint_arrays
 from converters.architecture import ENGINE_FORMAT
 from converters.checkpoint import SafetensorsCheckpoint
 from converters.errors import DeletedArrayError, ParamsMismatchError
+from converters.quantization import Quantization, quantized_leaves
 from converters.registry import canonical_key
 from converters.source import as_param_tree, key_paths, leaf_signature
 from converters.spec import read_hf_config
@@ -163,6 +164,13 @@ def moved_bytes(entry: Any, kind: str) -> int:
     return entry.nbytes
 
 
+def _written_paths(entry: Any) -> tuple[str, ...]:
+    """Engine paths one plan entry writes: its leaf, or a quantized leaf's values and scale."""
+    if entry.quantized is not None:
+        return (entry.engine_path, entry.quantized.scale_path)
+    return (entry.engine_path,)
+
+
 def is_path(x: Any) -> bool:
     """Whether ``x`` names a checkpoint directory (rather than being an in-memory tree)."""
     return isinstance(x, (str, bytes)) or hasattr(x, "__fspath__")
@@ -183,6 +191,11 @@ class WeightSync:
         self.weights = EngineWeights(runner)
         spec = ModelSpec.from_hf_config(handle.hf_config, tp_size=int(runner.mesh.shape.get("tensor", 1)))
         self.spec = dataclasses.replace(spec, dtype=np.dtype(runner.dtype).name)
+        #: How the engine serves its weights quantized (None: in the model dtype), read off its leaves.
+        self.quantization: Quantization | None = Quantization.of_engine(self.weights.leaves())
+        self._quantized_paths = frozenset(
+            p for q in quantized_leaves(self.weights.leaves()).values() for p in (q.values_path, q.scale_path)
+        )
         self.gate = UpdateGate()
         self.version = 0
         self._plans: dict[Any, ConversionPlan] = {}
@@ -206,7 +219,7 @@ class WeightSync:
         return self.weights.as_dict()
 
     def is_weight(self, path: str) -> bool:
-        return get_converter(self.architecture, ENGINE_FORMAT).feeds(path)
+        return path in self._quantized_paths or get_converter(self.architecture, ENGINE_FORMAT).feeds(path)
 
     def weight_paths(self) -> list[str]:
         """Engine paths of the model weights (not rotary caches or other buffers), sorted."""
@@ -402,7 +415,7 @@ class WeightSync:
 
         def on_leaf(_index, new):
             if track_peak:
-                new.block_until_ready()
+                jax.block_until_ready(new)
                 peak[0] = max(peak[0], live_device_bytes())
             if bar is not None:
                 bar.update(1)
@@ -434,6 +447,7 @@ class WeightSync:
         after = live_device_bytes() if track else None
         copied = plan.copied if alias else plan.entries
         aliased = plan.aliased if alias else []
+        copied_paths = [p for e in copied for p in _written_paths(e)]
         moved: dict[str, int] = {}
         for e in plan.entries:
             kind = paths[e.engine_path]
@@ -443,7 +457,7 @@ class WeightSync:
             seconds=time.perf_counter() - push.t0,
             source_format=plan.source_format,
             aliased=[e.engine_path for e in aliased],
-            copied=[e.engine_path for e in copied],
+            copied=copied_paths,
             aliased_bytes=sum(e.nbytes for e in aliased),
             copied_bytes=sum(moved.values()),
             paths=paths,
@@ -469,6 +483,14 @@ class WeightSync:
         served = self.weights.arrays
         shared, copies = [], {}
         for entry in plan.entries:
+            if entry.quantized is not None:
+                why = (
+                    "quantized: " + ", ".join(entry.reasons) + " (the engine serves the values and their scales, "
+                    "so it never shares the source's buffers)"
+                )
+                for path in _written_paths(entry):
+                    copies[path] = why
+                continue
             if entry.reasons:
                 copies[entry.engine_path] = "copied: " + ", ".join(entry.reasons)
                 continue
