@@ -214,17 +214,10 @@ class _QuantizeSteps:
         )
 
 
-def _transposed(v: jax.Array) -> jax.Array:
-    # one-byte values move as uint8: XLA's CPU backend transposes float8 several times slower
-    if v.dtype.itemsize == 1 and v.dtype != jnp.uint8:
-        return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(v, jnp.uint8).T, v.dtype)
-    return v.T
-
-
 @functools.lru_cache(maxsize=None)
 def _placer(transpose: bool, into: bool, out_sharding: Any):
     def layout(v):
-        return _transposed(v) if transpose else v
+        return v.T if transpose else v
 
     if into:
         return jax.jit(

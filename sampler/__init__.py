@@ -40,7 +40,7 @@ except PackageNotFoundError:  # a source tree that was not installed
     __version__ = "0+unknown"
 
 #: Names that import ``tunix.rl`` (slow): loaded from ``sampler.tunix`` on first use.
-_TUNIX = ("SglangJaxRollout", "measure_mismatch")
+_TUNIX = ("SglangJaxRollout", "TruncatedISGRPOLearner", "measure_mismatch")
 
 
 def __getattr__(name: str):
@@ -64,6 +64,7 @@ __all__ = [
     "SglangJaxSampler",
     "SglangSamplerOutput",
     "TrainerMismatchError",
+    "TruncatedISGRPOLearner",
     "UnsupportedModelError",
     "UpdateReport",
     "UpdateTimeoutError",

@@ -412,6 +412,33 @@ def test_refused_model_configurations_still_fail_upstream(name, case, overrides,
     assert symptom in out, out[-3000:]
 
 
+@pytest.mark.parametrize(
+    "name,case,engine_kwargs,symptom",
+    [
+        (
+            "LoRA on a quantized base",
+            "qwen3-tied",
+            dict(
+                quantization_config_path="int8.yaml",
+                enable_static_lora=True,
+                lora_target_modules=["q_proj"],
+                max_lora_rank=4,
+                lora_scaling=1.0,
+                max_loras_per_batch=1,
+            ),
+            "lora_backend",
+        ),
+        ("quantized Gemma 2", "gemma2", dict(quantization_config_path="int8.yaml"), "ShardingTypeError"),
+    ],
+)
+def test_refused_quantized_engines_still_fail_upstream(name, case, engine_kwargs, symptom, model_dir):
+    """What ``compat.check_quantized_engine`` refuses: with every other patch applied and the
+    refusal lifted, the engine starts but faults at the first generation."""
+    rc, result, out = probe("quantized_unchecked", model_dir(case), **engine_kwargs)
+    assert result is None and rc != 0, f"{name}: upstream serves it now ({result}); drop it from check_quantized_engine"
+    assert symptom in out, out[-3000:]
+
+
 def test_gemma4_ep_size_still_ignored(model_dir):
     rc, result, out = probe("moe_mesh", model_dir("gemma4-moe-tp"), tp_size=2, ep_size=2, **SWA_OFF)
     assert result is not None, out[-3000:]

@@ -213,3 +213,64 @@ def test_grpo_with_data_parallel_rollout(tmp_path):
             assert served == expected, f"stale weights after sync v{version}"
     finally:
         rollout.shutdown()
+
+
+def test_grpo_with_an_int8_rollout_and_truncated_importance_sampling(tmp_path):
+    """A stale int8 engine (one step behind) under TruncatedISGRPOLearner: every sync pushes the
+    actor's weights quantized; the second step's tokens are weighted by min(pi_trainer /
+    pi_sampler, C), some clipped at C, and Tunix's loss applies the weights token by token
+    (weights of one change nothing; the step's weights give the weighted per-token loss)."""
+    from tunix.rl import algo_core
+
+    threshold = 2.0
+    state = {}
+    logs = grpo_tiny.run(
+        steps=2,
+        workdir=str(tmp_path),
+        plot=False,
+        verbose=False,
+        rollout_cls=StaleRollout,
+        rollout_quantization="int8",
+        truncated_is=threshold,
+        keep=state,
+    )
+    rollout, learner, actor = state["rollout"], state["learner"], state["actor"]
+    try:
+        assert len(logs) == 2
+        assert rollout.sampler.quantization.linear == "int8"
+        assert {kind for p, kind in rollout.last_report.paths.items() if p.endswith("weight_q")} == {
+            "quantize in place"
+        }
+        example = learner.last_example
+        trainer, sampler = (np.asarray(x, np.float64) for x in learner.last_logps)
+        mask = np.asarray(example.completion_mask, bool)
+        want = np.where(mask, np.minimum(np.exp(np.clip(trainer - sampler, -20, 20)), threshold), 0.0)
+        weights = np.asarray(example.sampler_is_weights)
+        np.testing.assert_allclose(weights, want, rtol=1e-5, atol=1e-6)
+        assert (weights[mask] >= threshold - 1e-6).any() and (weights[mask] < 1).any(), weights[mask]
+
+        def loss(weights):
+            value, _ = algo_core.grpo_loss_fn(
+                actor,
+                example.replace(sampler_is_weights=weights),
+                learner.algo_config,
+                rollout.pad_id(),
+                rollout.eos_id(),
+            )
+            return float(value)
+
+        # at the weights the loss is evaluated with, each token's ratio is 1: its loss is -advantage,
+        # times its weight, then aggregated as the learner's config says
+        def expected(weights):
+            per_token = -np.asarray(example.advantages)[:, None] * np.broadcast_to(weights, mask.shape)
+            agg = common.aggregate_loss(
+                jnp.asarray(per_token), example.completion_mask, learner.algo_config.loss_agg_mode
+            )
+            return float(agg)
+
+        ones = jnp.asarray(mask, jnp.float32)
+        assert loss(ones) == pytest.approx(loss(None), abs=1e-6)
+        assert loss(example.sampler_is_weights) == pytest.approx(expected(weights), rel=1e-4, abs=1e-6)
+        assert abs(loss(example.sampler_is_weights) - loss(None)) > 1e-3  # the correction changes the loss
+    finally:
+        rollout.shutdown()

@@ -227,3 +227,10 @@ def test_lora_on_a_quantized_base_is_refused_before_the_engine_starts(model_dir)
     )
     with pytest.raises(UnsupportedModelError, match="LoRA adapters on a quantized base are not supported"):
         SglangJaxSampler(config=config)
+
+
+def test_quantized_gemma2_is_refused_before_the_engine_starts(model_dir):
+    from sampler import SglangJaxSampler
+
+    with pytest.raises(UnsupportedModelError, match="cannot generate with it"):
+        SglangJaxSampler(config=SamplerConfig(model_path=str(model_dir("gemma2")), quantization="int8"))

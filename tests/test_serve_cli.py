@@ -364,3 +364,30 @@ def test_a_configuration_the_engine_refuses_is_a_clear_error_without_traceback(t
     assert proc.returncode == 3, out
     assert "sampler.serve: the engine could not start" in out and "tp" in out, out
     assert "Traceback" not in out, out
+
+
+def test_a_quantized_server_reloads_checkpoints_quantized(tmp_path):
+    """--quantization int8: the server starts on checkpoint A quantized by sglang-jax, and a
+    /admin/reload_weights of checkpoint B serves B quantized bit for bit as an engine that loaded
+    B would (the checksum equals converters.fingerprint_params of B told the quantization)."""
+    import converters
+    from tests import helpers
+
+    path_a = helpers.write_case(tmp_path / "a", "qwen3-tied", seed=0)
+    path_b = helpers.write_case(tmp_path / "b", "qwen3-tied", seed=1)
+    srv = ServerProcess(path_a, tmp_path / "server.log", "--quantization", "int8", "--no-warmup")
+    try:
+        srv.wait_ready()
+        status = srv.status()
+        assert status["quantization"] == {"linear": "int8", "moe": None, "skipped": []}
+        spec = converters.ModelSpec.from_hf_config(path_a)
+        a, b = (helpers.hf_tensors(p) for p in (path_a, path_b))
+        code, body, _ = srv.admin("/admin/weights_checksum")
+        assert code == 200 and body["checksum"] == converters.fingerprint_params(a, spec, quantization="int8")
+        code, body, _ = srv.admin("/admin/reload_weights", {"model_path": str(path_b)})
+        assert code == 200, body
+        code, body, _ = srv.admin("/admin/weights_checksum")
+        assert code == 200 and body["checksum"] == converters.fingerprint_params(b, spec, quantization="int8")
+        assert body["checksum"] != converters.fingerprint_params(b, spec)
+    finally:
+        srv.stop()

@@ -96,6 +96,17 @@ def main(mode: str, model_dir: str) -> None:
         e = engine(model_dir)
         out = e.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 3, "temperature": 0})
         result["generated"] = len(out["meta_info"].get("output_token_logprobs") or out["output_ids"] or [0]) > 0
+    elif mode == "quantized_unchecked":  # our engine (every patch), with the quantized-engine refusal lifted
+        from sampler import SamplerConfig, SglangJaxSampler, compat
+
+        compat.check_quantized_engine = lambda *args, **kwargs: None
+        sampler = SglangJaxSampler(
+            config=SamplerConfig(
+                model_path=model_dir, load_format="safetensors", context_length=128, engine_kwargs=EXTRA
+            )
+        )
+        out = sampler.generate_ids([[5, 6, 7]], {"max_new_tokens": 3, "temperature": 0}, timeout=120)
+        result["generated"] = len(out[0]["output_ids"])
     elif mode == "moe_mesh":  # the mesh sglang-jax puts the experts on, and their dtype
         e = engine(model_dir)
         runner = e.scheduler_info["scheduler"].tp_worker.worker.model_runner

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -27,6 +28,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+
+from sampler.config import QUANTIZATIONS  # noqa: E402
 
 PROMPTS = [
     "Q: 3+4=",
@@ -101,11 +104,18 @@ def run(
     rollout_overrides: dict | None = None,
     architecture: str = "Qwen3ForCausalLM",
     mismatch: bool = True,
+    rollout_quantization: str | None = None,
+    truncated_is: float | None = None,
+    plot_path: Path | None = None,
 ) -> list[StepLog]:
     """Run the demo; returns one StepLog per GRPO step.
 
     ``keep``: if given, receives the live rollout, actor and rollout config, and the
-    rollout is left running (the caller shuts it down). ``rollout_devices``: size of the
+    rollout is left running (the caller shuts it down). ``rollout_quantization``: roll out from
+    an int8 / fp8 engine ("int8", "fp8", "fp8_w8a8", ...: ``SamplerConfig.quantization``), fed the
+    float32 actor's weights quantized at every sync. ``truncated_is``: weight each completion
+    token's loss by min(pi_trainer / pi_sampler, C) with this C (``TruncatedISGRPOLearner``).
+    ``rollout_devices``: size of the
     rollout mesh; ``rollout_overrides``: extra RolloutConfig fields (e.g. data_parallel_size).
     ``architecture``: the tiny model's (any with a Tunix model and a tiny recipe, e.g.
     "Qwen3MoeForCausalLM"). ``mismatch``: measure the sampler/trainer logprob mismatch of every
@@ -117,7 +127,7 @@ def run(
     from tunix.rl.grpo import grpo_learner
     from tunix.rl.rollout import base_rollout
 
-    from sampler import SglangJaxRollout, measure_mismatch
+    from sampler import SglangJaxRollout, TruncatedISGRPOLearner, measure_mismatch
     from sampler.tiny import write_tiny_model
     from sampler.tunix.models import load_tunix_model
 
@@ -163,7 +173,11 @@ def run(
             rl_cluster_lib.Role.REFERENCE: mesh,
             rl_cluster_lib.Role.ROLLOUT: rollout_mesh,
         },
-        rollout_engine=rollout_cls or SglangJaxRollout,
+        rollout_engine=(
+            functools.partial(rollout_cls or SglangJaxRollout, quantization=rollout_quantization)
+            if rollout_quantization
+            else rollout_cls or SglangJaxRollout
+        ),
         offload_to_cpu=False,
         training_config=rl_cluster_lib.RLTrainingConfig(
             actor_optimizer=optax.adam(learning_rate),
@@ -182,11 +196,13 @@ def run(
         ),
     )
     cluster = rl_cluster_lib.RLCluster(actor=actor, reference=None, tokenizer=tokenizer, cluster_config=cluster_config)
-    learner = grpo_learner.GRPOLearner(
-        rl_cluster=cluster,
-        reward_fns=reward_fn,
-        algo_config=grpo_learner.GRPOConfig(num_generations=num_generations, num_iterations=num_iterations, beta=0.0),
-    )
+    algo_config = grpo_learner.GRPOConfig(num_generations=num_generations, num_iterations=num_iterations, beta=0.0)
+    if truncated_is is not None:
+        learner = TruncatedISGRPOLearner(
+            rl_cluster=cluster, reward_fns=reward_fn, algo_config=algo_config, sampler_is_threshold=truncated_is
+        )
+    else:
+        learner = grpo_learner.GRPOLearner(rl_cluster=cluster, reward_fns=reward_fn, algo_config=algo_config)
     rng = np.random.default_rng(seed)
     prompts = [PROMPTS[i] for i in rng.integers(0, len(PROMPTS), size=steps * batch_size)]
     # a numpy array of strings per batch, as Tunix expects: its learner repeats every leaf of
@@ -234,11 +250,12 @@ def run(
         print(f"sample completions now: {rollout.generate(PROMPTS[:3], cluster_config.rollout_config).text}")
     (work / "grpo_tiny.json").write_text(json.dumps([dataclasses.asdict(log) for log in logs], indent=1))
     if plot:
-        _plot(logs, work / "grpo_tiny.png")
+        plot_path = plot_path or work / "grpo_tiny.png"
+        _plot(logs, plot_path)
         if verbose:
-            print(f"plot: {work / 'grpo_tiny.png'}")
+            print(f"plot: {plot_path}")
     if keep is not None:
-        keep.update(rollout=rollout, actor=actor, rollout_config=cluster_config.rollout_config)
+        keep.update(rollout=rollout, actor=actor, rollout_config=cluster_config.rollout_config, learner=learner)
     else:
         rollout.shutdown()
     return logs
@@ -267,6 +284,62 @@ def _plot(logs: list[StepLog], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+#: ``--compare-quantization``: (label, SamplerConfig.quantization) of each run.
+COMPARED = (("bf16", None), ("int8", "int8"), ("fp8", "fp8_w8a8"))
+
+
+def compare_quantization(steps: int, workdir: str, **options) -> dict[str, list[StepLog]]:
+    """The demo once per rollout precision in ``COMPARED`` (same seed, prompts and trainer), and
+    one plot of their reward and sampler/trainer mismatch: what a quantized rollout costs."""
+    runs = {}
+    for label, quantization in COMPARED:
+        print(f"\n== rollout {label}", flush=True)
+        runs[label] = run(
+            steps,
+            str(Path(workdir) / label),
+            rollout_quantization=quantization,
+            plot_path=Path(workdir) / label / "grpo_tiny.png",
+            **options,
+        )
+    path = Path(workdir) / "grpo_tiny_quantization.png"
+    _plot_compared(runs, path)
+    (Path(workdir) / "grpo_tiny_quantization.json").write_text(
+        json.dumps({k: [dataclasses.asdict(log) for log in v] for k, v in runs.items()}, indent=1)
+    )
+    print("\nmean sampler/trainer |logprob diff| per token (nats):")
+    for label, logs in runs.items():
+        values = [log.logp_diff_mean for log in logs if log.logp_diff_mean is not None]
+        rewards = [log.reward for log in logs]
+        print(
+            f"  {label:5s} {np.mean(values):.4f}   reward first 5 steps {np.mean(rewards[:5]):.3f} "
+            f"-> last 5 {np.mean(rewards[-5:]):.3f}"
+        )
+    print(f"plot: {path}")
+    return runs
+
+
+def _plot_compared(runs: dict[str, list[StepLog]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for label, logs in runs.items():
+        steps = [log.step for log in logs]
+        a.plot(steps, [log.reward for log in logs], marker=".", label=f"{label} rollout")
+        b.plot(steps, [log.logp_diff_mean for log in logs], marker=".", label=f"{label} rollout")
+    a.set_ylabel("mean reward")
+    a.set_title("GRPO on a tiny Qwen3: bf16, int8 and fp8 rollouts of a float32 trainer")
+    a.legend(loc="lower right", fontsize="small")
+    b.set_yscale("log")
+    b.set_ylabel("sampler vs trainer\nmean |logprob diff| (nats)")
+    b.legend(loc="upper right", fontsize="small")
+    b.set_xlabel("GRPO step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
@@ -274,8 +347,44 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--learning-rate", type=float, default=3e-3)
     ap.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank")
+    ap.add_argument(
+        "--rollout-quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="roll out from an int8 / fp8 engine (sglang-jax's config of that name), fed the trainer's weights",
+    )
+    ap.add_argument(
+        "--compare-quantization",
+        action="store_true",
+        help="run the demo three times (bf16, int8, fp8 rollouts; same seed and prompts) and plot their "
+        "sampler/trainer mismatch side by side",
+    )
+    ap.add_argument(
+        "--truncated-is",
+        metavar="C",
+        type=float,
+        default=None,
+        help="truncated importance sampling: weight each token's loss by min(pi_trainer / pi_sampler, C)",
+    )
     args = ap.parse_args()
-    run(args.steps, args.workdir, seed=args.seed, learning_rate=args.learning_rate, lora_rank=args.lora_rank)
+    if args.truncated_is is not None and not args.truncated_is > 0:
+        ap.error(f"--truncated-is must be > 0 (got {args.truncated_is})")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        ap.error(f"--lora-rank must be >= 1 (got {args.lora_rank})")
+    if args.compare_quantization:
+        compare_quantization(
+            args.steps, args.workdir, seed=args.seed, learning_rate=args.learning_rate, truncated_is=args.truncated_is
+        )
+        return
+    run(
+        args.steps,
+        args.workdir,
+        seed=args.seed,
+        learning_rate=args.learning_rate,
+        lora_rank=args.lora_rank,
+        rollout_quantization=args.rollout_quantization,
+        truncated_is=args.truncated_is,
+    )
 
 
 if __name__ == "__main__":

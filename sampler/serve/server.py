@@ -377,6 +377,8 @@ class WeightServer:
             "state": self.state,
             "operation": self.operation,
             "version": self.sampler.version,
+            # how the engines serve their weights quantized (None: in the model dtype)
+            "quantization": _quantization(self.sampler.quantization),
             "accepting": not self.gating,
             "in_flight": self.in_flight,
             "engine_requests": sum(e["engine_requests"] for e in engines),
@@ -479,6 +481,13 @@ class WeightServer:
         logger.warning("weight change failed (%d): %s", status, error)
         headers = {"Retry-After": "1"} if retry_after else None
         return _error(status, str(error), type(error).__name__, headers=headers)
+
+
+def _quantization(q: Any) -> dict[str, Any] | None:
+    """``/admin/reload_status``'s view of a ``converters.Quantization``."""
+    if q is None:
+        return None
+    return {"linear": q.linear, "moe": q.moe, "skipped": sorted(q.skipped)}
 
 
 def _error(status: int, message: str, kind: str | None = None, headers: dict | None = None):

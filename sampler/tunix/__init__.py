@@ -1,9 +1,10 @@
 """Tunix integration: ``SglangJaxRollout`` for Tunix's ``RLCluster`` (``rollout``), the
-sampler/trainer mismatch measured inside it (``mismatch``), Tunix's ``SglangJaxConfig`` and
+sampler/trainer mismatch measured inside it (``mismatch``) and corrected by truncated
+importance sampling (``truncated_is``), Tunix's ``SglangJaxConfig`` and
 rollout config mapped onto ``SamplerConfig`` (``config``), and Tunix trainers built from the
 directory the engine serves (``models``).
 
-``sampler.tunix.rollout`` and ``sampler.tunix.mismatch`` import ``tunix.rl`` (slow); importing
+``sampler.tunix.rollout``, ``mismatch`` and ``truncated_is`` import ``tunix.rl`` (slow); importing
 this package alone does not.
 """
 
@@ -17,6 +18,8 @@ _LAZY = {
     "MismatchMonitor": "mismatch",
     "StepMismatch": "mismatch",
     "measure_mismatch": "mismatch",
+    "TruncatedISGRPOLearner": "truncated_is",
+    "truncated_is_weights": "truncated_is",
     "load_tunix_model": "models",
     "random_tunix_model": "models",
     "tunix_model_config": "models",

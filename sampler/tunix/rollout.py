@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import threading
 from typing import Any, NamedTuple, Optional, Tuple
 
@@ -59,6 +60,8 @@ class SglangJaxRollout(base_rollout.BaseRollout):
     ``generate``. An actor that computes another model than the engine (a config field Tunix
     ignores, or a ``ModelConfig`` that disagrees with the checkpoint) is refused with
     ``compat.TrainerMismatchError`` naming the field, unless ``allow_trainer_mismatch=True``.
+    ``quantization`` ("int8", "fp8", ... or a sglang-jax config file; ``SamplerConfig.quantization``):
+    roll out from a quantized engine; every sync quantizes the actor's weights as it pushes them.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         in_flight: str = "drain",
         max_staleness: int | None = None,
         allow_trainer_mismatch: bool = False,
+        quantization: str | None = None,
     ):
         actor = rollout_actor if rollout_actor is not None else model
         if rollout_config is None:
@@ -83,6 +87,8 @@ class SglangJaxRollout(base_rollout.BaseRollout):
         self.max_staleness = max_staleness
         self._local = threading.local()
         config = sampler_config or from_rollout_config(rollout_config, mesh)
+        if quantization is not None:  # checked by SamplerConfig: a name or a config file
+            config = dataclasses.replace(config, quantization=quantization)
         if actor is not None:  # before the engine starts: a trainer of another model is refused
             check_trainer(actor, read_hf_config(config.model_path), allow_mismatch=allow_trainer_mismatch)
         self._sampler = create_sampler(config, tokenizer)
