@@ -23,15 +23,7 @@ import numpy as np
 
 from converters import ops as ops_lib
 from converters.errors import DeletedArrayError, ParamsMismatchError
-from converters.quantization import (
-    Quantization,
-    QuantizedLeaf,
-    quantization_scale,
-    quantize,
-    quantized_leaves,
-    quantized_values,
-    served_scale,
-)
+from converters.quantization import Quantization, QuantizedLeaf, QuantizeSteps, quantize, quantized_leaves
 from converters.registry import Converter, abstract_key
 from converters.reshard import HostLayout, host_layout, place
 from converters.rules import LeafRule
@@ -135,8 +127,9 @@ def _transform(
     ``into=True`` takes the engine's old leaf as a donated first argument, so the
     result is written into its buffer: no new allocation, no extra memory.
     ``stacked=True`` takes the sources as separate arguments and stacks them first.
-    ``quantized``: the result is the (values, scale) pair of that quantized leaf (``dtype``
-    is then the model dtype it is cast to first; with ``into``, both old leaves are donated).
+    ``quantized`` (not with ``into``): the result is the (values, scale) pair of that
+    quantized leaf, ``dtype`` the model dtype it is cast to first (``convert_params``; plans
+    run the same steps as separate programs, ``QuantizeSteps``).
     """
 
     def fn(*xs):
@@ -145,16 +138,6 @@ def _transform(
             return quantize(ops_lib.apply(ops, x, spec), quantized, dtype)
         return ops_lib.apply(ops, x, spec).astype(dtype)
 
-    if into and quantized is not None:
-
-        def fn_into_pair(old_values, old_scale, *xs):
-            values, scale = fn(*xs)
-            return (
-                jax.lax.dynamic_update_slice(old_values, values, (0,) * old_values.ndim),
-                jax.lax.dynamic_update_slice(old_scale, scale, (0,) * old_scale.ndim),
-            )
-
-        return jax.jit(fn_into_pair, out_shardings=out_sharding, donate_argnums=(0, 1))
     if into:
         # The result must depend on ``old`` or jit drops (and never donates) it; a full
         # dynamic_update_slice of the donated buffer is done in place.
@@ -163,69 +146,6 @@ def _transform(
 
         return jax.jit(fn_into, out_shardings=out_sharding, donate_argnums=0)
     return jax.jit(fn, out_shardings=out_sharding)
-
-
-@dataclasses.dataclass(frozen=True)
-class _QuantizeSteps:
-    """The programs that quantize one kind of leaf, shared by every layer of that shape: the
-    cast to the model dtype (its own program, when the source has another dtype: within one
-    program XLA may skip the rounding), the scale, the values in the unquantized layout, and
-    their placement (transposed, for linear layers) into the engine's donated old buffer.
-    Separate programs, because XLA's CPU backend runs the fused transposing quantization
-    several times slower than these."""
-
-    cast: Any
-    scale: Any
-    values: Any
-    served: Any
-    transpose: bool
-
-    @staticmethod
-    @functools.lru_cache(maxsize=None)
-    def of(
-        ops: tuple[ops_lib.Op, ...],
-        spec: ModelSpec,
-        dtype: Any,
-        stacked: bool,
-        leaf: QuantizedLeaf,
-        source_dtype: Any,
-    ) -> "_QuantizeSteps":
-        def prepare(xs):
-            x = jnp.stack(xs) if stacked else xs[0]
-            return ops_lib.apply(ops, x, spec).astype(dtype)
-
-        cast = jax.jit(lambda *xs: prepare(xs)) if np.dtype(source_dtype) != np.dtype(dtype) else None
-        inline = (lambda xs: xs[0]) if cast is not None else prepare  # scale/values take the cast leaf
-        return _QuantizeSteps(
-            cast=cast,
-            scale=jax.jit(lambda *xs: quantization_scale(inline(xs), leaf)),
-            values=jax.jit(lambda scale, *xs: quantized_values(inline(xs), scale, leaf)),
-            served=jax.jit(lambda scale: served_scale(scale, leaf)),
-            transpose=leaf.layout.transpose,
-        )
-
-    def inputs(self, xs: tuple) -> tuple:
-        return (self.cast(*xs),) if self.cast is not None else xs
-
-    def place(self, old: jax.Array | None, values: jax.Array, out_sharding: Any) -> jax.Array:
-        """``values`` in the engine's layout, written into ``old`` (donated) when given."""
-        return _placer(self.transpose, old is not None, out_sharding)(
-            *((old, values) if old is not None else (values,))
-        )
-
-
-@functools.lru_cache(maxsize=None)
-def _placer(transpose: bool, into: bool, out_sharding: Any):
-    def layout(v):
-        return v.T if transpose else v
-
-    if into:
-        return jax.jit(
-            lambda old, v: jax.lax.dynamic_update_slice(old, layout(v), (0,) * old.ndim),
-            out_shardings=out_sharding,
-            donate_argnums=0,
-        )
-    return jax.jit(layout, out_shardings=out_sharding)
 
 
 @functools.lru_cache(maxsize=None)
@@ -378,7 +298,7 @@ class ConversionPlan:
             a if isinstance(a, jax.Array) else jax.device_put(np.asarray(a), _host_target(values_leaf.sharding))
             for a in (x if entry.stacked else (x,))
         )
-        steps = _QuantizeSteps.of(
+        steps = QuantizeSteps.of(
             entry.ops,
             self.spec,
             np.dtype(self.spec.dtype),

@@ -13,13 +13,16 @@ pair that :data:`QUANTIZED_LAYOUTS` describes, in the same pass.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from converters import ops as ops_lib
 from converters.errors import ParamsMismatchError
+from converters.spec import ModelSpec
 
 #: Names sglang-jax's quantization configs use for the value dtypes it can serve, and short ones.
 QUANTIZED_DTYPES: dict[str, Any] = {"int8": jnp.int8, "float8_e4m3fn": jnp.float8_e4m3fn}
@@ -270,3 +273,66 @@ def quantize(x: jax.Array, leaf: QuantizedLeaf, model_dtype: Any) -> tuple[jax.A
     scale = quantization_scale(y, leaf)
     values = quantized_values(y, scale, leaf)
     return (values.T if leaf.layout.transpose else values), served_scale(scale, leaf)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeSteps:
+    """The programs a plan runs to quantize one kind of leaf, shared by every layer of that shape: the
+    cast to the model dtype (its own program, when the source has another dtype: within one
+    program XLA may skip the rounding), the scale, the values in the unquantized layout, and
+    their placement (transposed, for linear layers) into the engine's donated old buffer.
+    Separate programs, because XLA's CPU backend runs the fused transposing quantization
+    several times slower than these."""
+
+    cast: Any
+    scale: Any
+    values: Any
+    served: Any
+    transpose: bool
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def of(
+        ops: tuple[ops_lib.Op, ...],
+        spec: ModelSpec,
+        dtype: Any,
+        stacked: bool,
+        leaf: QuantizedLeaf,
+        source_dtype: Any,
+    ) -> "QuantizeSteps":
+        def prepare(xs):
+            x = jnp.stack(xs) if stacked else xs[0]
+            return ops_lib.apply(ops, x, spec).astype(dtype)
+
+        cast = jax.jit(lambda *xs: prepare(xs)) if np.dtype(source_dtype) != np.dtype(dtype) else None
+        inline = (lambda xs: xs[0]) if cast is not None else prepare  # scale/values take the cast leaf
+        return QuantizeSteps(
+            cast=cast,
+            scale=jax.jit(lambda *xs: quantization_scale(inline(xs), leaf)),
+            values=jax.jit(lambda scale, *xs: quantized_values(inline(xs), scale, leaf)),
+            served=jax.jit(lambda scale: served_scale(scale, leaf)),
+            transpose=leaf.layout.transpose,
+        )
+
+    def inputs(self, xs: tuple) -> tuple:
+        return (self.cast(*xs),) if self.cast is not None else xs
+
+    def place(self, old: jax.Array | None, values: jax.Array, out_sharding: Any) -> jax.Array:
+        """``values`` in the engine's layout, written into ``old`` (donated) when given."""
+        return _placer(self.transpose, old is not None, out_sharding)(
+            *((old, values) if old is not None else (values,))
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def _placer(transpose: bool, into: bool, out_sharding: Any):
+    def layout(v):
+        return v.T if transpose else v
+
+    if into:
+        return jax.jit(
+            lambda old, v: jax.lax.dynamic_update_slice(old, layout(v), (0,) * old.ndim),
+            out_shardings=out_sharding,
+            donate_argnums=0,
+        )
+    return jax.jit(layout, out_shardings=out_sharding)

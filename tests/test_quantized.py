@@ -234,3 +234,43 @@ def test_quantized_gemma2_is_refused_before_the_engine_starts(model_dir):
 
     with pytest.raises(UnsupportedModelError, match="cannot generate with it"):
         SglangJaxSampler(config=SamplerConfig(model_path=str(model_dir("gemma2")), quantization="int8"))
+
+
+#: (case, quantization, tp_size): the other architectures sglang-jax quantizes, and tensor parallelism.
+MORE_ENGINES = [
+    ("llama-untied", "fp8", 1),
+    ("qwen2.5", "int8", 1),
+    ("gemma4-moe", "int8", 1),
+    ("qwen3-moe-tp", "fp8", 2),  # experts and attention over 2 devices; the trainer on one
+]
+
+
+@pytest.mark.parametrize("case,quantization,tp", MORE_ENGINES, ids=lambda v: str(v))
+def test_every_quantized_architecture_and_layout(case, quantization, tp, tmp_path):
+    """A Tunix trainer's push and a checkpoint reload equal the engine's own quantize-at-load."""
+    from sampler import SglangJaxSampler
+
+    path_a, path_b = (helpers.write_case(tmp_path / f"s{seed}", case, seed=seed) for seed in (0, 1))
+    sampler = SglangJaxSampler(
+        config=SamplerConfig(
+            model_path=str(path_a),
+            load_format="safetensors",
+            quantization=quantization,
+            tp_size=tp,
+            context_length=128,
+            max_running_requests=2,
+        )
+    )
+    try:
+        oracle = {p: np.array(x, copy=True) for p, x in sampler.engine_params().items()}
+        assert _quantized_paths(sampler)
+        state_a, state_b = (nnx.state(load_tunix_model(p), nnx.Param) for p in (path_a, path_b))
+        sampler.update_params(state_b)
+        sampler.update_params(state_a)
+        helpers.assert_same_bits(_served(sampler), oracle)
+        sampler.update_params(state_b)
+        sampler.load_checkpoint(path_a)
+        helpers.assert_same_bits(_served(sampler), oracle)
+        assert len(_greedy_ids(sampler)) == STEPS
+    finally:
+        sampler.shutdown()
