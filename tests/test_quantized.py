@@ -24,7 +24,8 @@ pytestmark = pytest.mark.engine
 
 #: (case, sglang-jax quantization config): dense int8 weight-only, MoE fp8 weights and activations.
 ENGINES = [("qwen3-varied", "int8"), ("qwen3-moe", "fp8_w8a8")]
-FORMATS = ["tunix", "hf", "flax", "engine", "tunix-float32"]
+#: source -> the converters' format name it is in
+FORMATS = {"tunix": "tunix", "hf": "hf", "flax": "flax", "engine": "sglang", "tunix-float32": "tunix"}
 PROMPT_IDS = [[5, 17, 42, 99, 7]]
 STEPS = 8
 
@@ -104,9 +105,15 @@ def _quantized_paths(sampler) -> set[str]:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_push_equals_sglang_jax_quantize_at_load(quantized, fmt):
     q, sampler = quantized, quantized["sampler"]
-    if fmt == "flax" and "flax" not in converters.formats_for(sampler.spec.architecture):
-        pytest.skip(f"{sampler.spec.architecture} has no Flax table")
     sampler.update_params(q["states"]["b"])
+    if FORMATS[fmt] not in converters.formats_for(
+        sampler.spec.architecture
+    ):  # no table for it: refused, nothing changes
+        before = sampler.fingerprint()
+        with pytest.raises(ParamsMismatchError, match="unknown parameter"):
+            sampler.update_params(_source(q, fmt))
+        assert sampler.fingerprint() == before
+        return
     assert _greedy_ids(sampler) != q["tokens"] or "Moe" in sampler.spec.architecture
     report = sampler.update_params(_source(q, fmt))
     helpers.assert_same_bits(_served(sampler), q["oracle"])
