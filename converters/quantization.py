@@ -24,11 +24,17 @@ from converters import ops as ops_lib
 from converters.errors import ParamsMismatchError
 from converters.spec import ModelSpec
 
-#: Names sglang-jax's quantization configs use for the value dtypes it can serve, and short ones.
+#: Names sglang-jax's quantization configs use for the value dtypes it can serve.
 QUANTIZED_DTYPES: dict[str, Any] = {"int8": jnp.int8, "float8_e4m3fn": jnp.float8_e4m3fn}
-DTYPE_ALIASES = {"int8": "int8", "fp8": "float8_e4m3fn", "float8_e4m3fn": "float8_e4m3fn"}
-#: sglang-jax's own configs for these (``sgl_jax/srt/utils/quantization/configs``): weights only.
-CONFIG_FILES = {"int8": "int8.yaml", "float8_e4m3fn": "fp8.yaml"}
+#: What ``Quantization.uniform`` takes: those, short names, and ``SamplerConfig.quantization``
+#: names (a ``_w8a8`` config quantizes activations too; its weights are the same).
+DTYPE_ALIASES = {
+    "int8": "int8",
+    "int8_w8a8": "int8",
+    "fp8": "float8_e4m3fn",
+    "fp8_w8a8": "float8_e4m3fn",
+    "float8_e4m3fn": "float8_e4m3fn",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,13 +181,9 @@ class Quantization:
                 return _leaf(path, layout, dtype, tuple(shape))
         return None
 
-    def describe(self) -> str:
-        parts = [f"{kind} {dtype}" for kind, dtype in (("linear", self.linear), ("moe", self.moe)) if dtype]
-        return ", ".join(parts) or "none"
-
 
 def normalize_dtype(dtype: Any) -> str:
-    """ "int8" / "fp8" / "float8_e4m3fn" (or the numpy dtype) -> the values dtype name."""
+    """A name in ``DTYPE_ALIASES`` (or a numpy dtype) -> the values dtype name."""
     name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
     if name not in DTYPE_ALIASES:
         raise ValueError(f"quantization dtype must be one of {sorted(DTYPE_ALIASES)}, got {dtype!r}")
