@@ -48,6 +48,26 @@ import numpy as np
 
 MiB = 1 << 20
 
+#: Qwen3-0.6B's shape (28 layers, hidden 1024, 16/8 heads, head_dim 128, vocab 151936, tied), as
+#: ``sampler.tiny.write_tiny_model`` keyword arguments (the benchmarks' real-size model).
+QWEN3_0_6B = dict(
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_layers=28,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=128,
+    tie_word_embeddings=True,
+)
+
+
+def write_qwen3_0_6b(path: Path, layers: int = 28) -> Path:
+    """A Qwen3-0.6B-shaped model directory (config and tokenizer; no weights) at ``path``."""
+    from sampler.tiny import write_tiny_model
+
+    return write_tiny_model(path, "Qwen3ForCausalLM", weights=False, **{**QWEN3_0_6B, "num_layers": layers})
+
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:

@@ -29,31 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from common import MiB, Results, add_output_args, memcpy_seconds, num  # noqa: E402
+from common import MiB, Results, add_output_args, memcpy_seconds, num, write_qwen3_0_6b  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
-from sampler.tiny import write_tiny_model  # noqa: E402
 from sampler.tunix.models import random_tunix_model  # noqa: E402
 
 #: (row label, SamplerConfig.quantization)
 ENGINES = [("bf16", None), ("int8", "int8"), ("fp8", "fp8_w8a8")]
-
-
-def write_model(path: Path, layers: int) -> None:
-    write_tiny_model(
-        path,
-        "Qwen3ForCausalLM",
-        weights=False,
-        vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_layers=layers,
-        num_heads=16,
-        num_kv_heads=8,
-        head_dim=128,
-        tie_word_embeddings=True,
-    )
 
 
 def main() -> None:
@@ -65,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-quantized-"))
-    write_model(tmp, args.layers)
+    write_qwen3_0_6b(tmp, args.layers)
     samplers = {
         label: SglangJaxSampler(
             config=SamplerConfig(model_path=str(tmp), context_length=256, max_running_requests=2, quantization=q)

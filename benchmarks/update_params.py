@@ -39,13 +39,13 @@ from common import (  # noqa: E402
     tunix_live_peak,
     tunix_peer,
     tunix_update,
+    write_qwen3_0_6b,
 )
 from flax import nnx  # noqa: E402
 
 import converters  # noqa: E402
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
 from sampler.sync.leaves import live_device_bytes  # noqa: E402
-from sampler.tiny import write_tiny_model  # noqa: E402
 from sampler.tunix.models import random_tunix_model  # noqa: E402
 
 
@@ -69,19 +69,7 @@ def main() -> None:
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-qwen3-0.6b-"))
-    write_tiny_model(
-        tmp,
-        "Qwen3ForCausalLM",
-        weights=False,
-        vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_layers=args.layers,
-        num_heads=16,
-        num_kv_heads=8,
-        head_dim=128,
-        tie_word_embeddings=True,
-    )
+    write_qwen3_0_6b(tmp, args.layers)
     sampler = SglangJaxSampler(config=SamplerConfig(model_path=str(tmp), context_length=256, max_running_requests=2))
     model = random_tunix_model(tmp, seed=args.seed, dtype=jnp.bfloat16)
     tunix_bf16 = nnx.state(model, nnx.Param)
