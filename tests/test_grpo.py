@@ -179,13 +179,6 @@ class StaleRollout(SglangJaxRollout):
         return super().update_params(current if previous is None else previous, filter_types)
 
 
-def test_the_mismatch_catches_an_engine_one_step_behind(tmp_path):
-    logs = grpo_tiny.run(steps=2, workdir=str(tmp_path), plot=False, verbose=False, rollout_cls=StaleRollout)
-    mismatch = [log.logp_diff_mean for log in logs]
-    assert mismatch[0] < HEALTHY_MEAN_ABS, mismatch  # the first rollout: both on the initial weights
-    assert mismatch[1] > 4 * HEALTHY_MEAN_ABS, mismatch
-
-
 def test_grpo_with_data_parallel_rollout(tmp_path):
     """RLCluster unchanged, RolloutConfig(data_parallel_size=2) over a 2-device rollout mesh:
     two engines, both serving the actor's weights after every sync."""
@@ -215,11 +208,12 @@ def test_grpo_with_data_parallel_rollout(tmp_path):
         rollout.shutdown()
 
 
-def test_grpo_with_an_int8_rollout_and_truncated_importance_sampling(tmp_path):
-    """A stale int8 engine (one step behind) under TruncatedISGRPOLearner: every sync pushes the
-    actor's weights quantized; the second step's tokens are weighted by min(pi_trainer /
-    pi_sampler, C), some clipped at C, and Tunix's loss applies the weights token by token
-    (weights of one change nothing; the step's weights give the weighted per-token loss)."""
+def test_a_stale_engine_shows_in_the_mismatch_and_truncated_is_weights_it(tmp_path):
+    """An engine one step behind the trainer, under TruncatedISGRPOLearner: the mismatch
+    metric catches it (small on the first rollout, large on the second); the second step's
+    tokens are weighted by min(pi_trainer / pi_sampler, C), some clipped at C, and Tunix's loss
+    applies the weights token by token (weights of one change nothing; the step's weights give
+    the weighted per-token loss)."""
     from tunix.rl import algo_core
 
     threshold = 2.0
@@ -230,17 +224,14 @@ def test_grpo_with_an_int8_rollout_and_truncated_importance_sampling(tmp_path):
         plot=False,
         verbose=False,
         rollout_cls=StaleRollout,
-        rollout_quantization="int8",
         truncated_is=threshold,
         keep=state,
     )
     rollout, learner, actor = state["rollout"], state["learner"], state["actor"]
     try:
-        assert len(logs) == 2
-        assert rollout.sampler.quantization.linear == "int8"
-        assert {kind for p, kind in rollout.last_report.paths.items() if p.endswith("weight_q")} == {
-            "quantize in place"
-        }
+        mismatch = [log.logp_diff_mean for log in logs]
+        assert mismatch[0] < HEALTHY_MEAN_ABS, mismatch  # the first rollout: both on the initial weights
+        assert mismatch[1] > 4 * HEALTHY_MEAN_ABS, mismatch
         example = learner.last_example
         trainer, sampler = (np.asarray(x, np.float64) for x in learner.last_logps)
         mask = np.asarray(example.completion_mask, bool)

@@ -281,3 +281,35 @@ def test_every_quantized_architecture_and_layout(case, quantization, tp, tmp_pat
         assert len(_greedy_ids(sampler)) == STEPS
     finally:
         sampler.shutdown()
+
+
+def test_tunix_rollout_with_a_quantized_engine(model_dir):
+    """SglangJaxRollout(quantization=...): the first sync from the actor is quantized as the
+    engine's own load would be, and its generations carry the engine's logprobs."""
+    from tunix.rl.rollout import base_rollout
+
+    from sampler import SglangJaxRollout
+
+    path = model_dir("qwen3-tied")
+    actor = load_tunix_model(path)
+    config = base_rollout.RolloutConfig(
+        max_tokens_to_generate=4,
+        max_prompt_length=16,
+        temperature=1.0,
+        rollout_sglang_jax_model_version=str(path),
+        rollout_sglang_jax_context_length=64,
+        rollout_sglang_jax_max_running_requests=2,
+    )
+    rollout = SglangJaxRollout(rollout_actor=actor, mesh=None, rollout_config=config, quantization="fp8")
+    try:
+        sampler = rollout.sampler
+        assert sampler.quantization == Quantization(linear="float8_e4m3fn")
+        assert set(_quantized_paths(sampler)) <= set(rollout.last_report.copied)
+        state = nnx.state(actor, nnx.Param)
+        assert sampler.fingerprint() == converters.fingerprint_params(state, sampler.spec, quantization="fp8")
+        out = rollout.generate(helpers.PROMPTS[:2], config)
+        assert [len(t) for t in out.tokens] == [len(lp) for lp in out.logprobs]
+    finally:
+        rollout.shutdown()
+    with pytest.raises(ValueError, match="SamplerConfig.quantization='int4'"):
+        SglangJaxRollout(rollout_actor=None, mesh=None, rollout_config=config, quantization="int4")
