@@ -215,6 +215,29 @@ def test_swap_failing_midway_aborts_requests_in_flight(ab, monkeypatch):
     assert _greedy(sampler, prompt, L)[0] == tokens_a
 
 
+def test_a_refused_cache_flush_still_stamps_the_requests_that_switched(ab, monkeypatch):
+    """The new weights are in place when the prefix-cache flush comes; if sglang-jax refuses
+    it (a fault, simulated), the caller gets the error and the request in flight still says,
+    truthfully, that it switched to the new version at token N."""
+    from sampler.sync import inflight
+
+    sampler, _, hf, prompt, _ = ab
+    v = sampler.version
+    monkeypatch.setattr(inflight.sched, "flush_prefix_cache_ignoring_queues", lambda s: (False, "simulated refusal"))
+    try:
+        with helpers.parked_at_tokens(sampler, N) as wait:
+            future = helpers.send_async(sampler, prompt, L)
+            assert wait() == [N]
+            with pytest.raises(RuntimeError, match="simulated refusal"):
+                sampler.update_params(hf["b"], in_flight="recompute")
+        meta = future.result(120)["meta_info"]
+        assert meta["weight_versions"] == [(v, 0), (v + 1, N)], meta["weight_versions"]
+        assert sampler.version == v + 1
+    finally:
+        monkeypatch.undo()
+        _serve_a(sampler, hf)
+
+
 def test_max_staleness_makes_a_swap_wait_for_requests_it_would_leave_too_old(ab, monkeypatch):
     """max_staleness=1: a request may span one swap; a second swap while it runs waits for it
     to finish (it never gets tokens two versions apart), and requests stay in flight meanwhile."""

@@ -215,6 +215,9 @@ class InFlightSwitch:
         """Parked, the new weights (``version``) in place: drop what the old ones computed
         from the prefix cache and stamp the requests that switched."""
         scheduler = self._scheduler
+        # stamped first: the new weights are in place whatever the flush below does
+        for r in held:
+            self.versions.switch(r.rid, version, sched.tokens_generated(r))
         if self.radix:
             sched.move_queued_to_namespace(scheduler, version)
         if in_flight == "drain":
@@ -226,8 +229,6 @@ class InFlightSwitch:
             sched.evict_unlocked_prefix_cache(scheduler)
         if not ok:
             raise RuntimeError(f"sglang-jax refused to flush its prefix cache: {message}")
-        for r in held:
-            self.versions.switch(r.rid, version, sched.tokens_generated(r))
 
     def abort_held(self) -> int:
         """Parked, after a swap failed midway: end every held request with an abort answer
