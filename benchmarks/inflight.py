@@ -56,7 +56,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import Results, add_output_args, num  # noqa: E402
+from benchmarks.common import QWEN3_0_6B, Results, add_output_args, num  # noqa: E402
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
 from sampler.compat.scheduler import held_requests, record_batch_seconds, tokens_generated  # noqa: E402
 from sampler.tiny import write_tiny_model  # noqa: E402
@@ -79,13 +79,9 @@ class Case:
     config: dict  # write_tiny_model overrides
 
 
-QWEN3_06B = dict(
-    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16, num_kv_heads=8,
-    head_dim=128, tie_word_embeddings=True,
-)  # fmt: skip
 CASES = {
     "tiny": Case("tiny Qwen3 (2 layers, hidden 128)", 8, 512, {}),
-    "qwen3-0.6b": Case("Qwen3-0.6B shape (28 layers, hidden 1024)", 4, 64, QWEN3_06B),
+    "qwen3-0.6b": Case("Qwen3-0.6B shape (28 layers, hidden 1024)", 4, 64, QWEN3_0_6B),
 }
 SMOKE = {"tiny": Case("tiny Qwen3 (smoke sizes)", 2, 16, {})}
 

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import converters  # noqa: E402
-from benchmarks.common import Results, add_output_args, num  # noqa: E402
+from benchmarks.common import Results, add_output_args, num, write_qwen3_0_6b  # noqa: E402
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
 from sampler.sync.leaves import live_device_bytes  # noqa: E402
 from sampler.tiny import write_tiny_model  # noqa: E402
@@ -48,19 +48,7 @@ def timed(fn) -> float:
 
 def finite_check_cost(args, res: Results) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-rel-"))
-    write_tiny_model(
-        tmp,
-        "Qwen3ForCausalLM",
-        weights=False,
-        vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_layers=28,
-        num_heads=16,
-        num_kv_heads=8,
-        head_dim=128,
-        tie_word_embeddings=True,
-    )
+    write_qwen3_0_6b(tmp)
     sampler = SglangJaxSampler(config=SamplerConfig(model_path=str(tmp), context_length=256, max_running_requests=2))
     try:
         spec = sampler.spec

@@ -49,12 +49,13 @@ from common import (  # noqa: E402
     tunix_live_peak,
     tunix_peer,
     tunix_update,
+    write_qwen3_0_6b,
 )
 from flax import nnx  # noqa: E402
 
 from sampler import SamplerConfig, SglangJaxSampler  # noqa: E402
 from sampler.sync.leaves import live_device_bytes  # noqa: E402
-from sampler.tiny import random_hf_weights, write_tiny_model, write_weights  # noqa: E402
+from sampler.tiny import random_hf_weights, write_weights  # noqa: E402
 from sampler.tunix.models import random_tunix_model  # noqa: E402
 
 MiB = 1 << 20
@@ -142,19 +143,7 @@ def main() -> None:
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-sharded-"))
-    write_tiny_model(
-        tmp,
-        "Qwen3ForCausalLM",
-        weights=False,
-        vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_layers=args.layers,
-        num_heads=16,
-        num_kv_heads=8,
-        head_dim=128,
-        tie_word_embeddings=True,
-    )
+    write_qwen3_0_6b(tmp, args.layers)
     import transformers
 
     write_weights(
