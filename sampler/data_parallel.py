@@ -26,8 +26,9 @@ from sampler.interface import RolloutEngine, as_tokenizer_adapter
 from sampler.reports import SharingReport, UpdateReport
 from sampler.restart import RestartReport
 from sampler.sampler import SglangJaxSampler
+from sampler.sync.gate import UpdateGate
 from sampler.sync.inflight import check_in_flight
-from sampler.sync.weight_sync import Push, UpdateGate, is_path
+from sampler.sync.weight_sync import Push, is_path
 from sampler.tunix.config import as_sampler_config
 
 #: The warm-up request that compiles an engine's forward passes before the next one starts.

@@ -9,6 +9,7 @@ it. A multi-process engine's sync (``sampler.multiprocess.sync``) is a ``WeightS
 steps are agreed among the processes.
 """
 
+from sampler.sync.gate import UpdateGate
 from sampler.sync.inflight import (
     IN_FLIGHT_MODES,
     WEIGHT_VERSIONS_KEY,
@@ -20,7 +21,7 @@ from sampler.sync.inflight import (
     token_versions,
 )
 from sampler.sync.leaves import EngineWeights, buffer_pointers, live_device_bytes
-from sampler.sync.weight_sync import Push, SwapWindow, UpdateGate, WeightSync, is_path
+from sampler.sync.weight_sync import Push, SwapWindow, WeightSync, is_path
 
 __all__ = [
     "IN_FLIGHT_MODES",
