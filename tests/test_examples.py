@@ -20,7 +20,10 @@ def test_custom_loop_syncs_without_copies(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--truncated-is", "0"], "--truncated-is must be > 0"),
+        (["--truncated-is", "0"], "--truncated-is must be a finite number > 0"),
+        (["--truncated-is", "nan"], "--truncated-is must be a finite number > 0"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--learning-rate", "-1"], "--learning-rate must be a finite number > 0"),
         (["--rollout-quantization", "int4"], "argument --rollout-quantization: invalid choice"),
         (["--lora-rank", "0"], "--lora-rank must be >= 1"),
     ],

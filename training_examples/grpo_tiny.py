@@ -1,6 +1,7 @@
 """GRPO with Tunix's GRPOLearner and SglangJaxRollout on a tiny Qwen3, on CPU.
 
     python -m training_examples.grpo_tiny [--steps 30] [--workdir runs/grpo_tiny]
+        [--rollout-quantization int8|fp8] [--truncated-is C] [--compare-quantization]
 
 A 2-layer Qwen3 (head_dim 128) is built locally (no hub) and loaded into a Tunix
 model with Tunix's own HF loader; the rollouts come from an in-process sglang-jax
@@ -18,6 +19,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -367,8 +369,12 @@ def main() -> None:
         help="truncated importance sampling: weight each token's loss by min(pi_trainer / pi_sampler, C)",
     )
     args = ap.parse_args()
-    if args.truncated_is is not None and not args.truncated_is > 0:
-        ap.error(f"--truncated-is must be > 0 (got {args.truncated_is})")
+    if args.steps < 1:
+        ap.error(f"--steps must be >= 1 (got {args.steps})")
+    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
+        ap.error(f"--learning-rate must be a finite number > 0 (got {args.learning_rate})")
+    if args.truncated_is is not None and not (args.truncated_is > 0 and math.isfinite(args.truncated_is)):
+        ap.error(f"--truncated-is must be a finite number > 0 (got {args.truncated_is})")
     if args.lora_rank is not None and args.lora_rank < 1:
         ap.error(f"--lora-rank must be >= 1 (got {args.lora_rank})")
     if args.compare_quantization:
