@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -22,10 +23,46 @@ READY_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 300
 
 
+#: Ports below this are never handed out for outgoing connections (the kernel's ephemeral range).
+EPHEMERAL_LOW = 32768
+#: Where test servers listen: below the ephemeral range, so no client connection of this or
+#: another test process can take a port between the check and the server's bind.
+SERVER_PORTS = (10000, EPHEMERAL_LOW)
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return EPHEMERAL_LOW
+
+
+def free_ports(count: int = 1) -> int:
+    """The first of ``count`` consecutive free loopback ports, chosen at random below the
+    ephemeral range (a port from ``bind(0)`` is in it: once released, any outgoing connection
+    can take it before the server binds)."""
+    rng = random.Random()
+    low, high = SERVER_PORTS[0], min(SERVER_PORTS[1], _ephemeral_low())
+    for _ in range(100):
+        base = rng.randrange(low, high - count)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError(f"no {count} consecutive free ports in {low}..{high}")
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)
 
 
 def call(

@@ -9,7 +9,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from converters import fingerprint_params
 from sampler.serve.admin_client import AdminClient
 from sampler.serve.admin_client import main as admin_main
 from tests import helpers
+from tests.http_helpers import free_port
 
 pytestmark = pytest.mark.engine
 
@@ -31,12 +31,6 @@ TOKEN = "test-admin-token"
 PROMPT_IDS = [5, 17, 42, 99, 7]
 LONG_TOKENS = 700  # held in flight by pausing the engine while it runs (see _hold_long_request)
 HOLD_ATTEMPTS = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url, body, headers=None, timeout=120):
@@ -53,7 +47,7 @@ def _post(url, body, headers=None, timeout=120):
 
 class Server:
     def __init__(self, model_path: Path, log: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = dict(os.environ, JAX_PLATFORMS="cpu")

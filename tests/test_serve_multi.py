@@ -10,8 +10,6 @@ sglang-jax's own safetensors loader, and against fingerprints of the checkpoints
 """
 
 import json
-import random
-import socket
 import threading
 import time
 import urllib.request
@@ -23,7 +21,7 @@ from sampler.serve.admin_client import main as admin_main
 from sampler.serve.cli import parse_args
 from sampler.serve.routing import EngineRouter, request_cost
 from tests import helpers
-from tests.http_helpers import ADMIN_TOKEN, READY_TIMEOUT_S, ServerProcess, call, error_message
+from tests.http_helpers import ADMIN_TOKEN, READY_TIMEOUT_S, ServerProcess, call, error_message, free_ports
 
 pytestmark = pytest.mark.engine
 
@@ -37,26 +35,6 @@ ENGINE_HEADER = "x-sampler-engine"
 
 def generate_body(ids=PROMPT_IDS, n=NEW_TOKENS, **extra):
     return {"input_ids": ids, "sampling_params": {"max_new_tokens": n, "temperature": 0.0, **extra}}
-
-
-def free_ports(count: int) -> int:
-    """The first of ``count`` consecutive free loopback ports."""
-    rng = random.Random()
-    for _ in range(100):
-        base = rng.randrange(20000, 60000)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise AssertionError(f"no {count} consecutive free ports")
 
 
 class MultiServer(ServerProcess):
