@@ -6,7 +6,7 @@ copy with the reasons: reshape, transpose, kv-head replication, cast, reshard).
 Building a plan validates everything; applying it does no key matching.
 
 Over 500 lines because building, checking and applying a plan are one algorithm over one data
-structure (``PlanEntry``): the entry kinds (alias, view, convert, reshard, host), the checks
+structure (``PlanEntry``): the entry kinds (alias, view, convert, reshard, host, quantize), the checks
 that name every offending path, and the apply paths that write each kind share their
 invariants; split apart, each half would have to re-derive the other's.
 """

@@ -98,7 +98,7 @@ class QuantizedLeaf:
     @property
     def nbytes(self) -> int:
         values = int(np.prod(self.values_shape, dtype=np.int64)) * np.dtype(QUANTIZED_DTYPES[self.dtype]).itemsize
-        return values + int(np.prod(self.scale_shape, dtype=np.int64)) * 4
+        return values + int(np.prod(self.scale_shape, dtype=np.int64)) * np.dtype(np.float32).itemsize
 
 
 def _layouts_for(last: str, ndim: int) -> list[QuantizedLayout]:
@@ -233,18 +233,6 @@ def _reduced_axis(leaf: QuantizedLeaf) -> int:
     return len(leaf.shape) - 1 - axis if leaf.layout.transpose else axis
 
 
-def exactly_in(x: jax.Array, dtype: Any) -> jax.Array:
-    """``x`` cast to ``dtype``, rounded so even where XLA keeps excess precision: with
-    ``xla_allow_excess_precision`` (on by default) XLA may drop a float32 -> bfloat16 -> float32
-    round trip inside one program, and quantize the trainer's float32 values instead of the
-    engine's. (Plans cast in a program of their own instead.)"""
-    dtype = np.dtype(dtype)
-    if np.dtype(x.dtype) == dtype or np.dtype(x.dtype).itemsize <= dtype.itemsize:
-        return x.astype(dtype)
-    info = jnp.finfo(dtype)
-    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant).astype(dtype)
-
-
 def quantization_scale(y: jax.Array, leaf: QuantizedLeaf) -> jax.Array:
     """The scale of the unquantized leaf ``y`` (already in the model dtype), keeping the reduced
     axis (``quantize_tensor``: absolute maximum in float32 over it / the dtype's maximum)."""
@@ -271,7 +259,7 @@ def quantize(x: jax.Array, leaf: QuantizedLeaf, model_dtype: Any) -> tuple[jax.A
     cast to the model dtype, transpose for linear layers, then ``quantize_tensor`` on one axis.
     Computed in the unquantized layout and transposed last (the same numbers: each element is
     divided by its channel's scale either way); plans run the same steps as separate programs."""
-    y = exactly_in(x, model_dtype)
+    y = x.astype(model_dtype)
     scale = quantization_scale(y, leaf)
     values = quantized_values(y, scale, leaf)
     return (values.T if leaf.layout.transpose else values), served_scale(scale, leaf)

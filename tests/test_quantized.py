@@ -144,6 +144,12 @@ def test_fingerprint_of_a_quantized_engine(quantized):
     # the SamplerConfig name works as well (sglang-jax's config of that name quantizes every layer)
     assert converters.fingerprint_params(state, sampler.spec, quantization=sampler.config.quantization) == served
     assert converters.fingerprint_params(state, sampler.spec) != served  # the unquantized model differs
+    # the checkpoint's own tensors (float32 for the dense case): cast, then quantized, in one program
+    hf = helpers.hf_tensors(q["path_a"])
+    for fmt in ("hf", "flax"):  # transposed, and as they are: XLA may skip a fused cast's rounding
+        if FORMATS[fmt] in converters.formats_for(sampler.spec.architecture):
+            tree = hf if fmt == "hf" else helpers.flax_params(hf)
+            assert converters.fingerprint_params(tree, sampler.spec, quantization=sampler.quantization) == served
 
 
 def test_verify_sharing_says_quantized_leaves_are_converted(quantized):
@@ -313,3 +319,25 @@ def test_tunix_rollout_with_a_quantized_engine(model_dir):
         rollout.shutdown()
     with pytest.raises(ValueError, match="SamplerConfig.quantization='int4'"):
         SglangJaxRollout(rollout_actor=None, mesh=None, rollout_config=config, quantization="int4")
+
+
+@pytest.mark.parametrize(
+    "config_file, error, match",
+    [
+        ("/nonexistent/quant.yaml", ValueError, "cannot be used: FileNotFoundError"),
+        ("bad", ValueError, "quantization_config_path=.*cannot be used"),
+        ("int8_block_128_dynamic.yaml", UnsupportedModelError, "block-wise quantization"),
+    ],
+)
+def test_an_unusable_quantization_config_is_refused_and_the_process_lives(
+    model_dir, tmp_path, config_file, error, match
+):
+    """Upstream reads the file in its scheduler thread, where a missing or malformed one ends
+    the process: refused before the engine starts, naming the field."""
+    from sampler import SglangJaxSampler
+
+    if config_file == "bad":
+        config_file = str(tmp_path / "bad.yaml")
+        Path(config_file).write_text("quantization: [this is: not, a config\n")
+    with pytest.raises(error, match=match):
+        SglangJaxSampler(config=SamplerConfig(model_path=str(model_dir("qwen3-tied")), quantization=config_file))

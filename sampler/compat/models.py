@@ -161,13 +161,26 @@ QUANTIZATION_UNSERVABLE = ("Gemma2ForCausalLM",)
 
 
 def check_quantized_engine(architecture: str, kwargs: Mapping[str, Any]) -> None:
-    """Refuse quantized engines upstream starts but cannot generate with: static LoRA on a
+    """Refuse a quantization config file upstream cannot read (ValueError naming it: it would
+    fail in the scheduler thread and end the process), block-wise quantization on CPU, and
+    quantized engines upstream starts but cannot generate with: static LoRA on a
     quantized base (quantization replaces the LoRA-wrapped linears, then the scheduler fails:
     ``'LoRAManager' object has no attribute 'lora_backend'``), and the architectures in
     :data:`QUANTIZATION_UNSERVABLE`."""
     path = kwargs.get("quantization_config_path")
     if not path:
         return
+    from sgl_jax.srt.configs.quantization_config import QuantizationConfig
+
+    try:  # upstream reads it in the scheduler thread: a missing or bad file would end the process
+        config = QuantizationConfig.from_path(path)
+    except Exception as e:  # noqa: BLE001 (any reason the file cannot be used: named, not raised through)
+        raise ValueError(f"quantization_config_path={path!r} cannot be used: {type(e).__name__}: {e}") from None
+    if config is not None and config.weight_block_size is not None and kwargs.get("device") == "cpu":
+        raise UnsupportedModelError(
+            f"quantization_config_path={path!r}: block-wise quantization (weight_block_size="
+            f"{config.weight_block_size}) runs on TPU only in sglang-jax {SGLANG_JAX_VERSION}"
+        )
     if kwargs.get("enable_static_lora"):
         raise UnsupportedModelError(
             f"quantization_config_path={path!r} with enable_static_lora: LoRA adapters on a quantized base "
