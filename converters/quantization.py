@@ -86,7 +86,7 @@ class QuantizedLeaf:
     values_shape: tuple[int, ...]
     scale_shape: tuple[int, ...]
 
-    @property
+    @functools.cached_property
     def recipe(self) -> "QuantizedLeaf":
         """The same quantization without the paths: one compiled transform serves every layer."""
         return dataclasses.replace(self, path="", values_path="", scale_path="")

@@ -131,22 +131,20 @@ class EngineWeights:
         was_broken, self.broken = self.broken, True  # until every leaf is in place
 
         def put(entry, new, kind):
-            if entry.quantized is not None:  # the (values, scale) pair
-                for i, x, path in zip(
+            if entry.quantized is not None:  # the (values, scale) pair, both the engine's own
+                leaves = zip(
                     (entry.engine_index, entry.scale_index), new, (entry.engine_path, entry.quantized.scale_path)
-                ):
-                    self._setters[i](x)
-                    work[i] = x
-                    self.owned[i] = True
-                    written.append(x)
-                    paths[path] = kind
-                return
-            i = entry.engine_index
-            self._setters[i](new)
-            work[i] = new
-            self.owned[i] = not entry.aliased or not alias
-            written.append(new)
-            paths[entry.engine_path] = kind
+                )
+                owned = True
+            else:
+                leaves = [(entry.engine_index, new, entry.engine_path)]
+                owned = not entry.aliased or not alias
+            for i, x, path in leaves:
+                self._setters[i](x)
+                work[i] = x
+                self.owned[i] = owned
+                written.append(x)
+                paths[path] = kind
 
         for bucket in _buckets(plan, reshard, bucket_bytes):
             if len(bucket) > 1 or _bucketed(plan, bucket[0], reshard):
